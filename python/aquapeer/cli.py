@@ -1,0 +1,150 @@
+"""The ``aquapeer`` command-line interface.
+
+Installed as ``/usr/local/bin/aquapeer`` by ``make install``: a launcher that
+runs the interpreter PL/Python uses with the versioned payload directory first
+on ``sys.path`` and calls :func:`main`.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that registers its
+parser and sets ``func`` to a callable taking the parsed arguments and a rich
+console and returning the exit code. Add new subcommands to ``_SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from aquapeer import __version__
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _connect(dsn: str | None):
+    """Open a psycopg 3 connection (autocommit; libpq env vars apply)."""
+    import psycopg
+
+    return psycopg.connect(dsn or "", autocommit=True)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
+    """One row: a vertical field/value table (fits a terminal); else columns."""
+    if len(rows) == 1:
+        table = Table(title=title, show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        for name, value in zip(columns, rows[0]):
+            table.add_row(name, _cell(value))
+        return table
+    table = Table(title=title)
+    for name in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    if not rows:
+        table.caption = "no rows"
+    return table
+
+
+def _query_rows(dsn: str | None, query: str) -> tuple[list[str], list[tuple]]:
+    with _connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(query)
+        columns = [col.name for col in cur.description or ()]
+        return columns, cur.fetchall()
+
+
+# --- status ------------------------------------------------------------------
+
+def _cmd_status(args: argparse.Namespace, console: Console) -> int:
+    import psycopg
+
+    try:
+        columns, rows = _query_rows(args.dbname, "select * from peer.worker_status()")
+    except psycopg.Error as exc:
+        Console(stderr=True).print(f"[bold red]aquapeer status:[/] {str(exc).strip()}")
+        return EXIT_ERROR
+
+    if args.json:
+        console.print_json(
+            json.dumps([dict(zip(columns, row)) for row in rows], default=str)
+        )
+        return EXIT_OK
+
+    console.print(_table("aquapeer worker status", columns, rows))
+    return EXIT_OK
+
+
+def _add_status(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="show the aquapeer background worker status of a database",
+        description="Connect to a database with the aquapeer extension and show "
+        "peer.worker_status().",
+    )
+    _add_dbname(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_status)
+
+
+# --- parser ------------------------------------------------------------------
+
+def _add_dbname(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-d",
+        "--dbname",
+        metavar="DSN",
+        default=None,
+        help="libpq connection string or URI, or a database name "
+        "(default: libpq environment, e.g. PGDATABASE, PGHOST)",
+    )
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_status,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aquapeer",
+        description="aquapeer: PostgreSQL databases talking peer to peer over "
+        "WebRTC data channels.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"aquapeer {__version__}"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    console = Console()
+    try:
+        return int(args.func(args, console) or EXIT_OK)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
