@@ -1,0 +1,195 @@
+"""The network worker: one asyncio loop per database, inside CALL peer.worker_main().
+
+Rules this loop lives by (learned the hard way on PostgreSQL 15):
+- plpy is called only from this thread, and SQL work stays short: aiortc's
+  ICE consent checks share the loop;
+- every unit of database work ends with a commit before the loop awaits
+  the network, so an idle worker holds no snapshot and no transaction id;
+- SIGTERM only sets a flag in C; the loop polls peer._should_stop() at
+  least every 0.5 s, which also lets PostgreSQL process cancels;
+- no Python signal handlers are installed.
+"""
+
+import asyncio
+import collections
+import datetime
+import importlib.metadata
+import os
+import platform
+import time
+
+from . import __version__, control
+from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
+from .executor import ExecutorPool
+
+STOP_POLL_S = 0.25
+LAG_TICK_S = 0.1
+LAG_WINDOW_S = 60
+REAP_INTERVAL_S = 5.0
+
+
+class LoopLag:
+    """How late the loop wakes up, as the maximum per second over a recent window."""
+
+    def __init__(self, window_s=LAG_WINDOW_S):
+        self.window_s = window_s
+        self.per_second = collections.deque(maxlen=window_s)  # [second, max lag in s]
+
+    def record(self, now, lag):
+        second = int(now)
+        if self.per_second and self.per_second[-1][0] == second:
+            self.per_second[-1][1] = max(self.per_second[-1][1], lag)
+        else:
+            self.per_second.append([second, lag])
+
+    def max_ms(self, now):
+        recent = [lag for second, lag in self.per_second if second > now - self.window_s]
+        return round(max(recent, default=0.0) * 1000.0, 3)
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_TICK_S)
+            self.record(time.time(), max(0.0, loop.time() - before - LAG_TICK_S))
+
+
+class Worker:
+    def __init__(self, db):
+        self.db = db
+        row = db.query("select oid, datname from pg_catalog.pg_database "
+                       "where datname = pg_catalog.current_database()")[0]
+        config = db.query("select executor_pool_size, "
+                          "extract(epoch from executor_idle_timeout)::float8 as idle_s from peer.config")
+        db.commit()
+        self.database_oid, self.database_name = row["oid"], row["datname"]
+        pool_size, idle_s = (config[0]["executor_pool_size"], config[0]["idle_s"]) if config else (2, 60.0)
+        self.started_at = datetime.datetime.now(datetime.timezone.utc)
+        self.lag = LoopLag()
+        self.executors = ExecutorPool(self._start_executor, pool_size, idle_s)
+        self.wakeups = 0
+        self.requests = 0
+        self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec}
+
+    # --- database work, always committed before the loop awaits ---------
+
+    def _start_executor(self, role_oid, nonce):
+        self.db.query("select peer._start_executor($1::pg_catalog.oid, $2)", [role_oid, nonce])
+        self.db.commit()
+
+    def poll_stop(self):
+        """Why to stop, or None: a stop request, a dying postmaster, a closing database, a dropped extension."""
+        try:
+            reason = self.db.scalar("select peer._should_stop()")
+        except DatabaseError as e:
+            if e.sqlstate not in UNDEFINED_OBJECT_STATES:
+                raise
+            reason = "extension aquapeer was dropped"
+        self.db.commit()
+        return reason
+
+    async def watch_stop(self):
+        while True:
+            reason = self.poll_stop()
+            if reason:
+                return reason
+            await asyncio.sleep(STOP_POLL_S)
+
+    async def reap(self):
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            self.executors.reap_idle()
+
+    # --- the control channel ---------------------------------------------
+
+    async def serve_connection(self, reader, writer):
+        try:
+            while True:
+                message = await control.read_frame(reader)
+                if message is None:
+                    break
+                op = message.get("op")
+                if op == "executor_hello":
+                    await self.executors.adopt(message, reader, writer)
+                    return
+                if op == "wake":
+                    self.wakeups += 1
+                    continue
+                await control.write_frame(writer, await self.answer(message))
+        except (ConnectionError, asyncio.IncompleteReadError, AquapeerError):
+            pass
+        finally:
+            writer.close()
+
+    async def answer(self, message):
+        self.requests += 1
+        reply = {"id": message.get("id")}
+        handler = self.ops.get(message.get("op"))
+        try:
+            if handler is None:
+                raise AquapeerError(f"unknown control request {message.get('op')!r}",
+                                    hint="The SQL functions and the worker are of different versions; restart the worker.")
+            reply.update(ok=True, result=await handler(message.get("args") or {}))
+        except AquapeerError as e:
+            reply.update(ok=False, error=e.as_dict())
+        return reply
+
+    async def op_ping(self, args):
+        return {"pid": os.getpid(), "at": time.time()}
+
+    async def op_status(self, args):
+        try:
+            aiortc_version = importlib.metadata.version("aiortc")
+        except importlib.metadata.PackageNotFoundError:
+            aiortc_version = None
+        return {
+            "pid": os.getpid(),
+            "state": "running",
+            "started_at": self.started_at.isoformat(),
+            "database": self.database_name,
+            "python_version": platform.python_version(),
+            "aiortc_version": aiortc_version,
+            "aquapeer_version": __version__,
+            "loop_lag_max_ms": self.lag.max_ms(time.time()),
+            "executors": self.executors.stats(),
+            "requests": self.requests,
+            "wakeups": self.wakeups,
+        }
+
+    async def op_exec(self, args):
+        """Run function(arg) in an executor connected as the given role."""
+        reply = await self.executors.run(
+            int(args["role"]),
+            {"op": "call", "args": {"function": int(args["function"]), "arg": args["arg"],
+                                    "timeout_ms": int(args["timeout_ms"])}},
+            int(args["timeout_ms"]) / 1000.0)
+        if not reply.get("ok"):
+            raise AquapeerError.from_dict(reply.get("error") or {})
+        return reply.get("result")
+
+    # --- the loop ----------------------------------------------------------
+
+    async def run(self):
+        server, path = await control.start_server(self.database_oid, self.serve_connection)
+        tasks = [asyncio.create_task(coro) for coro in (self.watch_stop(), self.lag.run(), self.reap())]
+        try:
+            await asyncio.wait([tasks[0]])
+            return tasks[0].result()
+        finally:
+            server.close()
+            self.executors.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def main(db):
+    """Run the worker's loop until a stop is requested or the extension is dropped."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(Worker(db).run())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

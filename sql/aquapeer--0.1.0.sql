@@ -1,0 +1,306 @@
+-- aquapeer 0.1.0: the extension, its worker, the control channel and executors.
+\echo Use "CREATE EXTENSION aquapeer CASCADE" to load this file. \quit
+
+-- Roles are cluster-wide and outlive DROP EXTENSION: create them only once.
+do $$
+begin
+    if not exists (select from pg_catalog.pg_roles where rolname = 'aquapeer_admin') then
+        create role aquapeer_admin nologin;
+    end if;
+end
+$$;
+
+-- Executors connect as other roles and must reach their few entry points.
+grant usage on schema peer to public;
+
+-- Settings, one row.  Kept by pg_dump; restoring replaces the default row.
+create table peer.config (
+    singleton boolean primary key default true check (singleton),
+    executor_pool_size integer not null default 2
+        check (executor_pool_size between 0 and 64),
+    executor_idle_timeout interval not null default '60 s'
+        check (executor_idle_timeout > '0'::interval)
+);
+comment on table peer.config is 'aquapeer settings (one row); the worker reads them when it starts';
+
+create function peer._config_single_row() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    -- pg_dump restores this table after CREATE EXTENSION made the default row.
+    if exists (select from peer.config) then
+        update peer.config set
+            executor_pool_size = new.executor_pool_size,
+            executor_idle_timeout = new.executor_idle_timeout;
+        return null;
+    end if;
+    return new;
+end
+$$;
+create trigger config_single_row before insert on peer.config
+    for each row execute function peer._config_single_row();
+insert into peer.config default values;
+select pg_catalog.pg_extension_config_dump('peer.config', '');
+revoke all on peer.config from public;
+grant select on peer.config to aquapeer_admin;
+grant update on peer.config to aquapeer_admin;
+
+-- C helpers ------------------------------------------------------------------
+
+create function peer._library_version() returns text
+    language c strict as 'MODULE_PATHNAME', 'aquapeer_library_version';
+create function peer._payload_dir() returns text
+    language c strict as 'MODULE_PATHNAME', 'aquapeer_payload_dir';
+create function peer._should_stop() returns text
+    language c as 'MODULE_PATHNAME', 'aquapeer_should_stop';
+create function peer._check_interrupts() returns void
+    language c as 'MODULE_PATHNAME', 'aquapeer_check_interrupts';
+create function peer._executor_nonce() returns text
+    language c as 'MODULE_PATHNAME', 'aquapeer_executor_nonce';
+create function peer._arm_statement_timeout(ms integer) returns void
+    language c strict as 'MODULE_PATHNAME', 'aquapeer_arm_statement_timeout';
+create function peer._register_worker() returns integer
+    language c as 'MODULE_PATHNAME', 'aquapeer_register_worker_sql';
+create function peer._launcher_hold(hold boolean) returns boolean
+    language c strict as 'MODULE_PATHNAME', 'aquapeer_launcher_hold';
+create function peer._start_executor(role oid, nonce text) returns void
+    language c strict as 'MODULE_PATHNAME', 'aquapeer_start_executor';
+revoke all on function peer._register_worker(), peer._launcher_hold(boolean),
+    peer._start_executor(oid, text) from public;
+
+-- Loading the Python payload -------------------------------------------------
+
+-- Puts this version's payload first on sys.path once per backend, refuses
+-- to run with a module of the payload that the session already imported
+-- from elsewhere, and checks the versions agree.
+create function peer._bootstrap() returns void
+language plpython3u as $$
+import os
+import sys
+
+if 'aquapeer' in GD:
+    return
+payload = plpy.execute("select peer._payload_dir() as d")[0]["d"]
+extversion = plpy.execute(
+    "select extversion from pg_catalog.pg_extension where extname = 'aquapeer'")[0]["extversion"]
+if not os.path.isfile(os.path.join(payload, "aquapeer", "__init__.py")):
+    plpy.error(
+        "aquapeer's Python payload is not installed",
+        detail=f"{payload}/aquapeer/__init__.py does not exist",
+        hint="Run `make install` in the aquapeer source tree (as root): it installs the "
+             "payload for the interpreter PL/Python uses into that directory.",
+        sqlstate="58P01")
+
+def top_level_names(directory):
+    for entry in os.listdir(directory):
+        path = os.path.join(directory, entry)
+        if entry.endswith(".py"):
+            yield entry[:-3]
+        elif entry.endswith(".so"):
+            yield entry.split(".")[0]
+        elif os.path.isdir(path) and "." not in entry and entry not in ("bin", "__pycache__"):
+            yield entry
+
+root = os.path.realpath(payload) + os.sep
+for name in sorted(set(top_level_names(payload))):
+    module = sys.modules.get(name)
+    where = getattr(module, "__file__", None) if module else None
+    if where and not os.path.realpath(where).startswith(root):
+        plpy.error(
+            f'Python module "{name}" is already loaded in this session from {where}, '
+            f"but aquapeer needs its own copy from {payload}",
+            detail="PL/Python shares one interpreter per session, and a module cannot be loaded twice.",
+            hint="Something in this session imported it before aquapeer did, for instance another "
+                 "PL/Python function. Use aquapeer in a new session before importing that module elsewhere.",
+            sqlstate="55000")
+if payload in sys.path:
+    sys.path.remove(payload)
+sys.path.insert(0, payload)
+
+import aquapeer
+if aquapeer.__version__ != extversion:
+    plpy.error(
+        f"aquapeer's Python payload is version {aquapeer.__version__} but the extension is {extversion}",
+        detail=f"loaded from {os.path.dirname(aquapeer.__file__)}",
+        hint="Run `make install` for this version, or ALTER EXTENSION aquapeer UPDATE.",
+        sqlstate="55000")
+from aquapeer import sqlapi
+GD["aquapeer"] = sqlapi
+$$;
+
+-- CREATE EXTENSION fails here, clearly, when the payload is missing or of another version.
+select peer._bootstrap();
+
+create function peer.version() returns text
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+import aquapeer
+return aquapeer.__version__
+$$;
+comment on function peer.version() is 'the version of the loaded aquapeer Python package';
+
+-- The worker -----------------------------------------------------------------
+
+create procedure peer.worker_main()
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+GD["aquapeer"].worker_main()
+$$;
+revoke all on procedure peer.worker_main() from public;
+
+create procedure peer.executor_main()
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+GD["aquapeer"].executor_main()
+$$;
+comment on procedure peer.executor_main() is 'the loop of an aquapeer executor; refuses to run anywhere else';
+
+create function peer._worker_pid() returns integer
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select pid from pg_stat_activity
+    where backend_type = 'aquapeer worker' and datname = current_database()
+    order by backend_start limit 1
+$$;
+
+create function peer._worker_answers() returns boolean
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].worker_answers()
+$$;
+revoke all on function peer._worker_answers() from public;
+
+-- Wait up to timeout for the worker to answer (running) or to be gone (not
+-- running); return its pid, or null.
+create function peer._await_worker(running boolean, timeout interval) returns integer
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    deadline timestamptz := clock_timestamp() + timeout;
+    pid integer;
+begin
+    loop
+        perform pg_stat_clear_snapshot();
+        pid := peer._worker_pid();
+        if (running and pid is not null and peer._worker_answers())
+           or (not running and pid is null)
+           or clock_timestamp() > deadline then
+            return pid;
+        end if;
+        perform pg_sleep(0.02);
+    end loop;
+end
+$$;
+
+create function peer.start_worker() returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    pid integer;
+begin
+    -- One start at a time per database.
+    perform pg_advisory_xact_lock(hashtext('aquapeer worker start'), 0);
+    pid := peer._worker_pid();
+    if pid is not null then
+        return format('already running (pid %s)', pid);
+    end if;
+    if not peer._launcher_hold(false) then
+        perform peer._register_worker();
+    end if;
+    pid := peer._await_worker(true, '10 s');
+    if pid is null or not peer._worker_answers() then
+        raise exception 'the aquapeer worker for database "%" did not start within 10 s', current_database()
+            using hint = 'See the server log for the reason.';
+    end if;
+    return format('started (pid %s)', pid);
+end
+$$;
+comment on function peer.start_worker() is 'start this database''s aquapeer worker; a no-op when it runs';
+
+create function peer.stop_worker() returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    pid integer;
+begin
+    perform pg_advisory_xact_lock(hashtext('aquapeer worker start'), 0);
+    -- A preloaded worker stays stopped until peer.start_worker() or the next server start.
+    perform peer._launcher_hold(true);
+    pid := peer._worker_pid();
+    if pid is null then
+        return 'not running';
+    end if;
+    perform pg_terminate_backend(pid);
+    if peer._await_worker(false, '5 s') is not null then
+        raise exception 'the aquapeer worker (pid %) did not stop within 5 s', pid
+            using hint = 'See the server log; pg_terminate_backend() it again if it persists.';
+    end if;
+    return format('stopped (pid %s)', pid);
+end
+$$;
+comment on function peer.stop_worker() is 'stop this database''s aquapeer worker; a no-op when it is not running';
+
+revoke all on function peer.start_worker(), peer.stop_worker() from public;
+grant execute on function peer.start_worker(), peer.stop_worker() to aquapeer_admin;
+
+-- The control channel --------------------------------------------------------
+
+create function peer.ping_worker() returns interval
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return f"{GD['aquapeer'].ping_worker():.6f} seconds"
+$$;
+comment on function peer.ping_worker() is 'round trip to this database''s worker over the control channel';
+
+create function peer.nudge_worker() returns boolean
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].nudge_worker()
+$$;
+comment on function peer.nudge_worker() is 'wake the worker (background workers cannot LISTEN); false when it is not running';
+
+create function peer.worker_status(
+    out pid integer, out state text, out started_at timestamptz, out database name,
+    out python_version text, out aiortc_version text, out aquapeer_version text,
+    out loop_lag_max_ms double precision, out executors jsonb, out requests bigint, out wakeups bigint)
+returns setof record
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].worker_status()
+$$;
+comment on function peer.worker_status() is 'this database''s aquapeer worker: state, versions, loop lag';
+
+revoke all on function peer.ping_worker(), peer.nudge_worker(), peer.worker_status() from public;
+grant execute on function peer.ping_worker(), peer.nudge_worker(), peer.worker_status() to aquapeer_admin;
+
+-- Executors ------------------------------------------------------------------
+
+create function peer._run_in_executor(role oid, fn oid, arg jsonb, seconds double precision) returns jsonb
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].run_in_executor(role, fn, arg, seconds)
+$$;
+
+create function peer.run_in_executor(role regrole, fn regprocedure, arg jsonb,
+                                     timeout interval default '30 s') returns jsonb
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    if not (select rolcanlogin from pg_roles where oid = role) then
+        raise exception 'role "%" cannot log in, so no executor can connect as it', role
+            using errcode = '42501',
+                  hint = format('Executors connect as the role itself: ALTER ROLE %s LOGIN '
+                                '(without a password it still cannot log in from outside).', role);
+    end if;
+    if timeout <= '0'::interval then
+        raise exception 'timeout must be positive, not %', timeout using errcode = '22023';
+    end if;
+    return peer._run_in_executor(role, fn, arg, extract(epoch from timeout)::float8);
+end
+$$;
+comment on function peer.run_in_executor(regrole, regprocedure, jsonb, interval) is
+    'run fn(arg) in an aquapeer executor connected as role, bounded by timeout (superusers only)';
+revoke all on function peer.run_in_executor(regrole, regprocedure, jsonb, interval),
+    peer._run_in_executor(oid, oid, jsonb, double precision) from public;
