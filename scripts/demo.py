@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""aquapeer demo: two throwaway PostgreSQL clusters, alice and bob, each with
+the extension preloaded, shown step by step.
+
+    make demo                       # = .venv/bin/python scripts/demo.py
+    python scripts/demo.py --clusters-only   # only the cluster part
+
+Steps (each a method of Demo, run in the order of Demo.STEPS):
+  1. start alice and bob (shared_preload_libraries = 'aquapeer')
+  2. CREATE EXTENSION aquapeer CASCADE in each
+  3. wait until peer.worker_status() says 'running'
+  4. show peer.worker_status() of each
+  5. peer.ping_worker() round trip of each
+and finally everything is torn down (also on error or Ctrl-C).
+To extend the demo (connecting the peers, messaging, bundles), add a method
+and its name to STEPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import psycopg  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.panel import Panel  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import testbed as tb  # noqa: E402
+
+console = Console(highlight=False)
+
+
+class StepFailed(Exception):
+    pass
+
+
+class Demo:
+    #: the steps, in order; the ones in EXTENSION_STEPS need aquapeer
+    STEPS = ["show_clusters", "create_extension", "wait_workers_running",
+             "show_worker_status", "ping_workers"]
+    EXTENSION_STEPS = {"create_extension", "wait_workers_running",
+                       "show_worker_status", "ping_workers"}
+
+    def __init__(self, bed: tb.Testbed, args: argparse.Namespace):
+        self.bed = bed
+        self.args = args
+        self.n = 0
+
+    # ---- helpers ----
+
+    @contextlib.contextmanager
+    def step(self, title: str):
+        self.n += 1
+        console.rule(f"[bold cyan]Step {self.n}[/]: {title}", align="left")
+        t0 = time.monotonic()
+        try:
+            yield
+        except psycopg.Error as exc:
+            console.print(f"[red]✗ {title}: {type(exc).__name__}: {exc}[/]")
+            raise StepFailed(title) from exc
+        console.print(f"[green]✓[/] {title} [dim]({time.monotonic() - t0:.2f} s)[/]")
+
+    @staticmethod
+    def query(cluster, query: str, *params) -> tuple[list[str], list[tuple]]:
+        """Column names and rows of a query."""
+        with cluster.connect() as conn:
+            cur = conn.execute(query, params or None)
+            cols = [d.name for d in cur.description] if cur.description else []
+            return cols, (cur.fetchall() if cur.description else [])
+
+    def table(self, title: str, per_cluster: dict) -> Table:
+        """Query results side by side: one row per column of the query, one
+        column per cluster (fits a narrow terminal; results of one row each
+        are the common case; further rows get their own columns)."""
+        t = Table(title=title, title_justify="left")
+        t.add_column("", style="bold")
+        fields: list[str] = []
+        columns = []
+        for name, (cols, rows) in per_cluster.items():
+            for c in cols:
+                if c not in fields:
+                    fields.append(c)
+            for i, row in enumerate(rows or [()]):
+                t.add_column(name if len(rows) <= 1 else f"{name} #{i + 1}", overflow="fold")
+                columns.append(dict(zip(cols, row)))
+        for f in fields:
+            t.add_row(f, *(self.fmt(col.get(f)) for col in columns))
+        return t
+
+    @staticmethod
+    def fmt(value) -> str:
+        if value is None:
+            return ""
+        if hasattr(value, "total_seconds"):
+            return f"{value.total_seconds() * 1000:.3f} ms"
+        if hasattr(value, "isoformat"):
+            return value.isoformat(sep=" ", timespec="seconds") \
+                if hasattr(value, "hour") else value.isoformat()
+        return str(value)
+
+    # ---- the steps ----
+
+    def show_clusters(self):
+        with self.step("start the clusters"):
+            q = ("select %s::int as port, %s as socket_dir, pg_backend_pid() as backend_pid,"
+                 " split_part(current_setting('server_version'), ' ', 1) as version,"
+                 " current_setting('shared_preload_libraries') as preload")
+            console.print(self.table("clusters", {
+                c.name: self.query(c, q, c.port, c.sock_dir) for c in self.bed}))
+            for c in self.bed:
+                console.print(f"  {c.name}: postmaster pid {c.postmaster_pid()}, "
+                              f"log {c.log_path}")
+
+    def create_extension(self):
+        with self.step("CREATE EXTENSION aquapeer CASCADE on each"):
+            for c in self.bed:
+                c.sql("CREATE EXTENSION IF NOT EXISTS aquapeer CASCADE")
+                version = c.scalar("select extversion from pg_extension "
+                                   "where extname = 'aquapeer'")
+                console.print(f"  {c.name}: aquapeer {version}")
+
+    def wait_workers_running(self):
+        timeout = self.args.timeout
+        with self.step(f"wait until each worker is running (up to {timeout:g} s)"):
+            for c in self.bed:
+                t0 = time.monotonic()
+                try:
+                    tb.wait_for(lambda: c.scalar("select state from peer.worker_status()")
+                                == "running", timeout, interval=0.1,
+                                message=f"{c.name}'s worker")
+                except TimeoutError as exc:
+                    state = c.scalar("select state from peer.worker_status()")
+                    console.print(f"[red]  {c.name}: {exc}; state is {state!r}[/]")
+                    console.print(c.log()[-3000:], markup=False)
+                    raise StepFailed("worker not running") from exc
+                console.print(f"  {c.name}: running after {time.monotonic() - t0:.2f} s")
+
+    def show_worker_status(self):
+        with self.step("peer.worker_status()"):
+            results = {c.name: self.query(c, "select * from peer.worker_status()")
+                       for c in self.bed}
+            console.print(self.table("peer.worker_status()", results))
+
+    def ping_workers(self):
+        with self.step("peer.ping_worker(): round trip backend → worker → backend"):
+            console.print(self.table("peer.ping_worker()", {
+                c.name: self.query(c, "select peer.ping_worker() as round_trip")
+                for c in self.bed}))
+
+    def run(self) -> None:
+        for name in self.STEPS:
+            if self.args.clusters_only and name in self.EXTENSION_STEPS:
+                continue
+            getattr(self, name)()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clusters-only", action="store_true",
+                    help="only start and show the clusters (no extension needed)")
+    ap.add_argument("--timeout", type=float, default=20,
+                    help="seconds to wait for the workers (default 20)")
+    args = ap.parse_args(argv)
+
+    preload = not args.clusters_only
+    console.print(Panel.fit(
+        "[bold]aquapeer demo[/]: PostgreSQL databases talking peer to peer\n"
+        f"clusters alice and bob, extension {'preloaded' if preload else 'NOT loaded'}",
+        border_style="cyan"))
+    status = 0
+    base = None
+    try:
+        with console.status("initdb + start alice and bob ..."):
+            bed = tb.Testbed(names=["alice", "bob"], preload=preload).__enter__()
+        base = bed.base_dir
+        try:
+            Demo(bed, args).run()
+        except StepFailed:
+            status = 1
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            status = 130
+        finally:
+            with console.status("tearing down ..."):
+                bed.close()
+    except tb.ExtensionNotInstalled as exc:
+        console.print(Panel(str(exc), title="aquapeer is not installed", border_style="red"))
+        return 1
+    except tb.TestbedError as exc:
+        console.print(Panel(str(exc), title="could not start the clusters", border_style="red"))
+        return 1
+    console.print(f"[green]clusters torn down[/] ({base} removed)" if status == 0
+                  else f"[yellow]clusters torn down[/] ({base} removed); demo failed")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
