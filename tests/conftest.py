@@ -195,3 +195,18 @@ def shared_cluster():
         yield bed[0]
     finally:
         bed.close()
+
+
+@pytest.fixture(scope="module")
+def worker_cluster():
+    """One cluster per test module with the extension created in postgres and
+    its worker answering.  Tests may restart the worker, not the server."""
+    bed = _new_testbed(1, {"names": ["worker"]})
+    try:
+        cluster = bed[0]
+        cluster.sql("create extension aquapeer cascade")
+        tb.wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20,
+                    message="the worker to answer", ignore=(Exception,))
+        yield cluster
+    finally:
+        bed.close()

@@ -15,6 +15,7 @@ import asyncio
 import os
 import secrets
 import select
+import signal
 import socket
 import time
 
@@ -45,6 +46,13 @@ class ExecutorConnection:
             raise ConnectionError(f"executor {self.pid} closed its connection")
         return reply
 
+    def cancel_request(self):
+        """Cancel what the executor is running, as pg_cancel_backend would."""
+        try:
+            os.kill(self.pid, signal.SIGINT)
+        except (ProcessLookupError, TypeError):
+            pass
+
     def close(self):
         if not self.closed.is_set():
             self.writer.close()
@@ -74,8 +82,9 @@ class ExecutorPool:
         try:
             reply = await asyncio.wait_for(conn.request(message), timeout_s + ANSWER_GRACE_S)
         except BaseException:
-            # Timed out, lost, or the caller went away mid-request: this
-            # executor's state is unknown, so it does not go back to the pool.
+            # Timed out, lost, or the caller went away mid-request: stop the
+            # work, and do not reuse an executor whose state is unknown.
+            conn.cancel_request()
             conn.close()
             raise
         finally:

@@ -115,11 +115,27 @@ class Worker:
                 if op == "wake":
                     self.wakeups += 1
                     continue
-                await control.write_frame(writer, await self.answer(message))
+                reply = await self.answer_unless_caller_leaves(message, reader)
+                if reply is None:
+                    break
+                await control.write_frame(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError, AquapeerError):
             pass
         finally:
             writer.close()
+
+    async def answer_unless_caller_leaves(self, message, reader):
+        """The answer, or None when the caller hung up first (cancelled, timed out)."""
+        answer = asyncio.create_task(self.answer(message))
+        # Callers send one request at a time, so anything readable now is the end.
+        caller_left = asyncio.create_task(reader.read(1))
+        done, _ = await asyncio.wait({answer, caller_left}, return_when=asyncio.FIRST_COMPLETED)
+        if answer in done:
+            caller_left.cancel()
+            return answer.result()
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        return None
 
     async def answer(self, message):
         self.requests += 1
