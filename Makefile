@@ -179,3 +179,7 @@ test: prepare
 demo: prepare
 	AQUAPEER_LIBDIR='$(AQUAPEER_LIBDIR)' AQUAPEER_BINDIR='$(AQUAPEER_BINDIR)' AQUAPEER_PYTHON='$(PYTHON)' PG_CONFIG='$(PG_CONFIG)' \
 	  '$(VENV)/bin/python' scripts/demo.py
+
+# Benchmarks: aquapeer beside PostgreSQL's own paths, in one run.
+bench: prepare
+	'$(VENV)/bin/python' bench/bench_worker.py $(BENCH_ARGS)
