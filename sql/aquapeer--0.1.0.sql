@@ -79,16 +79,25 @@ import sys
 
 if 'aquapeer' in GD:
     return
+
+class PayloadError(plpy.Error):
+    """Reported by PL/Python as "aquapeer: <message>" (it prefixes the class name)."""
+PayloadError.__name__ = "aquapeer"
+
+def fail(message, detail, hint, sqlstate):
+    error = PayloadError(message)
+    error.detail, error.hint, error.sqlstate = detail, hint, sqlstate
+    raise error
+
 payload = plpy.execute("select peer._payload_dir() as d")[0]["d"]
 extversion = plpy.execute(
     "select extversion from pg_catalog.pg_extension where extname = 'aquapeer'")[0]["extversion"]
 if not os.path.isfile(os.path.join(payload, "aquapeer", "__init__.py")):
-    plpy.error(
-        "aquapeer's Python payload is not installed",
-        detail=f"{payload}/aquapeer/__init__.py does not exist",
-        hint="Run `make install` in the aquapeer source tree (as root): it installs the "
-             "payload for the interpreter PL/Python uses into that directory.",
-        sqlstate="58P01")
+    fail("its Python payload is not installed",
+         f"{payload}/aquapeer/__init__.py does not exist",
+         "Run `make install` in the aquapeer source tree (as root): it installs the "
+         "payload for the interpreter PL/Python uses into that directory.",
+         "58P01")
 
 def top_level_names(directory):
     for entry in os.listdir(directory):
@@ -105,24 +114,22 @@ for name in sorted(set(top_level_names(payload))):
     module = sys.modules.get(name)
     where = getattr(module, "__file__", None) if module else None
     if where and not os.path.realpath(where).startswith(root):
-        plpy.error(
-            f'Python module "{name}" is already loaded in this session from {where}, '
-            f"but aquapeer needs its own copy from {payload}",
-            detail="PL/Python shares one interpreter per session, and a module cannot be loaded twice.",
-            hint="Something in this session imported it before aquapeer did, for instance another "
-                 "PL/Python function. Use aquapeer in a new session before importing that module elsewhere.",
-            sqlstate="55000")
+        fail(f'Python module "{name}" is already loaded in this session from {where}, '
+             f"but aquapeer needs its own copy from {payload}",
+             "PL/Python shares one interpreter per session, and a module cannot be loaded twice.",
+             "Something in this session imported it before aquapeer did, for instance another "
+             "PL/Python function. Use aquapeer in a new session before importing that module elsewhere.",
+             "55000")
 if payload in sys.path:
     sys.path.remove(payload)
 sys.path.insert(0, payload)
 
 import aquapeer
 if aquapeer.__version__ != extversion:
-    plpy.error(
-        f"aquapeer's Python payload is version {aquapeer.__version__} but the extension is {extversion}",
-        detail=f"loaded from {os.path.dirname(aquapeer.__file__)}",
-        hint="Run `make install` for this version, or ALTER EXTENSION aquapeer UPDATE.",
-        sqlstate="55000")
+    fail(f"its Python payload is version {aquapeer.__version__} but the extension is {extversion}",
+         f"loaded from {os.path.dirname(aquapeer.__file__)}",
+         "Run `make install` for this version, or ALTER EXTENSION aquapeer UPDATE.",
+         "55000")
 from aquapeer import sqlapi
 GD["aquapeer"] = sqlapi
 $$;
