@@ -62,9 +62,11 @@ create function peer._register_worker() returns integer
     language c as 'MODULE_PATHNAME', 'aquapeer_register_worker_sql';
 create function peer._launcher_hold(hold boolean) returns boolean
     language c strict as 'MODULE_PATHNAME', 'aquapeer_launcher_hold';
+create function peer._launcher_check() returns void
+    language c as 'MODULE_PATHNAME', 'aquapeer_launcher_check';
 create function peer._start_executor(role oid, nonce text) returns void
     language c strict as 'MODULE_PATHNAME', 'aquapeer_start_executor';
-revoke all on function peer._register_worker(), peer._launcher_hold(boolean),
+revoke all on function peer._register_worker(), peer._launcher_hold(boolean), peer._launcher_check(),
     peer._start_executor(oid, text) from public;
 
 -- Loading the Python payload -------------------------------------------------
@@ -194,6 +196,9 @@ begin
            or (not running and pid is null)
            or clock_timestamp() > deadline then
             return pid;
+        end if;
+        if running then
+            perform peer._launcher_check();
         end if;
         perform pg_sleep(0.02);
     end loop;

@@ -41,6 +41,7 @@ typedef struct AquapeerShared
 	pg_atomic_uint32 launcher_pid;
 	pg_atomic_uint32 held_by_admin; /* peer.stop_worker() asked the launcher to wait */
 	pg_atomic_uint32 start_now;		/* peer.start_worker() asked for a start without delay */
+	pg_atomic_uint32 no_slot;		/* the launcher's last start found no free worker slot */
 } AquapeerShared;
 
 extern AquapeerShared *aquapeer_shared;

@@ -18,6 +18,7 @@ PG_FUNCTION_INFO_V1(aquapeer_launcher_hold);
 PG_FUNCTION_INFO_V1(aquapeer_start_executor);
 PG_FUNCTION_INFO_V1(aquapeer_executor_nonce);
 PG_FUNCTION_INFO_V1(aquapeer_arm_statement_timeout);
+PG_FUNCTION_INFO_V1(aquapeer_launcher_check);
 
 /*
  * Why the calling worker or executor should stop, or NULL.  The loops call
@@ -79,6 +80,7 @@ aquapeer_launcher_hold(PG_FUNCTION_ARGS)
 	pg_atomic_write_u32(&aquapeer_shared->held_by_admin, hold ? 1 : 0);
 	if (!hold)
 	{
+		pg_atomic_write_u32(&aquapeer_shared->no_slot, 0);
 		pg_atomic_write_u32(&aquapeer_shared->start_now, 1);
 		aquapeer_wake_launcher();
 	}
@@ -134,5 +136,18 @@ aquapeer_arm_statement_timeout(PG_FUNCTION_ARGS)
 		enable_timeout_after(STATEMENT_TIMEOUT, ms);
 	else
 		disable_timeout(STATEMENT_TIMEOUT, false);
+	PG_RETURN_VOID();
+}
+
+/* Raise the launcher's reason for not starting this database's worker, if any. */
+Datum
+aquapeer_launcher_check(PG_FUNCTION_ARGS)
+{
+	if (aquapeer_launcher_manages(MyDatabaseId) && pg_atomic_read_u32(&aquapeer_shared->no_slot))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("could not start the aquapeer worker: no background worker slot is free"),
+				 errhint("All max_worker_processes (%d) slots are in use; raise max_worker_processes and restart the server.",
+						 max_worker_processes)));
 	PG_RETURN_VOID();
 }

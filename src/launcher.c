@@ -91,6 +91,7 @@ shmem_startup(void)
 		pg_atomic_init_u32(&aquapeer_shared->launcher_pid, 0);
 		pg_atomic_init_u32(&aquapeer_shared->held_by_admin, 0);
 		pg_atomic_init_u32(&aquapeer_shared->start_now, 0);
+		pg_atomic_init_u32(&aquapeer_shared->no_slot, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -98,11 +99,13 @@ shmem_startup(void)
 void
 _PG_init(void)
 {
+	/* PGC_POSTMASTER may only be defined while preloading. */
 	DefineCustomStringVariable("aquapeer.database",
 							   "Database whose aquapeer worker starts with the server.",
 							   "Used only when aquapeer is in shared_preload_libraries.",
 							   &aquapeer_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+							   process_shared_preload_libraries_in_progress ? PGC_POSTMASTER : PGC_SIGHUP,
+							   0, NULL, NULL, NULL);
 	DefineCustomIntVariable("aquapeer.restart_interval",
 							"Seconds to wait before starting a failed aquapeer worker again.",
 							NULL, &aquapeer_restart_interval, 5, 1, 3600,
@@ -532,9 +535,14 @@ aquapeer_launcher_main(Datum arg)
 			{
 				Oid			dboid = database_oid(aquapeer_database);
 
-				if (OidIsValid(dboid) && (handle = start_worker(dboid, true)) == NULL)
-					elog(WARNING, "aquapeer launcher could not start a worker: no background worker slot is free (max_worker_processes = %d)",
-						 max_worker_processes);
+				if (OidIsValid(dboid))
+				{
+					handle = start_worker(dboid, true);
+					pg_atomic_write_u32(&aquapeer_shared->no_slot, handle == NULL);
+					if (handle == NULL)
+						elog(WARNING, "aquapeer launcher could not start a worker: no background worker slot is free (max_worker_processes = %d)",
+							 max_worker_processes);
+				}
 			}
 			else
 				wait_ms = Min(wait_ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due));
