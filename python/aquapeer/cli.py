@@ -100,6 +100,68 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_status)
 
 
+# --- signal ------------------------------------------------------------------
+
+def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
+    import logging
+
+    from aquapeer import signaling
+
+    err = Console(stderr=True)
+    if (args.cert is None) != (args.key is None):
+        err.print("[bold red]aquapeer signal:[/] give both --cert and --key (wss://), or neither (ws://)")
+        return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        err.print(f"[bold red]aquapeer signal:[/] --port {args.port} is not a TCP port")
+        return EXIT_USAGE
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:  # a service manager's log: one plain line per record, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("aquapeer")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    if args.log_level != "debug":  # websockets' own "server listening/closing" repeat ours
+        logging.getLogger("aquapeer.signaling.ws").setLevel(logging.WARNING)
+    limits = signaling.Limits(max_connections=args.max_connections)
+    try:
+        signaling.run_server(args.host, args.port, cert=args.cert, key=args.key, limits=limits)
+    except OSError as exc:  # the port is taken, the address is not ours, a PEM file is unusable
+        err.print(f"[bold red]aquapeer signal:[/] {exc}")
+        return EXIT_ERROR
+    finally:
+        logger.removeHandler(handler)
+    return EXIT_OK
+
+
+def _add_signal(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "signal",
+        help="run a signaling (rendezvous) server for aquapeer peers",
+        description="Run a signaling server: peers register with their key and "
+        "relay signed connection envelopes through it. It is not trusted with "
+        "any data and keeps nothing on disk. Stops on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765,
+                   help="port to listen on (default: 8765)")
+    p.add_argument("--cert", metavar="FILE", default=None,
+                   help="PEM certificate (chain) file: serve wss:// (needs --key)")
+    p.add_argument("--key", metavar="FILE", default=None,
+                   help="PEM private key file for --cert")
+    p.add_argument("--max-connections", type=int, default=10000, metavar="N",
+                   help="most connections at once (default: 10000)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level on stderr (default: info)")
+    p.set_defaults(func=_cmd_signal)
+
+
 # --- parser ------------------------------------------------------------------
 
 def _add_dbname(p: argparse.ArgumentParser) -> None:
@@ -115,6 +177,7 @@ def _add_dbname(p: argparse.ArgumentParser) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
+    _add_signal,
 ]
 
 
