@@ -1,0 +1,265 @@
+"""A peer: its identity, its friends, its signaling registration and its links.
+
+The network worker runs one PeerNode with a friend book kept in the
+database; light peers (tests, benchmarks) run one with a friend book in
+memory.  Both speak the same protocol with the same identity checks.
+
+Connecting: the offerer sends an ``offer`` envelope (signed, carrying its
+key chain so a stranger's request can be verified too), the answerer
+replies with ``answer``, ICE and DTLS run, and both sides prove their key
+over the open channel (transport.Link).  A stranger's offer is recorded as a
+friend request and answered with ``refused``.  When both sides offer at
+once, the side with the smaller peer id keeps its offer.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import time
+
+import msgpack
+
+from . import identity, transport
+from .errors import AquapeerError
+from .signaling import PeerOffline, SignalClient
+
+log = logging.getLogger("aquapeer.node")
+
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 10.0
+SUPERVISE_INTERVAL_S = 0.5
+
+
+class ConnectError(AquapeerError):
+    sqlstate = "08001"  # sqlclient_unable_to_establish_sqlconnection
+
+
+@dataclasses.dataclass
+class Friend:
+    peer_id: str
+    name: str
+    chain: identity.KeyChain
+    accepted: bool = True
+    auto_connect: bool = True
+
+
+class MemoryFriendBook:
+    """Friends and friend requests kept in memory (light peers, tests)."""
+
+    def __init__(self):
+        self.friends = {}
+        self.requests = {}
+
+    def add(self, name, chain, auto_connect=True):
+        self.friends[chain.peer_id] = Friend(chain.peer_id, name, chain, True, auto_connect)
+
+    def lookup(self, peer_id):
+        return self.friends.get(peer_id)
+
+    def auto_connect(self):
+        return [f for f in self.friends.values() if f.accepted and f.auto_connect]
+
+    def update_chain(self, peer_id, chain):
+        self.friends[peer_id].chain = chain
+
+    def record_request(self, peer_id, claimed_name, chain):
+        entry = self.requests.setdefault(peer_id, {"name": claimed_name, "attempts": 0, "first_seen": time.time()})
+        entry["attempts"] += 1
+
+    def seen(self, peer_id):
+        pass
+
+
+def _envelope_chain(data):
+    """The key chain an envelope carries, unverified (open_envelope verifies it)."""
+    try:
+        signed, _sig = msgpack.unpackb(data, raw=False)
+        wire = msgpack.unpackb(signed, raw=False).get("chain")
+        return identity.KeyChain.from_wire(wire) if wire else None
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException, identity.IdentityError):
+        return None
+
+
+class PeerNode:
+    def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None):
+        self.me = me
+        self.friends = friends
+        self.signal_url = signal_url
+        self.ice = ice or transport.IceServers()
+        self.name = name
+        self.on_frame = on_frame
+        self.links = {}         # peer id -> Link being made or connected
+        self.last_closed = {}   # peer id -> the last Link that closed, for its state and error
+        self.attempts = {}      # peer id -> (failures in a row, next attempt at)
+        self.replay = identity.ReplayGuard()
+        self._counters = {}
+        self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context)
+        self._supervisor = None
+
+    async def start(self):
+        await self.signal.start()
+        self._supervisor = asyncio.ensure_future(self._supervise())
+
+    async def stop(self):
+        if self._supervisor:
+            self._supervisor.cancel()
+        for link in list(self.links.values()):
+            link.close("shutting down")
+        await self.signal.close()
+
+    # --- envelopes ------------------------------------------------------------
+
+    def _seal(self, kind, to, session, body):
+        counter = self._counters.get((to, session), 0) + 1
+        self._counters[(to, session)] = counter
+        # Always with the key chain: a stranger's request can be verified, and a
+        # friend learns of a rotated key from whatever we send first.
+        return identity.seal(self.me, kind, to, session, counter, body, include_chain=True)
+
+    async def _send(self, kind, to, session, body):
+        await self.signal.send_and_check(to, self._seal(kind, to, session, body))
+
+    async def _on_envelope(self, sender, data):
+        try:
+            friend = self.friends.lookup(sender)
+            if friend is None or not friend.accepted:
+                await self._from_stranger(sender, data, blocked=friend is not None)
+                return
+            envelope = identity.open_envelope(data, friend.chain, self.me.peer_id)
+            self.replay.check(sender, envelope.session, envelope.counter)
+            if envelope.chain is not friend.chain and envelope.chain.extends(friend.chain):
+                self.friends.update_chain(sender, envelope.chain)
+                friend.chain = envelope.chain
+            self.friends.seen(sender)
+            handler = {"offer": self._on_offer, "answer": self._on_answer,
+                       "hangup": self._on_hangup, "refused": self._on_refused}.get(envelope.kind)
+            if handler:
+                await handler(friend, envelope)
+        except AquapeerError as e:
+            log.warning("refused an envelope from %s: %s", sender, e.message)
+
+    async def _from_stranger(self, sender, data, blocked):
+        chain = _envelope_chain(data)
+        if chain is None or chain.peer_id != sender:
+            raise identity.IdentityError("an envelope from a stranger without a valid key chain")
+        envelope = identity.open_envelope(data, chain, self.me.peer_id)
+        self.replay.check(sender, envelope.session, envelope.counter)
+        if envelope.kind != "offer" or blocked:
+            return
+        self.friends.record_request(sender, str(envelope.body.get("name") or "")[:63], chain)
+        await self._send("refused", sender, envelope.session, {})
+
+    async def _on_offer(self, friend, envelope):
+        existing = self.links.get(friend.peer_id)
+        if existing is not None and existing.session != envelope.session:
+            if existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id:
+                return  # both offered: ours wins, the friend answers it
+            existing.close("replaced by a new connection from the friend")
+        link = self._new_link(friend, envelope.session, offerer=False)
+        try:
+            sdp = await link.accept_offer(envelope.body["sdp"])
+            await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp})
+        except (AquapeerError, ValueError, KeyError) as e:
+            link.close(f"could not answer the friend's offer: {e}", failed=True)
+
+    async def _on_answer(self, friend, envelope):
+        link = self.links.get(friend.peer_id)
+        if link is None or not link.offerer or link.session != envelope.session or link.pc is None:
+            return
+        try:
+            await link.accept_answer(envelope.body["sdp"])
+        except (ValueError, KeyError) as e:
+            link.close(f"the friend's answer was unusable: {e}", failed=True)
+
+    async def _on_hangup(self, friend, envelope):
+        link = self.links.get(friend.peer_id)
+        if link is not None and link.session == envelope.session:
+            link.close("the friend hung up")
+
+    async def _on_refused(self, friend, envelope):
+        link = self.links.get(friend.peer_id)
+        if link is not None and link.session == envelope.session:
+            link.close("refused: this peer has not accepted you as a friend", failed=True)
+
+    # --- links ------------------------------------------------------------------
+
+    def _new_link(self, friend, session, offerer):
+        link = transport.Link(self.me, friend.chain, session, offerer, self.ice,
+                              on_frame=self.on_frame, on_close=self._on_link_closed)
+        self.links[friend.peer_id] = link
+        return link
+
+    def _on_link_closed(self, link):
+        if self.links.get(link.peer_id) is link:
+            del self.links[link.peer_id]
+            self.last_closed[link.peer_id] = link
+
+    async def _offer(self, friend, attempt=0):
+        link = self._new_link(friend, os.urandom(16), offerer=True)
+        try:
+            sdp = await link.make_offer(attempt)
+            await self._send("offer", friend.peer_id, link.session,
+                             {"sdp": sdp, "proto": transport.PROTOCOL_VERSION, "name": self.name})
+        except PeerOffline:
+            link.close("friend not reachable at the signaling server", failed=True)
+        except AquapeerError as e:
+            link.close(e.message, failed=True)
+        return link
+
+    async def connect(self, peer_id, timeout=15.0):
+        """The connected link to a friend, made if need be; ConnectError naming the cause."""
+        friend = self.friends.lookup(peer_id)
+        if friend is None or not friend.accepted:
+            raise ConnectError(f"unknown friend {peer_id}", hint="Add it first with peer.add_friend().")
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while True:
+            link = self.links.get(peer_id)
+            if link is None:
+                if not self.signal.connected:
+                    raise ConnectError("not registered at the signaling server",
+                                       hint=f"Check that {self.signal_url} is running and reachable.")
+                link = await self._offer(friend)
+            if link.state == "connected":
+                return link
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectError(f"could not connect to {friend.name} within {timeout:g} s"
+                                   + (f": {last_error}" if last_error else ""))
+            try:
+                await asyncio.wait_for(asyncio.shield(link.verified), remaining)
+            except asyncio.TimeoutError:
+                continue
+            except transport.LinkClosed:
+                last_error = link.last_error or "connection closed"
+                if link.state == "failed" and self.links.get(peer_id) is None:
+                    raise ConnectError(f"could not connect to {friend.name}: {last_error}") from None
+
+    def disconnect(self, peer_id):
+        link = self.links.get(peer_id)
+        if link is not None:
+            link.close("disconnected on request")
+            return True
+        return False
+
+    async def _supervise(self):
+        """Reconnect friends marked auto_connect, with capped exponential backoff."""
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL_S)
+            if not self.signal.connected:
+                continue
+            now = time.monotonic()
+            for friend in self.friends.auto_connect():
+                link = self.links.get(friend.peer_id)
+                if link is not None:
+                    if link.state == "connected":
+                        self.attempts.pop(friend.peer_id, None)
+                    continue
+                failures, due = self.attempts.get(friend.peer_id, (0, 0.0))
+                if now < due:
+                    continue
+                delay = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** failures) * random.uniform(0.8, 1.2)
+                self.attempts[friend.peer_id] = (failures + 1, now + delay)
+                asyncio.ensure_future(self._offer(friend, attempt=failures))

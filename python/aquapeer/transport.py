@@ -1,0 +1,277 @@
+"""WebRTC links between two peers: one aiortc peer connection and one data channel each.
+
+What aiortc does not do, this module does:
+- host candidates come from ``ice_host_addresses`` (aioice has no interface
+  filter and always leaves loopback out), and the ICE sockets get large
+  buffers (a burst of small sends overflows the 212 KB default);
+- aiortc makes a fresh DTLS certificate per connection, so the offer and
+  answer travel in envelopes signed by each side's identity key, and once
+  the channel is open each side signs a transcript of both DTLS
+  fingerprints on the channel before anything else flows;
+- all channels of a connection share one send queue, so one writer with
+  priorities keeps what it hands to aiortc under a small bound: control
+  frames (pings) never wait behind bulk data;
+- aiortc notices a dead peer only after ~30 s: application pings do it in
+  a few seconds.
+"""
+
+import asyncio
+import collections
+import socket
+import time
+
+import aioice.ice
+import aioice.turn
+import msgpack
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+from . import identity
+from .errors import AquapeerError
+
+PROTOCOL_VERSION = 1
+ICE_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# Bytes handed to aiortc at most; the rest waits in our priority queues.
+SEND_HIGH_WATER = 192 * 1024
+PING_INTERVAL_S = 2.0
+DEAD_AFTER_S = 7.0
+CONTROL, BULK = 0, 1
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def configure_ice(host_addresses=None):
+    """Offer exactly host_addresses as host candidates (None: every interface address)."""
+    aioice.turn.UDP_SOCKET_BUFFER_SIZE = ICE_SOCKET_BUFFER_BYTES
+    if host_addresses is None:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+    chosen = [str(a) for a in host_addresses]
+
+    def get_host_addresses(use_ipv4, use_ipv6):
+        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = get_host_addresses
+
+
+class IceServers:
+    """STUN and TURN servers in order of preference.
+
+    aiortc uses only the first STUN and the first TURN server it is given, so
+    attempt n uses the n-th of each (wrapping), and a failed attempt moves on.
+    """
+
+    def __init__(self, stun_urls=(), turn_servers=(), relay_only=False):
+        self.stun_urls = list(stun_urls)
+        self.turn_servers = list(turn_servers)  # (url, username, credential)
+        self.relay_only = relay_only
+
+    def configuration(self, attempt=0):
+        servers = []
+        if self.stun_urls:
+            servers.append(RTCIceServer(urls=self.stun_urls[attempt % len(self.stun_urls)]))
+        if self.turn_servers:
+            url, username, credential = self.turn_servers[attempt % len(self.turn_servers)]
+            servers.append(RTCIceServer(urls=url, username=username, credential=credential))
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        # An empty list, not None: aiortc would otherwise ask Google's STUN server.
+        return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def _ice_connection(pc):
+    """aioice's Connection behind a peer connection (aiortc exposes no API for it)."""
+    try:
+        return pc.sctp.transport.transport.iceGatherer._connection
+    except AttributeError:
+        return None
+
+
+def _grow_send_buffers(pc):
+    connection = _ice_connection(pc)
+    for protocol in getattr(connection, "_protocols", []):
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ICE_SOCKET_BUFFER_BYTES)
+
+
+def candidate_types(pc):
+    """(local, remote) candidate types of the nominated pair: host, srflx, prflx or relay."""
+    connection = _ice_connection(pc)
+    pair = next(iter(getattr(connection, "_nominated", {}).values()), None)
+    if pair is None:
+        return None, None
+    return pair.local_candidate.type, pair.remote_candidate.type
+
+
+class LinkClosed(AquapeerError):
+    sqlstate = "08006"  # connection_failure
+
+
+class Link:
+    """One authenticated data-channel connection to a friend."""
+
+    def __init__(self, me, friend_chain, session, offerer, ice, on_frame=None, on_close=None):
+        self.me = me                      # identity.Identity
+        self.friend_chain = friend_chain  # identity.KeyChain
+        self.session = session            # bytes, shared by both sides
+        self.offerer = offerer
+        self.ice = ice
+        self.on_frame = on_frame          # (link, frame) -> None
+        self.on_close = on_close          # (link) -> None
+        self.pc = None
+        self.channel = None
+        self.state = "connecting"
+        self.last_error = None
+        self.connected_since = None
+        self.bytes_sent = self.bytes_received = 0
+        self.rtt_ms = None
+        self.last_heard = time.monotonic()
+        self.verified = asyncio.get_running_loop().create_future()
+        self._queues = (collections.deque(), collections.deque())
+        self._writable = asyncio.Event()
+        self._tasks = []
+        self._offer_fingerprints = self._answer_fingerprints = None
+
+    @property
+    def peer_id(self):
+        return self.friend_chain.peer_id
+
+    # --- negotiation ------------------------------------------------------
+
+    def _new_pc(self, attempt):
+        self.pc = RTCPeerConnection(self.ice.configuration(attempt))
+        self.channel = self.pc.createDataChannel("aquapeer", negotiated=True, id=0, ordered=True)
+        self.channel.bufferedAmountLowThreshold = SEND_HIGH_WATER // 2
+        self.channel.on("open", self._on_open)
+        self.channel.on("message", self._on_message)
+        self.channel.on("close", lambda: self.close("the data channel closed"))
+        self.channel.on("bufferedamountlow", self._writable.set)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    async def make_offer(self, attempt=0):
+        self._new_pc(attempt)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        _grow_send_buffers(self.pc)
+        self._offer_fingerprints = identity.sdp_fingerprints(self.pc.localDescription.sdp)
+        return self.pc.localDescription.sdp
+
+    async def accept_offer(self, sdp, attempt=0):
+        self._new_pc(attempt)
+        self._offer_fingerprints = identity.sdp_fingerprints(sdp)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        _grow_send_buffers(self.pc)
+        self._answer_fingerprints = identity.sdp_fingerprints(self.pc.localDescription.sdp)
+        return self.pc.localDescription.sdp
+
+    async def accept_answer(self, sdp):
+        self._answer_fingerprints = identity.sdp_fingerprints(sdp)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    def _transcript(self):
+        return identity.fingerprint_transcript(self._offer_fingerprints, self._answer_fingerprints, self.session)
+
+    def _on_open(self):
+        # Prove, on the channel itself, that this DTLS session is ours.
+        self._write_now({"t": "hello", "proto": PROTOCOL_VERSION,
+                         "sig": identity.sign_transcript(self.me, self._transcript())})
+        self._tasks.append(asyncio.ensure_future(self._pinger()))
+        self._tasks.append(asyncio.ensure_future(self._writer()))
+
+    def _on_state(self):
+        if self.pc is not None and self.pc.connectionState == "failed":
+            self.close("ICE failed: no candidate pair worked", failed=True)
+
+    # --- frames -------------------------------------------------------------
+
+    def _on_message(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.bytes_received += len(data)
+        self.last_heard = time.monotonic()
+        try:
+            frame = msgpack.unpackb(data, raw=False)
+            kind = frame.get("t") if isinstance(frame, dict) else None
+        except (ValueError, msgpack.UnpackException):
+            kind = None
+        if not self.verified.done():
+            self._check_hello(frame if kind == "hello" else None)
+        elif kind == "ping":
+            self.send({"t": "pong", "at": frame.get("at")}, CONTROL)
+        elif kind == "pong":
+            if isinstance(frame.get("at"), float):
+                self.rtt_ms = round((time.monotonic() - frame["at"]) * 1000.0, 3)
+        elif kind == "bye":
+            self.close("the friend hung up")
+        elif self.on_frame is not None:
+            self.on_frame(self, frame)
+
+    def _check_hello(self, frame):
+        sig = frame.get("sig") if frame else None
+        if not isinstance(sig, bytes) or not identity.verify_transcript(self.friend_chain, self._transcript(), sig):
+            self.close("identity check failed: the friend did not prove its key on the channel", failed=True)
+            return
+        self.state = "connected"
+        self.connected_since = time.time()
+        self.verified.set_result(True)
+        self._writable.set()
+
+    def send(self, frame, priority=BULK):
+        """Queue a frame; control frames go before bulk ones."""
+        if self.state in ("closed", "failed"):
+            raise LinkClosed(f"connection to {self.peer_id} is {self.state}")
+        self._queues[priority].append(msgpack.packb(frame, use_bin_type=True))
+        self._writable.set()
+
+    def _write_now(self, frame):
+        data = msgpack.packb(frame, use_bin_type=True)
+        self.channel.send(data)
+        self.bytes_sent += len(data)
+
+    async def _writer(self):
+        await self.verified
+        while True:
+            await self._writable.wait()
+            self._writable.clear()
+            while any(self._queues) and self.channel.bufferedAmount < SEND_HIGH_WATER:
+                queue = self._queues[CONTROL] or self._queues[BULK]
+                data = queue.popleft()
+                self.channel.send(data)
+                self.bytes_sent += len(data)
+
+    async def _pinger(self):
+        await self.verified
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            if time.monotonic() - self.last_heard > DEAD_AFTER_S:
+                self.close(f"no answer from the friend for {DEAD_AFTER_S:.0f} s", failed=True)
+                return
+            self.send({"t": "ping", "at": time.monotonic()}, CONTROL)
+
+    # --- the end ------------------------------------------------------------
+
+    def close(self, reason=None, failed=False):
+        if self.state in ("closed", "failed"):
+            return
+        if self.state == "connected" and not failed and self.channel and self.channel.readyState == "open":
+            try:
+                self._write_now({"t": "bye"})
+            except Exception:  # the channel may already be gone; closing anyway
+                pass
+        self.state = "failed" if failed else "closed"
+        self.last_error = reason if failed else self.last_error
+        if not self.verified.done():
+            self.verified.set_exception(LinkClosed(reason or "connection closed"))
+            self.verified.exception()  # retrieved: nobody may be waiting
+        for task in self._tasks:
+            task.cancel()
+        if self.pc is not None:
+            asyncio.ensure_future(self.pc.close())
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def stats(self):
+        local, remote = candidate_types(self.pc) if self.pc else (None, None)
+        return {"state": self.state, "connected_since": self.connected_since, "rtt_ms": self.rtt_ms,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "local_candidate": local, "remote_candidate": remote, "last_error": self.last_error}
