@@ -316,3 +316,289 @@ comment on function peer.run_in_executor(regrole, regprocedure, jsonb, interval)
     'run fn(arg) in an aquapeer executor connected as role, bounded by timeout (superusers only)';
 revoke all on function peer.run_in_executor(regrole, regprocedure, jsonb, interval),
     peer._run_in_executor(oid, oid, jsonb, double precision) from public;
+
+-- Identity ---------------------------------------------------------------------
+
+do $$
+begin
+    if not exists (select from pg_catalog.pg_roles where rolname = 'aquapeer_friend') then
+        create role aquapeer_friend nologin;
+    end if;
+end
+$$;
+comment on role aquapeer_friend is 'default role friends act as; no privileges of its own';
+
+-- This database's identity: its peer id and the secret (current private key
+-- and key chain).  pg_dump keeps it, so a restored copy is the same peer
+-- (peer.reset_identity() makes a copy a new one).
+create table peer.identity (
+    singleton boolean primary key default true check (singleton),
+    peer_id text not null,
+    secret bytea not null,
+    created_at timestamptz not null default now(),
+    rotated_at timestamptz
+);
+revoke all on peer.identity from public;
+
+create function peer._identity_single_row() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    -- pg_dump restores the dumped identity after CREATE EXTENSION made a new one.
+    if exists (select from peer.identity) then
+        update peer.identity set peer_id = new.peer_id, secret = new.secret,
+            created_at = new.created_at, rotated_at = new.rotated_at;
+        return null;
+    end if;
+    return new;
+end
+$$;
+create trigger identity_single_row before insert on peer.identity
+    for each row execute function peer._identity_single_row();
+select pg_catalog.pg_extension_config_dump('peer.identity', '');
+
+-- Servers and ICE settings -----------------------------------------------------
+
+create table peer.signal_server (
+    id serial primary key,
+    url text not null unique check (url ~ '^wss?://[^/\s]+'),
+    priority integer not null default 100
+);
+create table peer.stun_server (
+    id serial primary key,
+    url text not null unique check (url ~ '^stuns?:[^\s]+$'),
+    priority integer not null default 100
+);
+create table peer.turn_server (
+    id serial primary key,
+    url text not null unique check (url ~ '^turns?:[^\s]+$'),
+    username text,
+    credential text,
+    priority integer not null default 100
+);
+comment on table peer.signal_server is 'rendezvous servers; the one peer.config names, then the others by priority';
+comment on table peer.stun_server is 'STUN servers; aiortc uses one at a time, the worker moves on to the next when ICE fails';
+comment on table peer.turn_server is 'TURN servers; the credential is readable only by the extension owner';
+select pg_catalog.pg_extension_config_dump('peer.signal_server', '');
+select pg_catalog.pg_extension_config_dump('peer.stun_server', '');
+select pg_catalog.pg_extension_config_dump('peer.turn_server', '');
+select pg_catalog.pg_extension_config_dump('peer.signal_server_id_seq', '');
+select pg_catalog.pg_extension_config_dump('peer.stun_server_id_seq', '');
+select pg_catalog.pg_extension_config_dump('peer.turn_server_id_seq', '');
+revoke all on peer.signal_server, peer.stun_server, peer.turn_server from public;
+grant select, insert, update, delete on peer.signal_server, peer.stun_server to aquapeer_admin;
+grant select (id, url, username, priority), insert, update, delete on peer.turn_server to aquapeer_admin;
+grant usage on sequence peer.signal_server_id_seq, peer.stun_server_id_seq, peer.turn_server_id_seq
+    to aquapeer_admin;
+
+alter table peer.config
+    add column signal_server_id integer references peer.signal_server on delete set null,
+    add column stun_server_id integer references peer.stun_server on delete set null,
+    add column turn_server_id integer references peer.turn_server on delete set null,
+    add column ice_host_addresses inet[],
+    add column ice_transport_policy text not null default 'all'
+        check (ice_transport_policy in ('all', 'relay')),
+    add column friend_request_limit integer not null default 1000
+        check (friend_request_limit between 0 and 1000000);
+comment on column peer.config.ice_host_addresses is
+    'host candidates the worker offers (null: every interface address; loopback only when listed)';
+comment on column peer.config.ice_transport_policy is 'relay: never reveal host addresses to friends';
+
+create or replace function peer._config_single_row() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    -- pg_dump restores this table after CREATE EXTENSION made the default row.
+    if exists (select from peer.config) then
+        update peer.config set
+            executor_pool_size = new.executor_pool_size,
+            executor_idle_timeout = new.executor_idle_timeout,
+            signal_server_id = new.signal_server_id,
+            stun_server_id = new.stun_server_id,
+            turn_server_id = new.turn_server_id,
+            ice_host_addresses = new.ice_host_addresses,
+            ice_transport_policy = new.ice_transport_policy,
+            friend_request_limit = new.friend_request_limit;
+        return null;
+    end if;
+    return new;
+end
+$$;
+
+-- Friends ------------------------------------------------------------------------
+
+create table peer.friend (
+    name text primary key check (name ~ '^[a-z0-9_-]{1,63}$'),
+    peer_id text not null unique,
+    chain bytea not null,
+    signal_urls text[] not null default '{}',
+    state text not null default 'accepted' check (state in ('accepted', 'blocked')),
+    role name not null default 'aquapeer_friend',
+    auto_connect boolean not null default true,
+    signal_server_id integer references peer.signal_server on delete set null,
+    stun_server_id integer references peer.stun_server on delete set null,
+    added_at timestamptz not null default now(),
+    last_seen timestamptz
+);
+comment on table peer.friend is 'friends: their identities (key chains), the role they act as, and overrides';
+select pg_catalog.pg_extension_config_dump('peer.friend', '');
+revoke all on peer.friend from public;
+grant select on peer.friend to aquapeer_admin;
+grant update (auto_connect, signal_server_id, stun_server_id) on peer.friend to aquapeer_admin;
+
+create view peer.friends as
+    select name, peer_id, state, role, added_at, last_seen from peer.friend;
+revoke all on peer.friends from public;
+grant select on peer.friends to aquapeer_admin;
+
+-- Connection attempts from strangers, bounded (oldest dropped first).
+create table peer.friend_request (
+    peer_id text primary key,
+    claimed_name text not null default '',
+    chain bytea not null,
+    first_seen timestamptz not null default now(),
+    last_seen timestamptz not null default now(),
+    attempts integer not null default 1
+);
+revoke all on peer.friend_request from public;
+create view peer.friend_requests as
+    select peer_id, claimed_name as name, first_seen, attempts from peer.friend_request;
+revoke all on peer.friend_requests from public;
+grant select on peer.friend_requests to aquapeer_admin;
+
+-- The API: identity, friends, connections -----------------------------------------
+
+create function peer._new_identity() returns void
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+GD["aquapeer"].new_identity()
+$$;
+revoke all on function peer._new_identity() from public;
+select peer._new_identity();
+
+create function peer.whoami() returns text
+language sql stable security definer set search_path = pg_catalog, pg_temp
+as $$ select peer_id from peer.identity $$;
+comment on function peer.whoami() is 'this database''s peer id (public)';
+
+
+-- Each of these calls aquapeer.sqlapi.<name>(**arguments).
+create function peer.invite() returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].invite()
+$$;
+comment on function peer.invite() is 'a one-line invite (peer id, public key, signaling servers) to give a friend';
+
+create function peer.rotate_identity() returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].rotate_identity()
+$$;
+comment on function peer.rotate_identity() is 'replace the key pair, keep the peer id; friends accept the new key by its signature';
+
+create function peer.reset_identity() returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].reset_identity()
+$$;
+comment on function peer.reset_identity() is 'make this database a new peer (for a restored or cloned copy); friends must add it again';
+
+create function peer.add_friend(name text, invite text) returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].add_friend(name, invite)
+$$;
+comment on function peer.add_friend(text, text) is 'add a friend under a local name from its invite; returns its peer id';
+
+create function peer.accept_friend(peer_id text, name text) returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].accept_friend(peer_id, name)
+$$;
+comment on function peer.accept_friend(text, text) is 'turn a friend request into a friend';
+
+create function peer.remove_friend(name text) returns boolean
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].remove_friend(name)
+$$;
+
+create function peer.block(name text) returns boolean
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].block(name)
+$$;
+comment on function peer.block(text) is 'refuse a friend from now on (keeps the record; remove_friend forgets it)';
+
+create function peer.set_friend_role(name text, role regrole) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    if exists (select from pg_roles r
+               where (r.rolsuper or r.rolbypassrls) and pg_has_role(role, r.oid, 'MEMBER')) then
+        raise exception 'role "%" is or can become a superuser or a role that bypasses row-level security', role
+            using errcode = '42501',
+                  hint = 'Friends act as this role; give them a role with only the privileges they need.';
+    end if;
+    update peer.friend f set role = set_friend_role.role::name where f.name = set_friend_role.name;
+    if not found then
+        raise exception 'unknown friend "%"', name using errcode = '42704',
+            hint = 'See select * from peer.friends.';
+    end if;
+end
+$$;
+comment on function peer.set_friend_role(text, regrole) is 'the role a friend acts as in executors';
+
+create function peer.connect(name text, timeout interval default '15 s') returns text
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+seconds = plpy.execute(plpy.prepare("select extract(epoch from $1)::float8 as s", ["interval"]), [timeout])[0]["s"]
+return GD["aquapeer"].connect(name, seconds)
+$$;
+comment on function peer.connect(text, interval) is 'connect to a friend (or reuse the connection); returns connected';
+
+create function peer.reload_worker() returns boolean
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].reload_worker()
+$$;
+comment on function peer.reload_worker() is 'make the worker take up changed servers and ICE settings (reconnects every friend)';
+
+create function peer.disconnect(name text) returns boolean
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].disconnect(name)
+$$;
+
+create function peer._connections(
+    out friend text, out state text, out connected_since timestamptz, out rtt_ms double precision,
+    out bytes_sent bigint, out bytes_received bigint, out local_candidate text,
+    out remote_candidate text, out last_error text)
+returns setof record
+language plpython3u as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].connections()
+$$;
+create view peer.connections as select * from peer._connections();
+comment on view peer.connections is 'live connections to friends, read from the worker';
+
+revoke all on function peer.invite(), peer.rotate_identity(), peer.reset_identity(),
+    peer.add_friend(text, text), peer.accept_friend(text, text), peer.remove_friend(text),
+    peer.block(text), peer.set_friend_role(text, regrole), peer.connect(text, interval),
+    peer.disconnect(text), peer._connections(), peer.reload_worker() from public;
+revoke all on peer.connections from public;
+grant execute on function peer.invite(), peer.rotate_identity(),
+    peer.add_friend(text, text), peer.accept_friend(text, text), peer.remove_friend(text),
+    peer.block(text), peer.set_friend_role(text, regrole), peer.connect(text, interval),
+    peer.disconnect(text), peer._connections(), peer.reload_worker() to aquapeer_admin;
+grant select on peer.connections to aquapeer_admin;

@@ -234,6 +234,18 @@ class KeyChain:
         """A verified chain from its to_wire() form; IdentityError on any break."""
         return cls(obj, expected_peer_id)
 
+    def to_bytes(self):
+        """The chain as msgpack, as the database stores it."""
+        return _pack(self.to_wire())
+
+    @classmethod
+    def from_bytes(cls, data, expected_peer_id=None):
+        try:
+            wire = _unpack(bytes(data))
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise _malformed_chain(f"not msgpack ({e})") from None
+        return cls(wire, expected_peer_id)
+
     def extends(self, other):
         """True when self starts with all of other's entries: the same identity, as new or newer."""
         n = len(other._entries)

@@ -251,6 +251,10 @@ class PeerNode:
             if not self.signal.connected:
                 continue
             now = time.monotonic()
+            for peer_id, link in list(self.links.items()):
+                friend = self.friends.lookup(peer_id)
+                if friend is None or not friend.accepted:
+                    link.close("no longer an accepted friend")
             for friend in self.friends.auto_connect():
                 link = self.links.get(friend.peer_id)
                 if link is not None:

@@ -6,11 +6,14 @@ Only this module and db.PlpyDatabase touch plpy.  Errors a user can act on
 
 import functools
 import json
+import logging
+import sys
+import threading
 import time
 
 import plpy
 
-from . import control, executor, worker
+from . import control, executor, friends, identity, worker
 from .db import PlpyDatabase
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -105,9 +108,119 @@ def worker_answers():
     return True
 
 
+class _ServerLogHandler(logging.Handler):
+    """Python logging into the server log, from the loop's thread only (plpy is not thread-safe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def emit(self, record):
+        text = self.format(record)
+        if threading.get_ident() != self.thread:
+            sys.stderr.write(text + "\n")
+        elif record.levelno >= logging.WARNING:
+            plpy.warning(text)
+        else:
+            plpy.log(text)
+
+
 def worker_main():
-    worker.main(_db)
+    handler = _ServerLogHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("aquapeer")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        worker.main(_db)
+    finally:
+        logger.removeHandler(handler)
 
 
 def executor_main():
     executor.serve(_db)
+
+
+# --- identity and friends ----------------------------------------------------
+
+@sql_errors
+def reload_worker():
+    with _client() as client:
+        return client.request("reload", {"full": True}, timeout=15.0)
+
+
+def new_identity():
+    friends.store_identity(_db, identity.Identity.generate())
+
+
+@sql_errors
+def invite():
+    return identity.make_invite(friends.load_identity(_db), friends.signal_urls(_db),
+                                _db.scalar("select pg_catalog.current_database()::text"))
+
+
+@sql_errors
+def rotate_identity():
+    friends.store_identity(_db, friends.load_identity(_db).rotate(), rotated=True)
+    return _db.scalar("select peer_id from peer.identity")
+
+
+@sql_errors
+def reset_identity():
+    new_identity()
+    return _db.scalar("select peer_id from peer.identity")
+
+
+@sql_errors
+def add_friend(name, invite_text):
+    return friends.add_friend(_db, name, invite_text)
+
+
+@sql_errors
+def accept_friend(peer_id, name):
+    return friends.accept_friend(_db, peer_id, name)
+
+
+@sql_errors
+def remove_friend(name):
+    friends.friend_peer_id(_db, name)
+    disconnect(name)
+    _db.query("delete from peer.friend where name = $1", [name])
+    return True
+
+
+@sql_errors
+def block(name):
+    friends.friend_peer_id(_db, name)
+    disconnect(name)
+    _db.query("update peer.friend set state = 'blocked' where name = $1", [name])
+    return True
+
+
+@sql_errors
+def connect(name, timeout_s):
+    with _client() as client:
+        return client.request("connect", {"name": name, "timeout": timeout_s}, timeout=timeout_s + 2.0)
+
+
+@sql_errors
+def disconnect(name):
+    try:
+        with _client() as client:
+            return client.request("disconnect", {"name": name}, timeout=5.0)
+    except WorkerUnavailable:
+        return False
+
+
+CONNECTION_COLUMNS = ("friend", "state", "connected_since", "rtt_ms", "bytes_sent", "bytes_received",
+                      "local_candidate", "remote_candidate", "last_error")
+
+
+@sql_errors
+def connections():
+    with _client() as client:
+        rows = client.request("connections", timeout=5.0)
+    for row in rows:
+        if row.get("connected_since"):
+            row["connected_since"] = _db.scalar("select pg_catalog.to_timestamp($1)::text", [row["connected_since"]])
+    return [{c: row.get(c) for c in CONNECTION_COLUMNS} for row in rows]

@@ -18,14 +18,16 @@ import os
 import platform
 import time
 
-from . import __version__, control
+from . import __version__, control, friends, transport
 from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
+from .node import PeerNode
 
 STOP_POLL_S = 0.25
 LAG_TICK_S = 0.1
 LAG_WINDOW_S = 60
 REAP_INTERVAL_S = 5.0
+IDENTITY_POLL_S = 1.0
 
 
 class LoopLag:
@@ -69,7 +71,51 @@ class Worker:
         self.executors = ExecutorPool(self._start_executor, pool_size, idle_s)
         self.wakeups = 0
         self.requests = 0
-        self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec}
+        self.node = None
+        self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec,
+                    "connect": self.op_connect, "disconnect": self.op_disconnect,
+                    "connections": self.op_connections, "reload": self.op_reload}
+
+    # --- the peer node ------------------------------------------------------
+
+    def _ice_servers(self):
+        """STUN and TURN servers, the preferred ones first, and the ICE settings."""
+        config = self.db.query(
+            "select (select array_agg(pg_catalog.host(a)) from unnest(ice_host_addresses) a) as hosts, "
+            "ice_host_addresses is not null as restricted, ice_transport_policy, stun_server_id, turn_server_id "
+            "from peer.config")[0]
+        stun = [r["url"] for r in self.db.query(
+            "select url from peer.stun_server order by id is distinct from $1, priority, id",
+            [config["stun_server_id"] or 0])]
+        turn = [(r["url"], r["username"], r["credential"]) for r in self.db.query(
+            "select url, username, credential from peer.turn_server "
+            "order by id is distinct from $1, priority, id", [config["turn_server_id"] or 0])]
+        transport.configure_ice(config["hosts"] or [] if config["restricted"] else None)
+        return transport.IceServers(stun, turn, relay_only=config["ice_transport_policy"] == "relay")
+
+    async def start_node(self):
+        """Register at the signaling server and keep friends connected; a no-op without one."""
+        urls = friends.signal_urls(self.db)
+        me = friends.load_identity(self.db)
+        ice = self._ice_servers()
+        book = friends.DbFriendBook(self.db)
+        self.db.commit()
+        if not urls:
+            return
+        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name)
+        await self.node.start()
+
+    async def stop_node(self):
+        if self.node is not None:
+            node, self.node = self.node, None
+            await node.stop()
+
+    def _node(self):
+        if self.node is None:
+            raise AquapeerError("no signaling server is configured, so this database cannot reach friends",
+                                hint="INSERT INTO peer.signal_server (url) VALUES ('wss://…'); "
+                                     "then SELECT peer.stop_worker(), peer.start_worker().")
+        return self.node
 
     # --- database work, always committed before the loop awaits ---------
 
@@ -132,6 +178,7 @@ class Worker:
         done, _ = await asyncio.wait({answer, caller_left}, return_when=asyncio.FIRST_COMPLETED)
         if answer in done:
             caller_left.cancel()
+            await asyncio.gather(caller_left, return_exceptions=True)
             return answer.result()
         answer.cancel()
         await asyncio.gather(answer, return_exceptions=True)
@@ -172,6 +219,55 @@ class Worker:
             "wakeups": self.wakeups,
         }
 
+    async def op_connect(self, args):
+        node = self._node()
+        friend = node.friends.by_name(args["name"])
+        if friend is None:
+            raise AquapeerError(f'unknown friend "{args["name"]}"', sqlstate="42704",
+                                hint="See select * from peer.friends; add one with peer.add_friend().")
+        if not friend.accepted:
+            raise AquapeerError(f'friend "{friend.name}" is blocked', sqlstate="42501")
+        await node.connect(friend.peer_id, float(args["timeout"]))
+        return "connected"
+
+    async def op_disconnect(self, args):
+        node = self._node()
+        friend = node.friends.by_name(args["name"])
+        return friend is not None and node.disconnect(friend.peer_id)
+
+    async def op_connections(self, args):
+        if self.node is None:
+            return []
+        rows = []
+        for peer_id, link in {**self.node.last_closed, **self.node.links}.items():
+            friend = self.node.friends.lookup(peer_id)
+            if friend is not None:
+                rows.append({"friend": friend.name, **link.stats()})
+        return rows
+
+    async def op_reload(self, args):
+        """peer.reload_worker(): take up changed servers and ICE settings; every link is remade."""
+        await self.stop_node()
+        await self.start_node()
+        return True
+
+    async def watch_identity(self):
+        """Take up peer.rotate_identity() and peer.reset_identity() once they commit."""
+        seen = None
+        while True:
+            await asyncio.sleep(IDENTITY_POLL_S)
+            row = self.db.query("select peer_id, rotated_at::text as rotated from peer.identity")
+            self.db.commit()
+            current = (row[0]["peer_id"], row[0]["rotated"]) if row else None
+            if seen is not None and current != seen and self.node is not None:
+                if current[0] != seen[0]:
+                    await self.op_reload({})  # a new peer altogether
+                else:
+                    # The rotated key signs from now on, and at the next registration.
+                    self.node.me = self.node.signal.identity = friends.load_identity(self.db)
+                    self.db.commit()
+            seen = current
+
     async def op_exec(self, args):
         """Run function(arg) in an executor connected as the given role."""
         reply = await self.executors.run(
@@ -187,12 +283,14 @@ class Worker:
 
     async def run(self):
         server, path = await control.start_server(self.database_oid, self.serve_connection)
-        tasks = [asyncio.create_task(coro) for coro in (self.watch_stop(), self.lag.run(), self.reap())]
+        tasks = [asyncio.create_task(coro) for coro in (self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity())]
         try:
+            await self.start_node()
             await asyncio.wait([tasks[0]])
             return tasks[0].result()
         finally:
             server.close()
+            await self.stop_node()
             self.executors.close()
             for task in tasks:
                 task.cancel()

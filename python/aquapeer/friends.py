@@ -1,0 +1,158 @@
+"""Identity and friends kept in the database, behind the db adapter.
+
+The worker's PeerNode reads friends through DbFriendBook (cached, reloaded
+when a session changes them); the SQL functions add, accept, block and
+remove friends through the functions below.  Every write commits at once,
+so the worker never sits on a transaction.
+"""
+
+import re
+import time
+
+from . import identity
+from .errors import AquapeerError
+from .node import Friend
+
+NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,63}")
+# A stranger's attempts are written at most this often per peer id, and at
+# most REQUESTS_PER_SECOND in all: new keys are free to make.
+REQUEST_WRITE_INTERVAL_S = 10.0
+REQUESTS_PER_SECOND = 20
+SEEN_WRITE_INTERVAL_S = 60.0
+
+
+def load_identity(db):
+    row = db.query("select secret from peer.identity")
+    if not row:
+        raise AquapeerError("this database has no aquapeer identity",
+                            hint="Run select peer.reset_identity() as the extension owner.")
+    return identity.Identity.from_secret(bytes(row[0]["secret"]))
+
+
+def store_identity(db, me, rotated=False):
+    db.query("delete from peer.identity")
+    db.query("insert into peer.identity (peer_id, secret, rotated_at) "
+             "values ($1, $2, case when $3 then pg_catalog.now() end)",
+             [me.peer_id, me.to_secret(), rotated])
+
+
+def signal_urls(db):
+    """This database's signaling servers, the preferred one first."""
+    return [r["url"] for r in db.query(
+        "select s.url from peer.signal_server s left join peer.config c on c.signal_server_id = s.id "
+        "order by c.signal_server_id is null, s.priority, s.id")]
+
+
+def check_name(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise AquapeerError(f"invalid friend name {name!r}",
+                            hint="Use 1 to 63 lower-case letters, digits, '_' or '-'.", sqlstate="22023")
+
+
+def _insert_friend(db, name, chain, urls):
+    check_name(name)
+    me = db.scalar("select peer_id from peer.identity")
+    if chain.peer_id == me:
+        raise AquapeerError("that invite is this database's own", sqlstate="22023",
+                            hint="Add the invite of the other database, from its select peer.invite().")
+    clash = db.query("select name, peer_id from peer.friend where name = $1 or peer_id = $2", [name, chain.peer_id])
+    for row in clash:
+        if row["name"] == name:
+            raise AquapeerError(f'the friend name "{name}" is already in use', sqlstate="23505",
+                                hint="Choose another name, or peer.remove_friend() the old one first.")
+        raise AquapeerError(f'this peer is already your friend "{row["name"]}"', sqlstate="23505",
+                            detail=f"peer id {chain.peer_id}")
+    db.query("insert into peer.friend (name, peer_id, chain, signal_urls) values ($1, $2, $3, "
+             "array(select pg_catalog.jsonb_array_elements_text($4::jsonb)))",
+             [name, chain.peer_id, chain.to_bytes(), list(urls)])
+    db.query("delete from peer.friend_request where peer_id = $1", [chain.peer_id])
+    return chain.peer_id
+
+
+def add_friend(db, name, invite_text):
+    invite = identity.parse_invite(invite_text)
+    return _insert_friend(db, name, invite.chain, invite.signal_urls)
+
+
+def accept_friend(db, peer_id, name):
+    peer_id = identity.parse_peer_id(peer_id)
+    row = db.query("select chain from peer.friend_request where peer_id = $1", [peer_id])
+    if not row:
+        raise AquapeerError(f"no friend request from {peer_id}", sqlstate="42704",
+                            hint="See select * from peer.friend_requests, or add it with peer.add_friend().")
+    chain = identity.KeyChain.from_bytes(row[0]["chain"], expected_peer_id=peer_id)
+    return _insert_friend(db, name, chain, [])
+
+
+def friend_peer_id(db, name):
+    peer_id = db.scalar("select peer_id from peer.friend where name = $1", [name])
+    if peer_id is None:
+        raise AquapeerError(f'unknown friend "{name}"', sqlstate="42704",
+                            hint="See select * from peer.friends; add one with peer.add_friend().")
+    return peer_id
+
+
+class DbFriendBook:
+    """The friend book the worker's PeerNode uses.
+
+    It reads the table on every lookup (a few per connection, one every
+    supervisor tick) rather than caching: a session's change becomes
+    visible only when it commits, which the worker cannot be told about.
+    """
+
+    FRIEND_COLUMNS = "name, peer_id, chain, state, auto_connect"
+
+    def __init__(self, db):
+        self.db = db
+        self._request_writes = {}
+        self._seen_writes = {}
+        self._budget = (0, 0)  # (second, writes in it)
+
+    def _friends(self, where="", args=()):
+        rows = self.db.query(f"select {self.FRIEND_COLUMNS} from peer.friend {where}", args)
+        self.db.commit()
+        return [Friend(r["peer_id"], r["name"], identity.KeyChain.from_bytes(r["chain"]),
+                       r["state"] == "accepted", r["auto_connect"]) for r in rows]
+
+    def by_name(self, name):
+        return next(iter(self._friends("where name = $1", [name])), None)
+
+    def lookup(self, peer_id):
+        return next(iter(self._friends("where peer_id = $1", [peer_id])), None)
+
+    def auto_connect(self):
+        return self._friends("where state = 'accepted' and auto_connect")
+
+    def update_chain(self, peer_id, chain):
+        self.db.query("update peer.friend set chain = $1 where peer_id = $2",
+                      [chain.to_bytes(), peer_id])
+        self.db.commit()
+
+    def record_request(self, peer_id, claimed_name, chain):
+        now = time.monotonic()
+        if now - self._request_writes.get(peer_id, -1e9) < REQUEST_WRITE_INTERVAL_S:
+            return
+        second, writes = self._budget
+        if int(now) == second and writes >= REQUESTS_PER_SECOND:
+            return
+        self._budget = (int(now), writes + 1 if int(now) == second else 1)
+        self._request_writes[peer_id] = now
+        if len(self._request_writes) > 10000:
+            self._request_writes.clear()
+        self.db.query(
+            "insert into peer.friend_request as r (peer_id, claimed_name, chain) values ($1, $2, $3) "
+            "on conflict (peer_id) do update set attempts = r.attempts + 1, last_seen = pg_catalog.now(), "
+            "claimed_name = excluded.claimed_name",
+            [peer_id, claimed_name, chain.to_bytes()])
+        self.db.query(
+            "delete from peer.friend_request where peer_id in (select peer_id from peer.friend_request "
+            "order by last_seen desc offset (select friend_request_limit from peer.config))")
+        self.db.commit()
+
+    def seen(self, peer_id):
+        now = time.monotonic()
+        if now - self._seen_writes.get(peer_id, -1e9) < SEEN_WRITE_INTERVAL_S:
+            return
+        self._seen_writes[peer_id] = now
+        self.db.query("update peer.friend set last_seen = pg_catalog.now() where peer_id = $1", [peer_id])
+        self.db.commit()

@@ -1,0 +1,184 @@
+"""Databases befriending and connecting through a real signaling server, with real aiortc on loopback."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+import testbed as tb
+
+CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SignalServer:
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([CLI, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tb.wait_for(self._listening, 10, message="the signaling server to listen")
+
+    def _listening(self):
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def signal_server():
+    server = SignalServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def setup_peer(cluster, signal_url):
+    cluster.sql("create extension aquapeer cascade")
+    cluster.sql("insert into peer.signal_server (url) values (%s)", signal_url)
+    cluster.sql("update peer.config set ice_host_addresses = '{127.0.0.1}'")
+    tb.wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20, ignore=(psycopg.Error,))
+    cluster.sql("select peer.reload_worker()")
+
+
+def befriend(a, a_name, b, b_name):
+    a.sql("select peer.add_friend(%s, %s)", b_name, b.scalar("select peer.invite()"))
+    b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
+
+
+def connection(cluster, friend):
+    rows = cluster.sql("select state, local_candidate, rtt_ms, last_error from peer.connections "
+                       "where friend = %s", friend)
+    return rows[0] if rows else None
+
+
+@pytest.fixture
+def pair(testbed, signal_server):
+    alice, bob = testbed.alice, testbed.bob
+    setup_peer(alice, signal_server.url)
+    setup_peer(bob, signal_server.url)
+    return alice, bob
+
+
+def test_two_databases_connect(pair):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    assert alice.scalar("select peer.connect('bob')") == "connected"
+    assert connection(alice, "bob")[:2] == ("connected", "host")
+    tb.wait_for(lambda: (connection(bob, "alice") or ("",))[0] == "connected", 10)
+    assert bob.sql("select name, state, role from peer.friends") == [("alice", "accepted", "aquapeer_friend")]
+
+
+def test_connect_errors_name_the_cause(pair, signal_server):
+    alice, bob = pair
+    with pytest.raises(psycopg.errors.UndefinedObject, match='unknown friend "nobody"'):
+        alice.sql("select peer.connect('nobody')")
+    # bob added alice, but alice never added bob: bob is refused and shows as a request.
+    bob.sql("select peer.add_friend('alice', %s)", alice.scalar("select peer.invite()"))
+    with pytest.raises(psycopg.Error, match="refused: this peer has not accepted you as a friend"):
+        bob.sql("select peer.connect('alice', timeout => '10 s')")
+    bob_id = bob.scalar("select peer.whoami()")
+    assert alice.sql("select peer_id, name, attempts >= 1 from peer.friend_requests") == [(bob_id, "postgres", True)]
+    alice.sql("select peer.accept_friend(%s, 'bob')", bob_id)
+    assert alice.sql("select count(*) from peer.friend_requests") == [(0,)]
+    assert bob.scalar("select peer.connect('alice')") == "connected"
+
+
+def test_offline_friend_is_named(pair):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    bob.sql("select peer.stop_worker()")
+    started = time.monotonic()
+    with pytest.raises(psycopg.Error, match="not reachable at the signaling server"):
+        alice.sql("select peer.connect('bob', timeout => '5 s')")
+    assert time.monotonic() - started < 6
+
+
+def test_bad_invites_change_nothing(pair):
+    alice, bob = pair
+    invite = bob.scalar("select peer.invite()")
+    for bad, pattern in [(invite[:-5], "truncated or damaged|tampered"),
+                         ("hello", "not an aquapeer invite"),
+                         (alice.scalar("select peer.invite()"), "own")]:
+        with pytest.raises(psycopg.Error, match=pattern):
+            alice.sql("select peer.add_friend('bob', %s)", bad)
+    with pytest.raises(psycopg.Error, match="invalid friend name"):
+        alice.sql("select peer.add_friend('Bob!', %s)", invite)
+    assert alice.sql("select count(*) from peer.friend") == [(0,)]
+    alice.sql("select peer.add_friend('bob', %s)", invite)
+    with pytest.raises(psycopg.errors.UniqueViolation, match="already in use"):
+        alice.sql("select peer.add_friend('bob', %s)", invite)
+
+
+def test_private_key_and_turn_credential_are_the_owners_only(pair):
+    alice, _ = pair
+    alice.sql("insert into peer.turn_server (url, username, credential) values ('turn:127.0.0.1:3478', 'u', 's3cret')")
+    alice.sql("create role aq_admin login in role aquapeer_admin; create role aq_plain login")
+    try:
+        for user in ("aq_admin", "aq_plain"):
+            with alice.connect(user=user) as conn:
+                for query in ("select secret from peer.identity", "select credential from peer.turn_server"):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        conn.execute(query)
+                assert conn.execute("select peer.whoami()").fetchone()[0] == alice.scalar("select peer.whoami()")
+        with alice.connect(user="aq_admin") as conn:
+            assert conn.execute("select username from peer.turn_server").fetchone()[0] == "u"
+    finally:
+        alice.sql("drop role aq_admin; drop role aq_plain")
+
+
+def test_whoami_is_checksummed_and_stable(pair):
+    alice, _ = pair
+    peer_id = alice.scalar("select peer.whoami()")
+    assert len(peer_id) == 63 and peer_id.count("-") == 7
+    assert alice.scalar("select peer.rotate_identity()") == peer_id
+    assert alice.scalar("select peer.whoami()") == peer_id
+    assert alice.scalar("select peer.reset_identity()") != peer_id
+
+
+def test_rotate_identity_keeps_the_friendship(pair):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    assert alice.scalar("select peer.connect('bob')") == "connected"
+    old_chain = bob.scalar("select chain from peer.friend where name = 'alice'")
+    alice.sql("select peer.rotate_identity()")
+    time.sleep(1.5)  # the worker takes up the new key within a second
+    alice.sql("select peer.disconnect('bob')")
+    # Both sides reconnect by themselves (auto_connect); bob learns alice's new key from its chain.
+    tb.wait_for(lambda: bob.scalar("select chain from peer.friend where name = 'alice'") != old_chain, 20,
+                message="bob to store alice's rotated key")
+    assert alice.scalar("select peer.connect('bob')") == "connected"
+    assert bob.scalar("select peer_id from peer.friends where name = 'alice'") == alice.scalar("select peer.whoami()")
+
+
+def test_set_friend_role_refuses_powerful_roles(pair):
+    alice, bob = pair
+    alice.sql("select peer.add_friend('bob', %s)", bob.scalar("select peer.invite()"))
+    alice.sql("create role aq_limited nologin; create role aq_bypass nologin bypassrls; "
+              "create role aq_climber nologin in role aq_bypass")
+    try:
+        alice.sql("select peer.set_friend_role('bob', 'aq_limited')")
+        assert alice.scalar("select role from peer.friends where name = 'bob'") == "aq_limited"
+        for role in ("postgres", "aq_bypass", "aq_climber"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                alice.sql("select peer.set_friend_role('bob', %s)", role)
+        assert alice.scalar("select role from peer.friends where name = 'bob'") == "aq_limited"
+    finally:
+        alice.sql("update peer.friend set role = 'aquapeer_friend'")
+        alice.sql("drop role aq_limited; drop role aq_climber; drop role aq_bypass")
