@@ -182,3 +182,48 @@ def test_set_friend_role_refuses_powerful_roles(pair):
     finally:
         alice.sql("update peer.friend set role = 'aquapeer_friend'")
         alice.sql("drop role aq_limited; drop role aq_climber; drop role aq_bypass")
+
+
+@pytest.mark.testbed(n=3)
+def test_three_databases_all_connect(testbed, signal_server):
+    peers = {name: testbed[name] for name in ("alice", "bob", "carol")}
+    for cluster in peers.values():
+        setup_peer(cluster, signal_server.url)
+    names = list(peers)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            befriend(peers[a], a, peers[b], b)
+    for a in names:
+        for b in names:
+            if a != b:
+                assert peers[a].scalar("select peer.connect(%s)", b) == "connected"
+    for name, cluster in peers.items():
+        tb.wait_for(lambda cluster=cluster: cluster.scalar(
+            "select count(*) from peer.connections where state = 'connected'") == 2, 10)
+
+
+def test_signaling_server_restart_then_a_new_connect_works(pair, signal_server):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    alice.sql("update peer.friend set auto_connect = false")
+    bob.sql("update peer.friend set auto_connect = false")
+    signal_server.stop()
+    signal_server.start()
+    # Both workers re-register by themselves (backoff is capped at 10 s).
+    assert alice.scalar("select peer.connect('bob', timeout => '30 s')") == "connected"
+
+
+def test_a_crashed_friend_is_noticed_and_reconnected_when_back(pair):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    assert alice.scalar("select peer.connect('bob')") == "connected"
+    bob.kill9()  # every process of bob's server, as in a machine crash
+    crashed = time.monotonic()
+    tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] != "connected", 15,
+                message="alice to notice bob is gone")
+    assert time.monotonic() - crashed < 10
+    assert connection(alice, "bob")[3]  # last_error says why
+    bob.start()
+    # auto_connect: nobody calls peer.connect; the friends find each other again.
+    tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] == "connected", 40,
+                message="alice and bob to reconnect by themselves", ignore=(psycopg.Error,))

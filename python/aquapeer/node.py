@@ -30,6 +30,8 @@ log = logging.getLogger("aquapeer.node")
 RECONNECT_FIRST_S = 1.0
 RECONNECT_MAX_S = 10.0
 SUPERVISE_INTERVAL_S = 0.5
+OFFLINE = "friend not reachable at the signaling server"
+OFFLINE_RETRY_S = 0.5
 
 
 class ConnectError(AquapeerError):
@@ -203,7 +205,7 @@ class PeerNode:
             await self._send("offer", friend.peer_id, link.session,
                              {"sdp": sdp, "proto": transport.PROTOCOL_VERSION, "name": self.name})
         except PeerOffline:
-            link.close("friend not reachable at the signaling server", failed=True)
+            link.close(OFFLINE, failed=True)
         except AquapeerError as e:
             link.close(e.message, failed=True)
         return link
@@ -218,9 +220,11 @@ class PeerNode:
         while True:
             link = self.links.get(peer_id)
             if link is None:
-                if not self.signal.connected:
-                    raise ConnectError("not registered at the signaling server",
-                                       hint=f"Check that {self.signal_url} is running and reachable.")
+                remaining = deadline - time.monotonic()
+                if not self.signal.connected and not await self.signal.wait_connected(max(0.0, remaining)):
+                    raise ConnectError(f"not registered at the signaling server {self.signal_url}",
+                                       detail=self.signal.last_error,
+                                       hint="Check that the server is running and reachable.")
                 link = await self._offer(friend)
             if link.state == "connected":
                 return link
@@ -234,7 +238,12 @@ class PeerNode:
                 continue
             except transport.LinkClosed:
                 last_error = link.last_error or "connection closed"
-                if link.state == "failed" and self.links.get(peer_id) is None:
+                if self.links.get(peer_id) is not None:
+                    continue  # replaced by the friend's own offer
+                if last_error == OFFLINE and deadline - time.monotonic() > OFFLINE_RETRY_S:
+                    await asyncio.sleep(OFFLINE_RETRY_S)  # it may be registering again right now
+                    continue
+                if link.state == "failed":
                     raise ConnectError(f"could not connect to {friend.name}: {last_error}") from None
 
     def disconnect(self, peer_id):
