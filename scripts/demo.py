@@ -11,8 +11,12 @@ Steps (each a method of Demo, run in the order of Demo.STEPS):
   3. wait until peer.worker_status() says 'running'
   4. show peer.worker_status() of each
   5. peer.ping_worker() round trip of each
+  6. start `aquapeer signal`; each database registers there
+  7. alice and bob befriend each other with invites
+  8. alice: select peer.connect('bob')
+  9. peer.connections on both sides
 and finally everything is torn down (also on error or Ctrl-C).
-To extend the demo (connecting the peers, messaging, bundles), add a method
+To extend the demo (messaging, bundles), add a method
 and its name to STEPS.
 """
 
@@ -44,14 +48,15 @@ class StepFailed(Exception):
 class Demo:
     #: the steps, in order; the ones in EXTENSION_STEPS need aquapeer
     STEPS = ["show_clusters", "create_extension", "wait_workers_running",
-             "show_worker_status", "ping_workers"]
-    EXTENSION_STEPS = {"create_extension", "wait_workers_running",
-                       "show_worker_status", "ping_workers"}
+             "show_worker_status", "ping_workers", "join_signaling", "befriend", "connect",
+             "show_connections"]
+    EXTENSION_STEPS = set(STEPS) - {"show_clusters"}
 
     def __init__(self, bed: tb.Testbed, args: argparse.Namespace):
         self.bed = bed
         self.args = args
         self.n = 0
+        self.signal = None
 
     # ---- helpers ----
 
@@ -154,11 +159,48 @@ class Demo:
                 c.name: self.query(c, "select peer.ping_worker() as round_trip")
                 for c in self.bed}))
 
+    def join_signaling(self):
+        with self.step("start a signaling server; each database registers there"):
+            self.signal = tb.SignalServer().start()
+            for c in self.bed:
+                tb.join_signaling(c, self.signal.url)
+            console.print(self.table("peer.whoami()", {
+                c.name: self.query(c, "select peer.whoami() as peer_id, "
+                                      "(select url from peer.signal_server) as signaling")
+                for c in self.bed}))
+
+    def befriend(self):
+        with self.step("alice and bob exchange invites: peer.add_friend(name, peer.invite())"):
+            alice, bob = self.bed.alice, self.bed.bob
+            console.print(f"  bob's invite: {bob.scalar('select peer.invite()')[:72]}…")
+            tb.befriend(alice, "alice", bob, "bob")
+            console.print(self.table("peer.friends", {
+                c.name: self.query(c, "select name, peer_id, state, role from peer.friends")
+                for c in self.bed}))
+
+    def connect(self):
+        with self.step("alice: select peer.connect('bob')  (WebRTC data channel, identities checked)"):
+            t0 = time.monotonic()
+            result = self.bed.alice.scalar("select peer.connect('bob')")
+            console.print(f"  {result} in {(time.monotonic() - t0) * 1000:.0f} ms")
+
+    def show_connections(self):
+        with self.step("peer.connections on both sides"):
+            tb.wait_for(lambda: self.bed.bob.scalar(
+                "select count(*) from peer.connections where state = 'connected'") == 1, 10)
+            time.sleep(2.5)  # one application ping each way, for rtt_ms
+            console.print(self.table("peer.connections", {
+                c.name: self.query(c, "select * from peer.connections") for c in self.bed}))
+
     def run(self) -> None:
         for name in self.STEPS:
             if self.args.clusters_only and name in self.EXTENSION_STEPS:
                 continue
             getattr(self, name)()
+
+    def close(self) -> None:
+        if self.signal is not None:
+            self.signal.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("initdb + start alice and bob ..."):
             bed = tb.Testbed(names=["alice", "bob"], preload=preload).__enter__()
         base = bed.base_dir
+        demo = Demo(bed, args)
         try:
-            Demo(bed, args).run()
+            demo.run()
         except StepFailed:
             status = 1
         except KeyboardInterrupt:
@@ -189,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 130
         finally:
             with console.status("tearing down ..."):
+                demo.close()
                 bed.close()
     except tb.ExtensionNotInstalled as exc:
         console.print(Panel(str(exc), title="aquapeer is not installed", border_style="red"))

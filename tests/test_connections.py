@@ -1,9 +1,5 @@
 """Databases befriending and connecting through a real signaling server, with real aiortc on loopback."""
 
-import os
-import signal
-import socket
-import subprocess
 import time
 
 import psycopg
@@ -11,55 +7,16 @@ import pytest
 
 import testbed as tb
 
-CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SignalServer:
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen([CLI, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        tb.wait_for(self._listening, 10, message="the signaling server to listen")
-
-    def _listening(self):
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def signal_server():
-    server = SignalServer()
+    server = tb.SignalServer()
     server.start()
     yield server
     server.stop()
 
 
-def setup_peer(cluster, signal_url):
-    cluster.sql("create extension aquapeer cascade")
-    cluster.sql("insert into peer.signal_server (url) values (%s)", signal_url)
-    cluster.sql("update peer.config set ice_host_addresses = '{127.0.0.1}'")
-    tb.wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20, ignore=(psycopg.Error,))
-    cluster.sql("select peer.reload_worker()")
-
-
-def befriend(a, a_name, b, b_name):
-    a.sql("select peer.add_friend(%s, %s)", b_name, b.scalar("select peer.invite()"))
-    b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
+setup_peer = tb.join_signaling
+befriend = tb.befriend
 
 
 def connection(cluster, friend):

@@ -1199,3 +1199,54 @@ class Testbed:
             except Exception:
                 pass  # don't hide the test's own exception
         return False
+
+
+# --------------------------------------------------------------------------
+# the signaling server, as users run it
+# --------------------------------------------------------------------------
+
+class SignalServer:
+    """`aquapeer signal` (the installed command) on a free loopback port."""
+
+    def __init__(self, cli: Optional[str] = None):
+        self.cli = cli or os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "SignalServer":
+        self.proc = subprocess.Popen([self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._listening, 10, message="the signaling server to listen")
+        return self
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def join_signaling(cluster, signal_url: str) -> None:
+    """CREATE EXTENSION, register at signal_url, offer only loopback host candidates."""
+    import psycopg
+
+    cluster.sql("create extension if not exists aquapeer cascade")
+    cluster.sql("insert into peer.signal_server (url) values (%s)", signal_url)
+    cluster.sql("update peer.config set ice_host_addresses = '{127.0.0.1}'")
+    wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20,
+             message=f"{cluster.name}'s worker", ignore=(psycopg.Error,))
+    cluster.sql("select peer.reload_worker()")
+
+
+def befriend(a, a_name: str, b, b_name: str) -> None:
+    """Make a and b friends: each adds the other's invite."""
+    a.sql("select peer.add_friend(%s, %s)", b_name, b.scalar("select peer.invite()"))
+    b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
