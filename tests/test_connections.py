@@ -170,6 +170,8 @@ def test_signaling_server_restart_then_a_new_connect_works(pair, signal_server):
     assert alice.scalar("select peer.connect('bob', timeout => '30 s')") == "connected"
 
 
+# The bed turns synchronous_commit off for speed; a crash test needs commits to survive kill -9.
+@pytest.mark.testbed(extra_conf={"synchronous_commit": "on"})
 def test_a_crashed_friend_is_noticed_and_reconnected_when_back(pair):
     alice, bob = pair
     befriend(alice, "alice", bob, "bob")
@@ -184,3 +186,19 @@ def test_a_crashed_friend_is_noticed_and_reconnected_when_back(pair):
     # auto_connect: nobody calls peer.connect; the friends find each other again.
     tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] == "connected", 40,
                 message="alice and bob to reconnect by themselves", ignore=(psycopg.Error,))
+
+
+def test_a_friend_reached_through_another_signaling_server(testbed):
+    alice, bob = testbed.alice, testbed.bob
+    here, there = tb.SignalServer().start(), tb.SignalServer().start()
+    try:
+        setup_peer(alice, here.url)
+        setup_peer(bob, there.url)
+        befriend(alice, "alice", bob, "bob")
+        alice.sql("insert into peer.signal_server (url, priority) values (%s, 200)", there.url)
+        alice.sql("update peer.friend set signal_server_id = "
+                  "(select id from peer.signal_server where url = %s) where name = 'bob'", there.url)
+        assert alice.scalar("select peer.connect('bob')") == "connected"
+    finally:
+        here.stop()
+        there.stop()

@@ -100,7 +100,10 @@ class DbFriendBook:
     visible only when it commits, which the worker cannot be told about.
     """
 
-    FRIEND_COLUMNS = "name, peer_id, chain, state, auto_connect"
+    FRIEND_QUERY = ("select f.name, f.peer_id, f.chain, f.state, f.auto_connect, "
+                    "s.url as signal_url, t.url as stun_url from peer.friend f "
+                    "left join peer.signal_server s on s.id = f.signal_server_id "
+                    "left join peer.stun_server t on t.id = f.stun_server_id ")
 
     def __init__(self, db):
         self.db = db
@@ -109,19 +112,20 @@ class DbFriendBook:
         self._budget = (0, 0)  # (second, writes in it)
 
     def _friends(self, where="", args=()):
-        rows = self.db.query(f"select {self.FRIEND_COLUMNS} from peer.friend {where}", args)
+        rows = self.db.query(self.FRIEND_QUERY + where, args)
         self.db.commit()
         return [Friend(r["peer_id"], r["name"], identity.KeyChain.from_bytes(r["chain"]),
-                       r["state"] == "accepted", r["auto_connect"]) for r in rows]
+                       r["state"] == "accepted", r["auto_connect"], r["signal_url"], r["stun_url"])
+                for r in rows]
 
     def by_name(self, name):
-        return next(iter(self._friends("where name = $1", [name])), None)
+        return next(iter(self._friends("where f.name = $1", [name])), None)
 
     def lookup(self, peer_id):
-        return next(iter(self._friends("where peer_id = $1", [peer_id])), None)
+        return next(iter(self._friends("where f.peer_id = $1", [peer_id])), None)
 
     def auto_connect(self):
-        return self._friends("where state = 'accepted' and auto_connect")
+        return self._friends("where f.state = 'accepted' and f.auto_connect")
 
     def update_chain(self, peer_id, chain):
         self.db.query("update peer.friend set chain = $1 where peer_id = $2",

@@ -45,6 +45,8 @@ class Friend:
     chain: identity.KeyChain
     accepted: bool = True
     auto_connect: bool = True
+    signal_url: str = None   # reach this friend through another signaling server
+    stun_url: str = None     # try this STUN server first for this friend
 
 
 class MemoryFriendBook:
@@ -97,7 +99,9 @@ class PeerNode:
         self.attempts = {}      # peer id -> (failures in a row, next attempt at)
         self.replay = identity.ReplayGuard()
         self._counters = {}
+        self.ssl_context = ssl_context
         self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context)
+        self.other_signals = {}  # url -> SignalClient, for friends reached elsewhere
         self._supervisor = None
 
     async def start(self):
@@ -109,7 +113,25 @@ class PeerNode:
             self._supervisor.cancel()
         for link in list(self.links.values()):
             link.close("shutting down")
-        await self.signal.close()
+        for client in [self.signal, *self.other_signals.values()]:
+            await client.close()
+
+    async def _signal_for(self, friend):
+        """The signaling client to reach friend: its override, else ours; registered on first use."""
+        if not friend.signal_url or friend.signal_url == self.signal_url:
+            return self.signal
+        client = self.other_signals.get(friend.signal_url)
+        if client is None:
+            client = self.other_signals[friend.signal_url] = SignalClient(
+                friend.signal_url, self.me, self._on_envelope, ssl_context=self.ssl_context)
+            await client.start()
+        return client
+
+    def _ice_for(self, friend):
+        if not friend.stun_url:
+            return self.ice
+        return transport.IceServers([friend.stun_url] + [u for u in self.ice.stun_urls if u != friend.stun_url],
+                                    self.ice.turn_servers, self.ice.relay_only)
 
     # --- envelopes ------------------------------------------------------------
 
@@ -121,7 +143,9 @@ class PeerNode:
         return identity.seal(self.me, kind, to, session, counter, body, include_chain=True)
 
     async def _send(self, kind, to, session, body):
-        await self.signal.send_and_check(to, self._seal(kind, to, session, body))
+        friend = self.friends.lookup(to)
+        client = await self._signal_for(friend) if friend is not None else self.signal
+        await client.send_and_check(to, self._seal(kind, to, session, body))
 
     async def _on_envelope(self, sender, data):
         try:
@@ -188,7 +212,7 @@ class PeerNode:
     # --- links ------------------------------------------------------------------
 
     def _new_link(self, friend, session, offerer):
-        link = transport.Link(self.me, friend.chain, session, offerer, self.ice,
+        link = transport.Link(self.me, friend.chain, session, offerer, self._ice_for(friend),
                               on_frame=self.on_frame, on_close=self._on_link_closed)
         self.links[friend.peer_id] = link
         return link
@@ -221,9 +245,10 @@ class PeerNode:
             link = self.links.get(peer_id)
             if link is None:
                 remaining = deadline - time.monotonic()
-                if not self.signal.connected and not await self.signal.wait_connected(max(0.0, remaining)):
-                    raise ConnectError(f"not registered at the signaling server {self.signal_url}",
-                                       detail=self.signal.last_error,
+                signal = await self._signal_for(friend)
+                if not signal.connected and not await signal.wait_connected(max(0.0, remaining)):
+                    raise ConnectError(f"not registered at the signaling server {signal.url}",
+                                       detail=signal.last_error,
                                        hint="Check that the server is running and reachable.")
                 link = await self._offer(friend)
             if link.state == "connected":
