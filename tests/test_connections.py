@@ -202,3 +202,19 @@ def test_a_friend_reached_through_another_signaling_server(testbed):
     finally:
         here.stop()
         there.stop()
+
+
+def test_block_and_remove_friend(pair):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    assert alice.scalar("select peer.connect('bob')") == "connected"
+    assert alice.scalar("select peer.block('bob')") is True
+    assert alice.sql("select state from peer.friends where name = 'bob'") == [("blocked",)]
+    tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] != "connected", 10)
+    with pytest.raises(psycopg.Error, match="not accepted you|could not connect"):
+        bob.sql("select peer.disconnect('alice'); select peer.connect('alice', timeout => '5 s')")
+    assert alice.sql("select count(*) from peer.friend_requests") == [(0,)]  # blocked, not a stranger
+    assert alice.scalar("select peer.remove_friend('bob')") is True
+    assert alice.sql("select count(*) from peer.friends") == [(0,)]
+    with pytest.raises(psycopg.errors.UndefinedObject, match='unknown friend "bob"'):
+        alice.sql("select peer.remove_friend('bob')")

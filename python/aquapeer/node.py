@@ -32,6 +32,7 @@ RECONNECT_MAX_S = 10.0
 SUPERVISE_INTERVAL_S = 0.5
 OFFLINE = "friend not reachable at the signaling server"
 OFFLINE_RETRY_S = 0.5
+SIGNAL_ACK_WAIT_S = 2.0
 
 
 class ConnectError(AquapeerError):
@@ -145,7 +146,8 @@ class PeerNode:
     async def _send(self, kind, to, session, body):
         friend = self.friends.lookup(to)
         client = await self._signal_for(friend) if friend is not None else self.signal
-        await client.send_and_check(to, self._seal(kind, to, session, body))
+        # The server acknowledges at once; the wait only bounds a slow server.
+        await client.send_and_check(to, self._seal(kind, to, session, body), wait=SIGNAL_ACK_WAIT_S)
 
     async def _on_envelope(self, sender, data):
         try:
@@ -255,8 +257,8 @@ class PeerNode:
                 return link
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ConnectError(f"could not connect to {friend.name} within {timeout:g} s"
-                                   + (f": {last_error}" if last_error else ""))
+                raise ConnectError(f"could not connect to {friend.name} within {timeout:g} s: "
+                                   + (last_error or "no answer to our offer"))
             try:
                 await asyncio.wait_for(asyncio.shield(link.verified), remaining)
             except asyncio.TimeoutError:

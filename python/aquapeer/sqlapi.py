@@ -181,20 +181,21 @@ def accept_friend(peer_id, name):
     return friends.accept_friend(_db, peer_id, name)
 
 
+def _end_friendship(name, statement):
+    friends.friend_peer_id(_db, name)  # unknown friend: a clear error
+    disconnect(name)
+    _db.query(statement, [name])
+    return True
+
+
 @sql_errors
 def remove_friend(name):
-    friends.friend_peer_id(_db, name)
-    disconnect(name)
-    _db.query("delete from peer.friend where name = $1", [name])
-    return True
+    return _end_friendship(name, "delete from peer.friend where name = $1")
 
 
 @sql_errors
 def block(name):
-    friends.friend_peer_id(_db, name)
-    disconnect(name)
-    _db.query("update peer.friend set state = 'blocked' where name = $1", [name])
-    return True
+    return _end_friendship(name, "update peer.friend set state = 'blocked' where name = $1")
 
 
 @sql_errors
