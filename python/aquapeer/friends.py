@@ -110,13 +110,23 @@ class DbFriendBook:
         self._request_writes = {}
         self._seen_writes = {}
         self._budget = (0, 0)  # (second, writes in it)
+        self._chains = {}
 
     def _friends(self, where="", args=()):
         rows = self.db.query(self.FRIEND_QUERY + where, args)
         self.db.commit()
-        return [Friend(r["peer_id"], r["name"], identity.KeyChain.from_bytes(r["chain"]),
+        return [Friend(r["peer_id"], r["name"], self._chain(bytes(r["chain"])),
                        r["state"] == "accepted", r["auto_connect"], r["signal_url"], r["stun_url"])
                 for r in rows]
+
+    def _chain(self, data):
+        """Parsed chains, by their bytes: verifying one costs more than the query."""
+        chain = self._chains.get(data)
+        if chain is None:
+            if len(self._chains) > 10000:
+                self._chains.clear()
+            chain = self._chains[data] = identity.KeyChain.from_bytes(data)
+        return chain
 
     def by_name(self, name):
         return next(iter(self._friends("where f.name = $1", [name])), None)
@@ -124,8 +134,8 @@ class DbFriendBook:
     def lookup(self, peer_id):
         return next(iter(self._friends("where f.peer_id = $1", [peer_id])), None)
 
-    def auto_connect(self):
-        return self._friends("where f.state = 'accepted' and f.auto_connect")
+    def accepted(self):
+        return self._friends("where f.state = 'accepted'")
 
     def update_chain(self, peer_id, chain):
         self.db.query("update peer.friend set chain = $1 where peer_id = $2",

@@ -33,6 +33,14 @@ SUPERVISE_INTERVAL_S = 0.5
 OFFLINE = "friend not reachable at the signaling server"
 OFFLINE_RETRY_S = 0.5
 SIGNAL_ACK_WAIT_S = 2.0
+# A link still negotiating after this long is given up and retried.
+NEGOTIATION_TIMEOUT_S = 15.0
+# When both sides offered, ours wins only while it is this fresh.
+OFFER_FRESH_S = 5.0
+# The signaling server allows 20 envelopes a second per peer (burst 50):
+# offers and refusals stay well under that.
+OFFERS_PER_TICK = 5
+REFUSALS_PER_SECOND = 5
 
 
 class ConnectError(AquapeerError):
@@ -63,8 +71,8 @@ class MemoryFriendBook:
     def lookup(self, peer_id):
         return self.friends.get(peer_id)
 
-    def auto_connect(self):
-        return [f for f in self.friends.values() if f.accepted and f.auto_connect]
+    def accepted(self):
+        return [f for f in self.friends.values() if f.accepted]
 
     def update_chain(self, peer_id, chain):
         self.friends[peer_id].chain = chain
@@ -100,6 +108,7 @@ class PeerNode:
         self.attempts = {}      # peer id -> (failures in a row, next attempt at)
         self.replay = identity.ReplayGuard()
         self._counters = {}
+        self._refusals = (0, 0)  # (second, refusals sent in it)
         self.ssl_context = ssl_context
         self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context)
         self.other_signals = {}  # url -> SignalClient, for friends reached elsewhere
@@ -177,19 +186,26 @@ class PeerNode:
         if envelope.kind != "offer" or blocked:
             return
         self.friends.record_request(sender, str(envelope.body.get("name") or "")[:63], chain)
-        await self._send("refused", sender, envelope.session, {})
+        # Strangers are free to make: refusing them must not spend what friends need.
+        second = int(time.monotonic())
+        sent = self._refusals[1] if self._refusals[0] == second else 0
+        if sent < REFUSALS_PER_SECOND:
+            self._refusals = (second, sent + 1)
+            await self._send("refused", sender, envelope.session, {})
 
     async def _on_offer(self, friend, envelope):
         existing = self.links.get(friend.peer_id)
         if existing is not None and existing.session != envelope.session:
-            if existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id:
-                return  # both offered: ours wins, the friend answers it
+            if (existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id
+                    and time.monotonic() - existing.created_at < OFFER_FRESH_S):
+                return  # both offered just now: ours wins, the friend answers it
             existing.close("replaced by a new connection from the friend")
         link = self._new_link(friend, envelope.session, offerer=False)
         try:
             sdp = await link.accept_offer(envelope.body["sdp"])
             await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp})
         except (AquapeerError, ValueError, KeyError) as e:
+            log.warning("could not answer %s's offer: %s", friend.name, e)
             link.close(f"could not answer the friend's offer: {e}", failed=True)
 
     async def _on_answer(self, friend, envelope):
@@ -281,25 +297,30 @@ class PeerNode:
         return False
 
     async def _supervise(self):
-        """Reconnect friends marked auto_connect, with capped exponential backoff."""
+        """Retire links stuck negotiating, drop friends no longer accepted, and reconnect
+        auto_connect friends with capped exponential backoff, a few offers per tick."""
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
             if not self.signal.connected:
                 continue
             now = time.monotonic()
+            accepted = {f.peer_id: f for f in self.friends.accepted()}
             for peer_id, link in list(self.links.items()):
-                friend = self.friends.lookup(peer_id)
-                if friend is None or not friend.accepted:
+                if peer_id not in accepted:
                     link.close("no longer an accepted friend")
-            for friend in self.friends.auto_connect():
+                elif link.state == "connecting" and now - link.created_at > NEGOTIATION_TIMEOUT_S:
+                    link.close(f"no answer to the offer within {NEGOTIATION_TIMEOUT_S:.0f} s", failed=True)
+            offers = 0
+            for friend in accepted.values():
                 link = self.links.get(friend.peer_id)
-                if link is not None:
-                    if link.state == "connected":
+                if link is not None or not friend.auto_connect:
+                    if link is not None and link.state == "connected":
                         self.attempts.pop(friend.peer_id, None)
                     continue
                 failures, due = self.attempts.get(friend.peer_id, (0, 0.0))
-                if now < due:
+                if now < due or offers >= OFFERS_PER_TICK:
                     continue
+                offers += 1
                 delay = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** failures) * random.uniform(0.8, 1.2)
                 self.attempts[friend.peer_id] = (failures + 1, now + delay)
                 asyncio.ensure_future(self._offer(friend, attempt=failures))

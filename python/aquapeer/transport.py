@@ -125,7 +125,7 @@ class Link:
         self.connected_since = None
         self.bytes_sent = self.bytes_received = 0
         self.rtt_ms = None
-        self.last_heard = time.monotonic()
+        self.created_at = self.last_heard = time.monotonic()
         self.verified = asyncio.get_running_loop().create_future()
         self._queues = (collections.deque(), collections.deque())
         self._writable = asyncio.Event()
@@ -243,10 +243,13 @@ class Link:
         await self.verified
         while True:
             await asyncio.sleep(PING_INTERVAL_S)
-            if time.monotonic() - self.last_heard > DEAD_AFTER_S:
+            quiet = time.monotonic() - self.last_heard
+            if quiet > DEAD_AFTER_S:
                 self.close(f"no answer from the friend for {DEAD_AFTER_S:.0f} s", failed=True)
                 return
-            self.send({"t": "ping", "at": time.monotonic()}, CONTROL)
+            # Only a quiet link needs a ping: the friend's pings, and their pongs, count as heard.
+            if quiet >= PING_INTERVAL_S * 0.9:
+                self.send({"t": "ping", "at": time.monotonic()}, CONTROL)
 
     # --- the end ------------------------------------------------------------
 
