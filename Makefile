@@ -183,3 +183,4 @@ demo: prepare
 # Benchmarks: aquapeer beside PostgreSQL's own paths, in one run.
 bench: prepare
 	'$(VENV)/bin/python' bench/bench_worker.py $(BENCH_ARGS)
+	'$(VENV)/bin/python' bench/connect.py $(CONNECT_BENCH_ARGS)

@@ -162,6 +162,99 @@ def _add_signal(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_signal)
 
 
+# --- lightpeers ----------------------------------------------------------------
+
+def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from aquapeer import identity, lightpeer
+
+    err = Console(stderr=True)
+    if args.count < 1:
+        err.print(f"[bold red]aquapeer lightpeers:[/] --count {args.count}: give at least 1")
+        return EXIT_USAGE
+    if args.offer_after < 0:
+        err.print(f"[bold red]aquapeer lightpeers:[/] --offer-after {args.offer_after:g}: give 0 or more")
+        return EXIT_USAGE
+    try:
+        identity.parse_invite(args.friend_invite)
+        identity.check_signal_url(args.signal)
+    except identity.IdentityError as exc:
+        err.print(f"[bold red]aquapeer lightpeers:[/] {exc.message}")
+        return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)  # plain lines: usually a benchmark's log file
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("aquapeer")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+
+    nodes: list = []
+
+    def dump() -> None:  # SIGUSR1: every light peer's link, one JSON line each
+        for row in lightpeer.describe(nodes):
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(lightpeer.run_light_peers(
+            args.count, args.signal, args.friend_invite,
+            host_addresses=tuple(args.host_address or ["127.0.0.1"]), ready_file=args.invites_out,
+            offer_after=args.offer_after,
+            started=lambda started, _invites: nodes.extend(started)))
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        for signum in handled[:2]:
+            loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        err.print(f"[bold red]aquapeer lightpeers:[/] {exc}")
+        return EXIT_ERROR
+    finally:
+        logger.removeHandler(handler)
+    return EXIT_OK
+
+
+def _add_lightpeers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lightpeers",
+        help="run many light peers (outside PostgreSQL) that befriend one database",
+        description="Run COUNT light peers in one process, each with its own identity, "
+        "all with the database of --friend-invite as their auto-connect friend. Their "
+        "invites (light0, light1, ...) go to --invites-out as a JSON list once they are "
+        "started: add them with peer.add_friend() and they connect by themselves. For "
+        "tests and benchmarks. SIGUSR1 prints each light peer's link state as JSON "
+        "lines on stderr. Stops on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--count", type=int, default=50, metavar="N",
+                   help="how many light peers (default: 50)")
+    p.add_argument("--signal", required=True, metavar="URL",
+                   help="signaling server URL, e.g. ws://127.0.0.1:8765")
+    p.add_argument("--friend-invite", required=True, metavar="INVITE",
+                   help="the database's invite, from select peer.invite()")
+    p.add_argument("--invites-out", metavar="FILE", default=None,
+                   help="write the light peers' invites here as a JSON list")
+    p.add_argument("--offer-after", type=float, default=0.0, metavar="SECONDS",
+                   help="make no offers of their own for this long after the invites are "
+                   "written (they answer the database's); default 0: offer at once")
+    p.add_argument("--host-address", action="append", metavar="ADDR",
+                   help="ICE host candidate address (repeatable; default: 127.0.0.1)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level on stderr (default: info)")
+    p.set_defaults(func=_cmd_lightpeers)
+
+
 # --- parser ------------------------------------------------------------------
 
 def _add_dbname(p: argparse.ArgumentParser) -> None:
@@ -178,6 +271,7 @@ def _add_dbname(p: argparse.ArgumentParser) -> None:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_signal,
+    _add_lightpeers,
 ]
 
 

@@ -1,0 +1,134 @@
+"""Light peers: many PeerNodes in one asyncio process, outside PostgreSQL.
+
+Tests and benchmarks use them to give a database many friends without many
+databases.  Each light peer has its own Identity and a MemoryFriendBook, and
+speaks the same protocol with the same identity checks as the worker's node
+(it *is* a PeerNode).  The database under test is every light peer's only
+friend, with auto_connect, so once the database adds a light peer's invite
+as a friend they connect by themselves (and the database, whose friends
+default to auto_connect too, may connect first).
+
+Before the database knows them, their offers are refused (and recorded as
+friend requests there); each light peer's supervisor then backs off, at most
+10 s between attempts (node.RECONNECT_MAX_S).  With ``offer_after`` they
+make no offers at first, so a database that adds them in time connects to
+them itself and never hears from them as strangers.
+"""
+
+import asyncio
+import collections
+import json
+import logging
+import os
+
+from . import identity, transport
+from .node import MemoryFriendBook, PeerNode
+
+log = logging.getLogger("aquapeer.lightpeer")
+
+FRIEND_NAME = "database"
+STATUS_INTERVAL_S = 10.0
+
+
+def _write_json_atomically(path, obj):
+    """Write obj as JSON to path so that a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def link_states(nodes):
+    """How many light peers' links to the database are in each state ("none": no link)."""
+    states = collections.Counter()
+    for node in nodes:
+        link = next(iter(node.links.values()), None)
+        states[link.state if link is not None else "none"] += 1
+    return states
+
+
+def describe(nodes):
+    """One dict per light peer: its registration and its link to the database, down to aiortc's states."""
+    out = []
+    for node in nodes:
+        link = next(iter(node.links.values()), None)
+        closed = next(iter(node.last_closed.values()), None)
+        row = {"name": node.name, "peer_id": node.me.peer_id, "signal": node.signal.state,
+               "link": link.state if link else None, "last_error": (link or closed).last_error if (link or closed) else None}
+        if link is not None:
+            pc, channel = link.pc, link.channel
+            row.update(offerer=link.offerer, session=link.session.hex()[:8],
+                       signaling=pc.signalingState if pc else None,
+                       ice=pc.iceConnectionState if pc else None,
+                       connection=pc.connectionState if pc else None,
+                       channel=channel.readyState if channel else None)
+        out.append(row)
+    return out
+
+
+async def _report(nodes, interval):
+    """Log the light peers' link states whenever they change."""
+    last = None
+    while True:
+        await asyncio.sleep(interval)
+        now = (sorted(link_states(nodes).items()), sum(1 for n in nodes if n.signal.connected))
+        if now != last:
+            log.info("links of %d light peers to the database: %s; %d registered at the signaling server",
+                     len(nodes), ", ".join(f"{n} {state}" for state, n in now[0]), now[1])
+            last = now
+
+
+async def run_light_peers(count, signal_url, friend_invite: str, host_addresses=("127.0.0.1",),
+                          ready_file=None, *, offer_after=0.0, started=None):
+    """Run `count` light peers befriending the peer of `friend_invite` until cancelled.
+
+    Once all are started (registration attempted; one that is not yet
+    registered keeps trying in the background), their invites, in order
+    light0, light1, ..., go to `ready_file` as a JSON list, and to the
+    `started` callback if one is given.
+
+    offer_after: seconds after that during which the light peers make no
+    offers of their own (the database is not yet their auto_connect friend),
+    so a database that adds them in that time connects to them first and is
+    never sent an offer by a stranger; they still answer its offers.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    friend = identity.parse_invite(friend_invite)  # IdentityError on a bad or tampered invite
+    identity.check_signal_url(signal_url)
+    transport.configure_ice(host_addresses)
+    nodes, invites = [], []
+    for i in range(count):
+        me = identity.Identity.generate()
+        book = MemoryFriendBook()
+        book.add(FRIEND_NAME, friend.chain, auto_connect=offer_after <= 0)
+        nodes.append(PeerNode(me, book, signal_url, transport.IceServers(), name=f"light{i}"))
+        invites.append(identity.make_invite(me, [signal_url], name_hint=f"light{i}"))
+    reporter = None
+    try:
+        # SignalClient.start waits up to 5 s for registration, so start them together.
+        await asyncio.gather(*(node.start() for node in nodes))
+        registered = sum(1 for n in nodes if n.signal.connected)
+        if registered < count:
+            log.warning("%d of %d light peers registered at %s so far; the others keep trying",
+                        registered, count, signal_url)
+        else:
+            log.info("%d light peers registered at %s as friends of %s", count, signal_url, friend.peer_id)
+        if ready_file is not None:
+            _write_json_atomically(ready_file, invites)
+        if started is not None:
+            started(nodes, invites)
+        if offer_after > 0:
+            def offer_from_now_on():
+                for node in nodes:
+                    node.friends.lookup(friend.peer_id).auto_connect = True
+                log.info("light peers offer by themselves from now on")
+            asyncio.get_running_loop().call_later(offer_after, offer_from_now_on)
+        reporter = asyncio.ensure_future(_report(nodes, STATUS_INTERVAL_S))
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+        await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
+        log.info("light peers stopped")
