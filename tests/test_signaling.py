@@ -465,3 +465,18 @@ def test_the_signal_cli_serves_and_stops_on_sigterm(run):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_client_moves_on_to_the_next_server_when_the_first_is_down(run):
+    async def go():
+        async with await signaling.serve("127.0.0.1", 0) as server:
+            dead = f"ws://127.0.0.1:{free_port()}"
+            live = f"ws://127.0.0.1:{server.port}"
+            me = Identity.generate()
+            client = SignalClient(dead, me, lambda *a: None, fallback_urls=[live])
+            assert not await client.start(timeout=0.5)
+            assert await client.wait_connected(15)
+            assert client.url == live
+            assert server.stats()["peers"] == 1
+            await client.close()
+    run(go())

@@ -96,7 +96,8 @@ def _envelope_chain(data):
 
 
 class PeerNode:
-    def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None):
+    def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None,
+                 fallback_signal_urls=()):
         self.me = me
         self.friends = friends
         self.signal_url = signal_url
@@ -110,7 +111,8 @@ class PeerNode:
         self._counters = {}
         self._refusals = (0, 0)  # (second, refusals sent in it)
         self.ssl_context = ssl_context
-        self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context)
+        self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context,
+                                   fallback_urls=fallback_signal_urls)
         self.other_signals = {}  # url -> SignalClient, for friends reached elsewhere
         self._supervisor = None
 
@@ -128,7 +130,7 @@ class PeerNode:
 
     async def _signal_for(self, friend):
         """The signaling client to reach friend: its override, else ours; registered on first use."""
-        if not friend.signal_url or friend.signal_url == self.signal_url:
+        if not friend.signal_url or friend.signal_url in self.signal.urls:
             return self.signal
         client = self.other_signals.get(friend.signal_url)
         if client is None:

@@ -48,7 +48,7 @@ import random
 import signal
 import ssl
 import time
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import msgpack
 from websockets.asyncio.client import connect as ws_connect
@@ -82,6 +82,7 @@ CLOSE_FULL = 1013
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
+FAILURES_BEFORE_FALLBACK = 3  # failed registrations in a row before trying the next server
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PENDING_CALLBACKS = 256
 
@@ -621,7 +622,8 @@ class SignalClient:
                  on_undeliverable: Optional[Callback] = None,
                  open_timeout: float = HANDSHAKE_TIMEOUT_S,
                  ping_interval: Optional[float] = 20.0,
-                 ping_timeout: Optional[float] = 20.0):
+                 ping_timeout: Optional[float] = 20.0,
+                 fallback_urls: Sequence[str] = ()):
         try:
             secure = parse_uri(url).secure
         except InvalidURI as e:
@@ -631,6 +633,8 @@ class SignalClient:
             raise SignalingError(f"an SSL context was given for {url}, which is not a wss:// URL",
                                  hint="Use a wss:// URL, or no SSL context.")
         self.url = url
+        # Servers to move on to, in order, when this one cannot be reached.
+        self.urls = [url] + [u for u in fallback_urls if u != url]
         self.identity = identity  # read at every (re)connection: a rotated identity takes effect then
         self.on_envelope = on_envelope
         self.on_state = on_state
@@ -865,6 +869,9 @@ class SignalClient:
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "could not register at %s: %s; retrying with backoff", self.url, self.last_error)
+                if failures % FAILURES_BEFORE_FALLBACK == 0 and len(self.urls) > 1:
+                    self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+                    log.warning("moving on to the signaling server %s", self.url)
             self.reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.75, 1.0))  # jitter, never over the cap
             delay = min(delay * 2, BACKOFF_MAX_S)

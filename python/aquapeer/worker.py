@@ -102,7 +102,7 @@ class Worker:
         self.db.commit()
         if not urls:
             return
-        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name)
+        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:])
         await self.node.start()
 
     async def stop_node(self):
