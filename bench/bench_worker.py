@@ -15,7 +15,6 @@ measured in the same run:
 
 import argparse
 import os
-import statistics
 import sys
 import threading
 import time

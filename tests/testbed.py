@@ -391,6 +391,7 @@ def _kill_tree_and_dir(root_pid: Optional[int], path: str, timeout: float = 15.0
 _registry_lock = threading.Lock()
 _live_clusters: set["Cluster"] = set()
 _live_base_dirs: set[str] = set()
+_live_signal_servers: set = set()  # Popen of `aquapeer signal` servers started here
 _safety_net_installed = False
 
 
@@ -404,6 +405,9 @@ def _rmtree(path: str) -> None:
 def _cleanup_everything() -> None:
     """Kill every cluster this process made and remove their directories.
     Takes no lock (it may run in a signal handler)."""
+    for server in list(_live_signal_servers):
+        if server.poll() is None:
+            server.kill()
     for cl in list(_live_clusters):
         try:
             cl._force_cleanup()
@@ -1215,8 +1219,10 @@ class SignalServer:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "SignalServer":
+        _install_safety_net()
         self.proc = subprocess.Popen([self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _live_signal_servers.add(self.proc)
         wait_for(self._listening, 10, message="the signaling server to listen")
         return self
 
@@ -1232,6 +1238,7 @@ class SignalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        _live_signal_servers.discard(self.proc)
 
 
 def join_signaling(cluster, signal_url: str) -> None:
