@@ -131,6 +131,7 @@ class Link:
         self._writable = asyncio.Event()
         self._tasks = []
         self._offer_fingerprints = self._answer_fingerprints = None
+        self._friend_proved = False
 
     @property
     def peer_id(self):
@@ -193,9 +194,9 @@ class Link:
             frame = msgpack.unpackb(data, raw=False)
             kind = frame.get("t") if isinstance(frame, dict) else None
         except (ValueError, msgpack.UnpackException):
-            kind = None
+            frame = kind = None
         if not self.verified.done():
-            self._check_hello(frame if kind == "hello" else None)
+            self._handshake(frame, kind)
         elif kind == "ping":
             self.send({"t": "pong", "at": frame.get("at")}, CONTROL)
         elif kind == "pong":
@@ -203,18 +204,30 @@ class Link:
                 self.rtt_ms = round((time.monotonic() - frame["at"]) * 1000.0, 3)
         elif kind == "bye":
             self.close("the friend hung up")
-        elif self.on_frame is not None:
+        elif self.on_frame is not None and kind is not None:
             self.on_frame(self, frame)
 
-    def _check_hello(self, frame):
-        sig = frame.get("sig") if frame else None
-        if not isinstance(sig, bytes) or not identity.verify_transcript(self.friend_chain, self._transcript(), sig):
-            self.close("identity check failed: the friend did not prove its key on the channel", failed=True)
-            return
-        self.state = "connected"
-        self.connected_since = time.time()
-        self.verified.set_result(True)
-        self._writable.set()
+    def _handshake(self, frame, kind):
+        """hello: the friend proves its key; verified: the friend accepted our proof.
+
+        Connected only when both have happened, so peer.connect returns once
+        both identities are verified.
+        """
+        if not self._friend_proved:
+            sig = frame.get("sig") if kind == "hello" else None
+            if not isinstance(sig, bytes) or not identity.verify_transcript(
+                    self.friend_chain, self._transcript(), sig):
+                self.close("identity check failed: the friend did not prove its key on the channel", failed=True)
+                return
+            self._friend_proved = True
+            self._write_now({"t": "verified"})
+        elif kind == "verified":
+            self.state = "connected"
+            self.connected_since = time.time()
+            self.verified.set_result(True)
+            self._writable.set()
+        else:
+            self.close(f"protocol error: {kind!r} before the identity check ended", failed=True)
 
     def send(self, frame, priority=BULK):
         """Queue a frame; control frames go before bulk ones."""
