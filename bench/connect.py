@@ -27,7 +27,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import testbed as tb  # noqa: E402
 
 console = Console(width=120)
-CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 CONNECT_P50_TARGET_MS = 1000.0
@@ -54,12 +52,6 @@ def percentiles(samples_s):
     ordered = sorted(samples_s)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
     return pick(0.5), pick(0.99)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- processes ----------------------------------------------------------------
@@ -89,30 +81,6 @@ def tail(path, lines=25):
             return "".join(f.readlines()[-lines:])
     except OSError:
         return ""
-
-
-class SignalServer:
-    """`aquapeer signal` on a free loopback port, as a subprocess."""
-
-    def __init__(self, log_path):
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc = None
-
-    def start(self):
-        self.proc = start_process([CLI, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
-                                  self.log_path)
-        tb.wait_for(self._listening, 10, message="the signaling server to listen")
-
-    def _listening(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"aquapeer signal exited with {self.proc.returncode}:\n{tail(self.log_path)}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self):
-        stop_process(self.proc)
 
 
 # --- /proc ----------------------------------------------------------------------
@@ -146,19 +114,6 @@ def measure_idle(pids, seconds):
 
 # --- databases ------------------------------------------------------------------
 
-def setup_peer(cluster, signal_url):
-    cluster.sql("create extension aquapeer cascade")
-    cluster.sql("insert into peer.signal_server (url) values (%s)", signal_url)
-    cluster.sql("update peer.config set ice_host_addresses = '{127.0.0.1}'")
-    tb.wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20, ignore=(psycopg.Error,))
-    cluster.sql("select peer.reload_worker()")
-
-
-def befriend(a, a_name, b, b_name):
-    a.sql("select peer.add_friend(%s, %s)", b_name, b.scalar("select peer.invite()"))
-    b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
-
-
 def connected(conn, friend):
     return conn.execute("select count(*) from peer.connections where friend = %s and state = 'connected'",
                         (friend,)).fetchone()[0] > 0
@@ -174,7 +129,7 @@ def worker_pid(cluster):
 # --- a: connect -------------------------------------------------------------------
 
 def bench_connect(alice, bob, n):
-    befriend(alice, "alice", bob, "bob")
+    tb.befriend(alice, "alice", bob, "bob")
     # Each connect must be a fresh one made by peer.connect, not an automatic reconnection.
     alice.sql("update peer.friend set auto_connect = false")
     bob.sql("update peer.friend set auto_connect = false")
@@ -216,7 +171,7 @@ class LightPeers:
         self.cluster, self.count = cluster, count
         self.invites_path = os.path.join(workdir, f"{tag}-invites.json")
         self.log_path = os.path.join(workdir, f"{tag}-lightpeers.log")
-        self.proc = start_process([CLI, "lightpeers", "--count", str(count), "--signal", signal_url,
+        self.proc = start_process([tb.AQUAPEER_CLI, "lightpeers", "--count", str(count), "--signal", signal_url,
                                    "--friend-invite", cluster.scalar("select peer.invite()"),
                                    "--invites-out", self.invites_path, "--offer-after", str(offer_after)],
                                   self.log_path)
@@ -262,7 +217,7 @@ class LightPeers:
 
 def bench_friends(hub, signal_url, count, idle_seconds, settle_seconds, workdir):
     """The hub's worker idle with 0 friends, then holding `count` connected friends."""
-    setup_peer(hub, signal_url)
+    tb.join_signaling(hub, signal_url)
     figures = {}
     with hub.connect() as idle_backend:
         backend_pid = idle_backend.execute("select pg_backend_pid()").fetchone()[0]
@@ -310,7 +265,7 @@ def bench_storm(db, signal_url, count, timeout, workdir):
     friend requests; once all are recorded (or 15 s passed), the database adds
     them all as friends.  How many are connected `timeout` seconds later?
     """
-    setup_peer(db, signal_url)
+    tb.join_signaling(db, signal_url)
     peers = LightPeers(db, signal_url, count, workdir, "storm", offer_after=0)
     try:
         invites = peers.invites()
@@ -361,12 +316,12 @@ def main():
     result = {}
     with tempfile.TemporaryDirectory(prefix="aqp-bench-") as workdir, \
             tb.Testbed(4, names=["alice", "bob", "hub", "storm"]) as bed:
-        signal_server = SignalServer(os.path.join(workdir, "signal.log"))
+        signal_server = tb.SignalServer(log_path=os.path.join(workdir, "signal.log"))
         try:
             signal_server.start()
             if "connect" in parts:
-                setup_peer(bed.alice, signal_server.url)
-                setup_peer(bed.bob, signal_server.url)
+                tb.join_signaling(bed.alice, signal_server.url)
+                tb.join_signaling(bed.bob, signal_server.url)
                 result["connect"] = bench_connect(bed.alice, bed.bob, args.connects)
             if "friends" in parts:
                 result["friends"] = bench_friends(bed.hub, signal_server.url, args.friends, args.idle_seconds,

@@ -1,11 +1,13 @@
 """Databases befriending and connecting through a real signaling server, with real aiortc on loopback."""
 
+import subprocess
 import time
 
 import psycopg
 import pytest
 
 import testbed as tb
+
 
 @pytest.fixture
 def signal_server():
@@ -218,3 +220,22 @@ def test_block_and_remove_friend(pair):
     assert alice.sql("select count(*) from peer.friends") == [(0,)]
     with pytest.raises(psycopg.errors.UndefinedObject, match='unknown friend "bob"'):
         alice.sql("select peer.remove_friend('bob')")
+
+
+def test_friend_requests_are_bounded_oldest_dropped_first(pair, signal_server, tmp_path):
+    alice, _ = pair
+    alice.sql("update peer.config set friend_request_limit = 2")
+    strangers = subprocess.Popen(
+        [tb.AQUAPEER_CLI, "lightpeers", "--count", "3", "--signal", signal_server.url,
+         "--friend-invite", alice.scalar("select peer.invite()"), "--invites-out", str(tmp_path / "invites.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Three strangers offer; alice refuses them all and keeps the two latest requests.
+        tb.wait_for(lambda: alice.scalar("select count(*) from peer.friend_requests") == 2, 20)
+        time.sleep(1.5)
+        assert alice.scalar("select count(*) from peer.friend_requests") == 2
+        assert alice.sql("select count(*) from peer.friends") == [(0,)]
+        assert alice.sql("select state from peer.connections") == []
+    finally:
+        strangers.terminate()
+        strangers.wait(10)

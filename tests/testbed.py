@@ -1209,24 +1209,36 @@ class Testbed:
 # the signaling server, as users run it
 # --------------------------------------------------------------------------
 
+AQUAPEER_CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
+
+
 class SignalServer:
     """`aquapeer signal` (the installed command) on a free loopback port."""
 
-    def __init__(self, cli: Optional[str] = None):
-        self.cli = cli or os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"), "aquapeer")
+    def __init__(self, cli: Optional[str] = None, log_path: Optional[str] = None):
+        self.cli = cli or AQUAPEER_CLI
+        self.log_path = log_path  # where its log goes (default: nowhere)
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "SignalServer":
         _install_safety_net()
-        self.proc = subprocess.Popen([self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen([self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            if self.log_path:
+                log.close()
         _live_signal_servers.add(self.proc)
         wait_for(self._listening, 10, message="the signaling server to listen")
         return self
 
     def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise TestbedError(f"aquapeer signal exited with {self.proc.returncode}"
+                               + (f"; see {self.log_path}" if self.log_path else ""))
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
