@@ -102,6 +102,25 @@ def _add_status(subparsers: argparse._SubParsersAction) -> None:
 
 # --- signal ------------------------------------------------------------------
 
+def _log_to_stderr(err: Console, level: str):
+    """aquapeer's logging to stderr: rich on a terminal, else one plain line per record
+    (a service manager's or a benchmark's log file). The caller removes the handler."""
+    import logging
+
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("aquapeer")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    return logger, handler
+
+
 def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
     import logging
 
@@ -114,17 +133,7 @@ def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
     if not 0 <= args.port <= 65535:
         err.print(f"[bold red]aquapeer signal:[/] --port {args.port} is not a TCP port")
         return EXIT_USAGE
-    if err.is_terminal:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(console=err, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    else:  # a service manager's log: one plain line per record, never wrapped
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("aquapeer")
-    logger.addHandler(handler)
-    logger.setLevel(args.log_level.upper())
+    logger, handler = _log_to_stderr(err, args.log_level)
     if args.log_level != "debug":  # websockets' own "server listening/closing" repeat ours
         logging.getLogger("aquapeer.signaling.ws").setLevel(logging.WARNING)
     limits = signaling.Limits(max_connections=args.max_connections)
@@ -184,11 +193,7 @@ def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
     except identity.IdentityError as exc:
         err.print(f"[bold red]aquapeer lightpeers:[/] {exc.message}")
         return EXIT_USAGE
-    handler = logging.StreamHandler(sys.stderr)  # plain lines: usually a benchmark's log file
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("aquapeer")
-    logger.addHandler(handler)
-    logger.setLevel(args.log_level.upper())
+    logger, handler = _log_to_stderr(err, args.log_level)
 
     nodes: list = []
 
