@@ -25,6 +25,13 @@ def _pg_type(value):
     return "text"
 
 
+def current_database(db):
+    """(oid, name) of the database db is connected to."""
+    row = db.query("select oid, datname::text as name from pg_catalog.pg_database "
+                   "where datname = pg_catalog.current_database()")[0]
+    return row["oid"], row["name"]
+
+
 def _pg_value(value):
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 

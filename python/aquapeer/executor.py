@@ -20,6 +20,7 @@ import socket
 import time
 
 from . import control
+from .db import current_database
 from .errors import AquapeerError, DatabaseError
 
 START_TIMEOUT_S = 10.0
@@ -195,8 +196,7 @@ def _recv_exactly(sock, n):
 def serve(db):
     """The executor's loop: answer the worker's requests until it lets go."""
     nonce = db.scalar("select peer._executor_nonce()")
-    database_oid = db.scalar(
-        "select oid from pg_catalog.pg_database where datname = pg_catalog.current_database()")
+    database_oid, _name = current_database(db)
     db.commit()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

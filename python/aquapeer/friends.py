@@ -1,8 +1,8 @@
 """Identity and friends kept in the database, behind the db adapter.
 
-The worker's PeerNode reads friends through DbFriendBook (cached, reloaded
-when a session changes them); the SQL functions add, accept, block and
-remove friends through the functions below.  Every write commits at once,
+The worker's PeerNode reads friends through DbFriendBook; the SQL
+functions add, accept, block and remove friends through the functions
+below.  Every write commits at once,
 so the worker never sits on a transaction.
 """
 
@@ -84,11 +84,15 @@ def accept_friend(db, peer_id, name):
     return _insert_friend(db, name, chain, [])
 
 
+def unknown_friend(name):
+    return AquapeerError(f'unknown friend "{name}"', sqlstate="42704",
+                         hint="See select * from peer.friends; add one with peer.add_friend().")
+
+
 def friend_peer_id(db, name):
     peer_id = db.scalar("select peer_id from peer.friend where name = $1", [name])
     if peer_id is None:
-        raise AquapeerError(f'unknown friend "{name}"', sqlstate="42704",
-                            hint="See select * from peer.friends; add one with peer.add_friend().")
+        raise unknown_friend(name)
     return peer_id
 
 
@@ -136,6 +140,9 @@ class DbFriendBook:
 
     def accepted(self):
         return self._friends("where f.state = 'accepted'")
+
+    def everyone(self):
+        return self._friends()
 
     def update_chain(self, peer_id, chain):
         self.db.query("update peer.friend set chain = $1 where peer_id = $2",

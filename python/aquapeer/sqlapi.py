@@ -4,6 +4,7 @@ Only this module and db.PlpyDatabase touch plpy.  Errors a user can act on
 (AquapeerError) become PostgreSQL errors with their SQLSTATE, detail and hint.
 """
 
+import datetime
 import functools
 import json
 import logging
@@ -14,7 +15,7 @@ import time
 import plpy
 
 from . import control, executor, friends, identity, worker
-from .db import PlpyDatabase
+from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
 _db = PlpyDatabase(plpy)
@@ -45,9 +46,7 @@ def _check_interrupts():
 
 
 def _client():
-    row = _db.query("select oid, datname from pg_catalog.pg_database "
-                    "where datname = pg_catalog.current_database()")[0]
-    return control.ControlClient(row["oid"], row["datname"], check_interrupts=_check_interrupts)
+    return control.ControlClient(*current_database(_db), check_interrupts=_check_interrupts)
 
 
 @sql_errors
@@ -223,5 +222,6 @@ def connections():
         rows = client.request("connections", timeout=5.0)
     for row in rows:
         if row.get("connected_since"):
-            row["connected_since"] = _db.scalar("select pg_catalog.to_timestamp($1)::text", [row["connected_since"]])
+            row["connected_since"] = datetime.datetime.fromtimestamp(
+                row["connected_since"], datetime.timezone.utc).isoformat()
     return [{c: row.get(c) for c in CONNECTION_COLUMNS} for row in rows]

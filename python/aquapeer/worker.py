@@ -19,6 +19,7 @@ import platform
 import time
 
 from . import __version__, control, friends, transport
+from .db import current_database
 from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
 from .node import PeerNode
@@ -59,12 +60,10 @@ class LoopLag:
 class Worker:
     def __init__(self, db):
         self.db = db
-        row = db.query("select oid, datname from pg_catalog.pg_database "
-                       "where datname = pg_catalog.current_database()")[0]
+        self.database_oid, self.database_name = current_database(db)
         config = db.query("select executor_pool_size, "
                           "extract(epoch from executor_idle_timeout)::float8 as idle_s from peer.config")
         db.commit()
-        self.database_oid, self.database_name = row["oid"], row["datname"]
         pool_size, idle_s = (config[0]["executor_pool_size"], config[0]["idle_s"]) if config else (2, 60.0)
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.lag = LoopLag()
@@ -114,7 +113,7 @@ class Worker:
         if self.node is None:
             raise AquapeerError("no signaling server is configured, so this database cannot reach friends",
                                 hint="INSERT INTO peer.signal_server (url) VALUES ('wss://…'); "
-                                     "then SELECT peer.stop_worker(), peer.start_worker().")
+                                     "then SELECT peer.reload_worker().")
         return self.node
 
     # --- database work, always committed before the loop awaits ---------
@@ -223,8 +222,7 @@ class Worker:
         node = self._node()
         friend = node.friends.by_name(args["name"])
         if friend is None:
-            raise AquapeerError(f'unknown friend "{args["name"]}"', sqlstate="42704",
-                                hint="See select * from peer.friends; add one with peer.add_friend().")
+            raise friends.unknown_friend(args["name"])
         if not friend.accepted:
             raise AquapeerError(f'friend "{friend.name}" is blocked', sqlstate="42501")
         await node.connect(friend.peer_id, float(args["timeout"]))
@@ -238,12 +236,9 @@ class Worker:
     async def op_connections(self, args):
         if self.node is None:
             return []
-        rows = []
-        for peer_id, link in {**self.node.last_closed, **self.node.links}.items():
-            friend = self.node.friends.lookup(peer_id)
-            if friend is not None:
-                rows.append({"friend": friend.name, **link.stats()})
-        return rows
+        names = {f.peer_id: f.name for f in self.node.friends.everyone()}
+        return [{"friend": names[peer_id], **link.stats()}
+                for peer_id, link in {**self.node.last_closed, **self.node.links}.items() if peer_id in names]
 
     async def op_reload(self, args):
         """peer.reload_worker(): take up changed servers and ICE settings; every link is remade."""
@@ -259,12 +254,11 @@ class Worker:
             row = self.db.query("select peer_id, rotated_at::text as rotated from peer.identity")
             self.db.commit()
             current = (row[0]["peer_id"], row[0]["rotated"]) if row else None
-            if seen is not None and current != seen and self.node is not None:
+            if None not in (seen, current) and current != seen and self.node is not None:
                 if current[0] != seen[0]:
                     await self.op_reload({})  # a new peer altogether
                 else:
-                    # The rotated key signs from now on, and at the next registration.
-                    self.node.me = self.node.signal.identity = friends.load_identity(self.db)
+                    self.node.set_identity(friends.load_identity(self.db))
                     self.db.commit()
             seen = current
 
