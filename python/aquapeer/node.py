@@ -100,7 +100,6 @@ class PeerNode:
                  fallback_signal_urls=()):
         self.me = me
         self.friends = friends
-        self.signal_url = signal_url
         self.ice = ice or transport.IceServers()
         self.name = name
         self.on_frame = on_frame
@@ -108,7 +107,9 @@ class PeerNode:
         self.last_closed = {}   # peer id -> the last Link that closed, for its state and error
         self.attempts = {}      # peer id -> (failures in a row, next attempt at)
         self.replay = identity.ReplayGuard()
-        self._counters = {}
+        # One counter for every envelope we send: strictly increasing within
+        # each session, which is all the friend's replay guard asks.
+        self._counter = 0
         self._refusals = (0, 0)  # (second, refusals sent in it)
         self.ssl_context = ssl_context
         self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context,
@@ -123,7 +124,14 @@ class PeerNode:
     async def stop(self):
         if self._supervisor:
             self._supervisor.cancel()
-        for link in list(self.links.values()):
+        for peer_id, link in list(self.links.items()):
+            if link.state == "connecting":
+                # No channel to say bye on yet: hang up through the server, so the
+                # friend does not wait out its timeout on an offer we will not finish.
+                try:
+                    await self._send("hangup", peer_id, link.session, {})
+                except AquapeerError:
+                    pass
             link.close("shutting down")
         for client in [self.signal, *self.other_signals.values()]:
             await client.close()
@@ -147,15 +155,21 @@ class PeerNode:
 
     # --- envelopes ------------------------------------------------------------
 
+    def set_identity(self, me):
+        """A rotated key: it signs from now on, and at every signaling server's next registration."""
+        self.me = me
+        for client in [self.signal, *self.other_signals.values()]:
+            client.identity = me
+
     def _seal(self, kind, to, session, body):
-        counter = self._counters.get((to, session), 0) + 1
-        self._counters[(to, session)] = counter
+        self._counter += 1
+        counter = self._counter
         # Always with the key chain: a stranger's request can be verified, and a
         # friend learns of a rotated key from whatever we send first.
         return identity.seal(self.me, kind, to, session, counter, body, include_chain=True)
 
-    async def _send(self, kind, to, session, body):
-        friend = self.friends.lookup(to)
+    async def _send(self, kind, to, session, body, friend=None):
+        """Seal and send; through friend's signaling server when it has one, else ours."""
         client = await self._signal_for(friend) if friend is not None else self.signal
         # The server acknowledges at once; the wait only bounds a slow server.
         await client.send_and_check(to, self._seal(kind, to, session, body), wait=SIGNAL_ACK_WAIT_S)
@@ -205,7 +219,7 @@ class PeerNode:
         link = self._new_link(friend, envelope.session, offerer=False)
         try:
             sdp = await link.accept_offer(envelope.body["sdp"])
-            await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp})
+            await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp}, friend)
         except (AquapeerError, ValueError, KeyError) as e:
             log.warning("could not answer %s's offer: %s", friend.name, e)
             link.close(f"could not answer the friend's offer: {e}", failed=True)
@@ -247,7 +261,7 @@ class PeerNode:
         try:
             sdp = await link.make_offer(attempt)
             await self._send("offer", friend.peer_id, link.session,
-                             {"sdp": sdp, "proto": transport.PROTOCOL_VERSION, "name": self.name})
+                             {"sdp": sdp, "proto": transport.PROTOCOL_VERSION, "name": self.name}, friend)
         except PeerOffline:
             link.close(OFFLINE, failed=True)
         except AquapeerError as e:
