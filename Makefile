@@ -19,7 +19,13 @@ endif
 
 MODULE_big = aquapeer
 OBJS = $(patsubst %.c,%.o,$(wildcard src/*.c))
-DATA = $(wildcard sql/aquapeer--*.sql)
+# The first release's script and the upgrade scripts are the source; the
+# current version's full script is built from them, so a fresh install runs
+# exactly the SQL an upgrade runs.
+BASE_SCRIPT = sql/aquapeer--0.1.0.sql
+UPGRADE_SCRIPTS = $(shell ls sql/aquapeer--*--*.sql 2>/dev/null | sort -V)
+DATA = $(BASE_SCRIPT) $(UPGRADE_SCRIPTS)
+DATA_built = sql/aquapeer--$(EXTVERSION).sql
 
 # Where the Python payload (pinned wheels + the aquapeer package) lives:
 # one directory per extension version, compiled into the C library.
@@ -60,6 +66,9 @@ PYTEST_ARGS ?=
 
 .PHONY: check-plpython install-payload install-cli uninstall-payload uninstall-cli \
 	setup prepare venv test demo dist
+
+sql/aquapeer--$(EXTVERSION).sql: $(BASE_SCRIPT) $(UPGRADE_SCRIPTS)
+	cat $^ > $@
 
 # --- install ---------------------------------------------------------------
 
@@ -184,3 +193,4 @@ demo: prepare
 bench: prepare
 	'$(VENV)/bin/python' bench/bench_worker.py $(BENCH_ARGS)
 	'$(VENV)/bin/python' bench/connect.py $(CONNECT_BENCH_ARGS)
+	'$(VENV)/bin/python' bench/messaging.py $(MESSAGING_BENCH_ARGS)

@@ -3,6 +3,11 @@
  */
 #include "aquapeer.h"
 
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -19,6 +24,7 @@ PG_FUNCTION_INFO_V1(aquapeer_start_executor);
 PG_FUNCTION_INFO_V1(aquapeer_executor_nonce);
 PG_FUNCTION_INFO_V1(aquapeer_arm_statement_timeout);
 PG_FUNCTION_INFO_V1(aquapeer_launcher_check);
+PG_FUNCTION_INFO_V1(aquapeer_wake_at_commit);
 
 /*
  * Why the calling worker or executor should stop, or NULL.  The loops call
@@ -149,5 +155,62 @@ aquapeer_launcher_check(PG_FUNCTION_ARGS)
 				 errmsg("could not start the aquapeer worker: no background worker slot is free"),
 				 errhint("All max_worker_processes (%d) slots are in use; raise max_worker_processes and restart the server.",
 						 max_worker_processes)));
+	PG_RETURN_VOID();
+}
+
+/*
+ * Waking the worker after a commit.  Background workers cannot LISTEN, and
+ * a nudge sent before the commit may reach the worker before the rows are
+ * visible; a transaction callback runs after the commit is visible to new
+ * snapshots (after ProcArrayEndTransaction), so the worker finds the rows.
+ */
+static bool wake_registered = false;
+static bool wake_pending = false;
+
+static void
+wake_worker_now(void)
+{
+	/* A control frame {"id": 0, "op": "wake"}: 4-byte big-endian length, then msgpack. */
+	static const char frame[] = {0, 0, 0, 13, (char) 0x82, (char) 0xa2, 'i', 'd', 0x00,
+		(char) 0xa2, 'o', 'p', (char) 0xa4, 'w', 'a', 'k', 'e'};
+	struct sockaddr_un addr;
+	int			sock;
+
+	memset(&addr, 0, sizeof(addr));
+	addr.sun_family = AF_UNIX;
+	/* Relative to the data directory, every backend's working directory. */
+	snprintf(addr.sun_path, sizeof(addr.sun_path), "pg_aquapeer/%u.sock", MyDatabaseId);
+	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (sock < 0)
+		return;
+	/* Best effort: the worker also polls, so a missed wake only costs latency. */
+	if (connect(sock, (struct sockaddr *) &addr, sizeof(addr)) == 0)
+		(void) send(sock, frame, sizeof(frame), MSG_NOSIGNAL | MSG_DONTWAIT);
+	close(sock);
+}
+
+static void
+wake_at_commit_callback(XactEvent event, void *arg)
+{
+	if (!wake_pending)
+		return;
+	if (event == XACT_EVENT_COMMIT)
+	{
+		wake_pending = false;
+		wake_worker_now();
+	}
+	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
+		wake_pending = false;
+}
+
+Datum
+aquapeer_wake_at_commit(PG_FUNCTION_ARGS)
+{
+	if (!wake_registered)
+	{
+		RegisterXactCallback(wake_at_commit_callback, NULL);
+		wake_registered = true;
+	}
+	wake_pending = true;
 	PG_RETURN_VOID();
 }

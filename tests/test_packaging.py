@@ -95,7 +95,7 @@ def test_versions_agree():
     meta = json.loads((REPO / "META.json").read_text())
     assert meta["version"] == VERSION
     assert meta["provides"]["aquapeer"]["version"] == VERSION
-    assert meta["provides"]["aquapeer"]["file"] == f"sql/aquapeer--{VERSION}.sql"
+    assert meta["provides"]["aquapeer"]["file"] == "sql/aquapeer--0.1.0.sql"
     assert meta["meta-spec"]["version"] == "1.0.0"
 
     pyproject = tomllib.loads((REPO / "python/pyproject.toml").read_text())
@@ -106,7 +106,9 @@ def test_versions_agree():
     assert m, "python/aquapeer/__init__.py has no __version__"
     assert m.group(1) == VERSION
 
-    assert (REPO / f"sql/aquapeer--{VERSION}.sql").is_file()
+    # The full script is built from the first release's and every upgrade script.
+    if VERSION != "0.1.0":
+        assert sorted(p.name for p in REPO.glob("sql/aquapeer--*--*.sql"))[-1].endswith(f"--{VERSION}.sql")
 
 
 def test_pyproject_dependencies_match_requirements_in():
@@ -249,7 +251,7 @@ def test_make_dist_and_pgxn_install_match_make_install(tmp_path):
         names = zf.namelist()
         assert all(n.startswith(prefix) for n in names)
         for need in ("META.json", "Makefile", "aquapeer.control",
-                     f"sql/aquapeer--{VERSION}.sql", "python/requirements.lock",
+                     "sql/aquapeer--0.1.0.sql", "python/requirements.lock",
                      "python/aquapeer/__init__.py", "scripts/aquapeer.in"):
             assert prefix + need in names, f"{need} missing from {zpath.name}"
         assert json.loads(zf.read(prefix + "META.json"))["version"] == VERSION

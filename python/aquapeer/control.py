@@ -23,7 +23,7 @@ import msgpack
 from .errors import AquapeerError, RequestTimeout, WorkerUnavailable
 
 SOCKET_DIR = "pg_aquapeer"
-MAX_FRAME = 64 * 1024 * 1024
+MAX_FRAME = 128 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 

@@ -163,13 +163,12 @@ def _qualified_function(db, function_oid):
     return name
 
 
-def handle_call(db, args):
-    """Run function(arg jsonb) in its own transaction, bounded by the timeout."""
+def _bounded(db, timeout_ms, work):
+    """work() in its own transaction under a statement timeout: its result, or the error."""
     try:
-        name = _qualified_function(db, args["function"])
-        db.query("select peer._arm_statement_timeout($1::integer)", [max(1, int(args["timeout_ms"]))])
+        db.query("select peer._arm_statement_timeout($1::integer)", [max(1, int(timeout_ms))])
         try:
-            result = db.scalar(f"select {name}($1::jsonb)::text", [args["arg"]])
+            result = work()
         finally:
             db.query("select peer._arm_statement_timeout(0)")
         db.commit()
@@ -179,7 +178,22 @@ def handle_call(db, args):
         return {"ok": False, "error": e.as_dict()}
 
 
-HANDLERS = {"call": handle_call}
+def handle_call(db, args):
+    """Run function(arg jsonb), returning jsonb as text."""
+    return _bounded(db, args["timeout_ms"], lambda: db.scalar(
+        f"select {_qualified_function(db, args['function'])}($1::jsonb)::text", [args["arg"]]))
+
+
+def handle_message(db, args):
+    """Run handler(message) and mark the message handled in the same transaction: it runs once."""
+    def work():
+        db.query(f"select {_qualified_function(db, args['function'])}"
+                 "(pg_catalog.jsonb_populate_record(null::peer.inbox, $1::jsonb))", [args["row"]])
+        db.query("select peer._message_handled($1::uuid)", [args["id"]])
+    return _bounded(db, args["timeout_ms"], work)
+
+
+HANDLERS = {"call": handle_call, "handle": handle_message}
 
 
 def _recv_exactly(sock, n):

@@ -21,7 +21,7 @@ import time
 
 import msgpack
 
-from . import identity, transport
+from . import identity, transport, wire
 from .errors import AquapeerError
 from .signaling import PeerOffline, SignalClient
 
@@ -41,6 +41,8 @@ OFFER_FRESH_S = 5.0
 # offers and refusals stay well under that.
 OFFERS_PER_TICK = 5
 REFUSALS_PER_SECOND = 5
+# Refused frames are all counted, but logged at most this often per friend.
+REFUSED_LOG_INTERVAL_S = 10.0
 
 
 class ConnectError(AquapeerError):
@@ -97,12 +99,15 @@ def _envelope_chain(data):
 
 class PeerNode:
     def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None,
-                 fallback_signal_urls=()):
+                 on_connected=None, fallback_signal_urls=(), max_message_bytes=16 * 1024 * 1024):
         self.me = me
         self.friends = friends
         self.ice = ice or transport.IceServers()
         self.name = name
-        self.on_frame = on_frame
+        self.on_frame = on_frame          # (link, frame) -> None, for frames the link does not handle itself
+        self.on_connected = on_connected  # (link) -> None, once a link is verified
+        self.max_message_bytes = max_message_bytes
+        self._refusals_logged = {}        # peer id -> when a refusal was last logged
         self.links = {}         # peer id -> Link being made or connected
         self.last_closed = {}   # peer id -> the last Link that closed, for its state and error
         self.attempts = {}      # peer id -> (failures in a row, next attempt at)
@@ -247,9 +252,19 @@ class PeerNode:
 
     def _new_link(self, friend, session, offerer):
         link = transport.Link(self.me, friend.chain, session, offerer, self._ice_for(friend),
-                              on_frame=self.on_frame, on_close=self._on_link_closed)
+                              on_frame=self.on_frame, on_close=self._on_link_closed,
+                              on_connected=self.on_connected, on_refused=self._on_frame_refused,
+                              max_message_bytes=self.max_message_bytes)
+        link.friend_name = friend.name
         self.links[friend.peer_id] = link
         return link
+
+    def _on_frame_refused(self, link, reason):
+        now = time.monotonic()
+        if now - self._refusals_logged.get(link.peer_id, -1e9) >= REFUSED_LOG_INTERVAL_S:
+            self._refusals_logged[link.peer_id] = now
+            log.warning("refused a frame from %s: %s (%d refused on this connection)",
+                        link.friend_name, reason, link.frames_refused)
 
     def _on_link_closed(self, link):
         if self.links.get(link.peer_id) is link:
@@ -261,7 +276,7 @@ class PeerNode:
         try:
             sdp = await link.make_offer(attempt)
             await self._send("offer", friend.peer_id, link.session,
-                             {"sdp": sdp, "proto": transport.PROTOCOL_VERSION, "name": self.name}, friend)
+                             {"sdp": sdp, "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX], "name": self.name}, friend)
         except PeerOffline:
             link.close(OFFLINE, failed=True)
         except AquapeerError as e:

@@ -188,7 +188,11 @@ def _end_friendship(name, statement):
 
 
 @sql_errors
-def remove_friend(name):
+def remove_friend(name, reason):
+    _db.query("update peer.outbox_message m set final_state = 'expired', reason = $2 "
+              "where m.friend = $1 and m.final_state is null and not exists ("
+              "select from peer.outbox_stream s where s.peer_id = m.peer_id and s.epoch = m.epoch "
+              "and m.seq <= s.acked_upto)", [name, reason or "the friend was removed"])
     return _end_friendship(name, "delete from peer.friend where name = $1")
 
 
@@ -213,7 +217,8 @@ def disconnect(name):
 
 
 CONNECTION_COLUMNS = ("friend", "state", "connected_since", "rtt_ms", "bytes_sent", "bytes_received",
-                      "local_candidate", "remote_candidate", "last_error")
+                      "local_candidate", "remote_candidate", "last_error", "protocol", "frames_refused",
+                      "last_refusal")
 
 
 @sql_errors
@@ -225,3 +230,21 @@ def connections():
             row["connected_since"] = datetime.datetime.fromtimestamp(
                 row["connected_since"], datetime.timezone.utc).isoformat()
     return [{c: row.get(c) for c in CONNECTION_COLUMNS} for row in rows]
+
+
+# --- messages and calls ----------------------------------------------------------
+
+@sql_errors
+def call(name, function, arg, timeout_s):
+    if timeout_s is None or timeout_s <= 0:
+        raise AquapeerError(f"timeout must be positive, not {timeout_s}", sqlstate="22023")
+    with _client() as client:
+        return client.request("call", {"name": name, "function": function, "arg": arg, "timeout": timeout_s},
+                              timeout=timeout_s + 2.0)
+
+
+@sql_errors
+def retry_message(message_id):
+    with _client() as client:
+        return client.request("retry", {"id": message_id}, timeout=executor.START_TIMEOUT_S + executor.ANSWER_GRACE_S
+                              + _db.scalar("select extract(epoch from handler_timeout)::float8 from peer.config"))

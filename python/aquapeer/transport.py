@@ -13,6 +13,9 @@ What aiortc does not do, this module does:
   frames (pings) never wait behind bulk data;
 - aiortc notices a dead peer only after ~30 s: application pings do it in
   a few seconds.
+
+Frames are validated by wire.decode before use; what fails, or comes faster
+than a friend may send, is refused and counted, never acted on.
 """
 
 import asyncio
@@ -22,20 +25,21 @@ import time
 
 import aioice.ice
 import aioice.turn
-import msgpack
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from . import identity
+from . import identity, wire
 from .errors import AquapeerError
 
-PROTOCOL_VERSION = 1
 ICE_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # Bytes handed to aiortc at most; the rest waits in our priority queues.
 SEND_HIGH_WATER = 192 * 1024
 PING_INTERVAL_S = 2.0
 DEAD_AFTER_S = 7.0
 CONTROL, BULK = 0, 1
+# Frames a friend may send: a 5,000 messages a second stream needs ~100.
+FRAMES_PER_SECOND = 2000
+FRAME_BURST = 4000
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
 
@@ -110,7 +114,8 @@ class LinkClosed(AquapeerError):
 class Link:
     """One authenticated data-channel connection to a friend."""
 
-    def __init__(self, me, friend_chain, session, offerer, ice, on_frame=None, on_close=None):
+    def __init__(self, me, friend_chain, session, offerer, ice, on_frame=None, on_close=None,
+                 on_connected=None, on_refused=None, max_message_bytes=16 * 1024 * 1024):
         self.me = me                      # identity.Identity
         self.friend_chain = friend_chain  # identity.KeyChain
         self.session = session            # bytes, shared by both sides
@@ -118,6 +123,16 @@ class Link:
         self.ice = ice
         self.on_frame = on_frame          # (link, frame) -> None
         self.on_close = on_close          # (link) -> None
+        self.on_connected = on_connected  # (link) -> None, once both identities are verified
+        self.on_refused = on_refused      # (link, reason) -> None
+        self.max_message_bytes = max_message_bytes
+        self.friend_max_message_bytes = None
+        self.protocol = None
+        self.frames_refused = 0
+        self.last_refusal = None
+        self.closed = asyncio.Event()
+        self._reassembler = wire.Reassembler(max_message_bytes + wire.FRAGMENT_BYTES)
+        self._rate = wire.RateLimit(FRAMES_PER_SECOND, FRAME_BURST)
         self.pc = None
         self.channel = None
         self.state = "connecting"
@@ -174,7 +189,8 @@ class Link:
 
     def _on_open(self):
         # Prove, on the channel itself, that this DTLS session is ours.
-        self._write_now({"t": "hello", "proto": PROTOCOL_VERSION,
+        self._write_now({"t": "hello", "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX],
+                         "max_message_bytes": self.max_message_bytes,
                          "sig": identity.sign_transcript(self.me, self._transcript())})
         self._tasks.append(asyncio.ensure_future(self._pinger()))
         self._tasks.append(asyncio.ensure_future(self._writer()))
@@ -185,26 +201,49 @@ class Link:
 
     # --- frames -------------------------------------------------------------
 
+    def refuse(self, reason):
+        """Count a frame refused (malformed, unknown, too large, too many, or unusable)."""
+        self.frames_refused += 1
+        self.last_refusal = reason
+        if self.on_refused is not None:
+            self.on_refused(self, reason)
+
     def _on_message(self, data):
-        if isinstance(data, str):
-            data = data.encode()
         self.bytes_received += len(data)
         self.last_heard = time.monotonic()
-        try:
-            frame = msgpack.unpackb(data, raw=False)
-            kind = frame.get("t") if isinstance(frame, dict) else None
-        except (ValueError, msgpack.UnpackException):
-            frame = kind = None
         if not self.verified.done():
-            self._handshake(frame, kind)
-        elif kind == "ping":
+            try:
+                frame = wire.decode(data)
+            except wire.WireError:
+                frame = {}
+            self._handshake(frame, frame.get("t"))
+            return
+        if not self._rate.allow():
+            self.refuse(f"more than {FRAMES_PER_SECOND} frames a second")
+            return
+        try:
+            frame = wire.decode(data)
+            if frame["t"] == "frag":
+                whole = self._reassembler.feed(frame)
+                if whole is None:
+                    return
+                frame = wire.decode(whole)
+                if frame["t"] in ("frag", "hello", "verified"):
+                    raise wire.WireError(f"a {frame['t']} frame inside fragments")
+        except wire.WireError as e:
+            self.refuse(e.message)
+            return
+        kind = frame["t"]
+        if kind == "ping":
             self.send({"t": "pong", "at": frame.get("at")}, CONTROL)
         elif kind == "pong":
             if isinstance(frame.get("at"), float):
                 self.rtt_ms = round((time.monotonic() - frame["at"]) * 1000.0, 3)
         elif kind == "bye":
             self.close("the friend hung up")
-        elif self.on_frame is not None and kind is not None:
+        elif kind in ("hello", "verified"):
+            self.refuse(f"a {kind} frame after the handshake")
+        elif self.on_frame is not None:
             self.on_frame(self, frame)
 
     def _handshake(self, frame, kind):
@@ -219,6 +258,12 @@ class Link:
                     self.friend_chain, self._transcript(), sig):
                 self.close("identity check failed: the friend did not prove its key on the channel", failed=True)
                 return
+            try:
+                self.protocol = wire.negotiate(frame["proto"])
+            except wire.WireError as e:
+                self.close(e.message, failed=True)
+                return
+            self.friend_max_message_bytes = frame["max_message_bytes"]
             self._friend_proved = True
             self._write_now({"t": "verified"})
         elif kind == "verified":
@@ -226,18 +271,23 @@ class Link:
             self.connected_since = time.time()
             self.verified.set_result(True)
             self._writable.set()
+            if self.on_connected is not None:
+                self.on_connected(self)
         else:
             self.close(f"protocol error: {kind!r} before the identity check ended", failed=True)
 
     def send(self, frame, priority=BULK):
-        """Queue a frame; control frames go before bulk ones."""
+        """Queue a frame; control frames go before bulk ones.  A frame too large
+        for one message goes as fragments, in the bulk queue, so nothing that
+        is not a fragment can come between them."""
         if self.state in ("closed", "failed"):
             raise LinkClosed(f"connection to {self.peer_id} is {self.state}")
-        self._queues[priority].append(msgpack.packb(frame, use_bin_type=True))
+        packets = wire.encode(frame)
+        self._queues[priority if len(packets) == 1 else BULK].extend(packets)
         self._writable.set()
 
     def _write_now(self, frame):
-        data = msgpack.packb(frame, use_bin_type=True)
+        (data,) = wire.encode(frame)
         self.channel.send(data)
         self.bytes_sent += len(data)
 
@@ -276,6 +326,7 @@ class Link:
                 pass
         self.state = "failed" if failed else "closed"
         self.last_error = reason if failed else self.last_error
+        self.closed.set()
         if not self.verified.done():
             self.verified.set_exception(LinkClosed(reason or "connection closed"))
             self.verified.exception()  # retrieved: nobody may be waiting
@@ -290,4 +341,6 @@ class Link:
         local, remote = candidate_types(self.pc) if self.pc else (None, None)
         return {"state": self.state, "connected_since": self.connected_since, "rtt_ms": self.rtt_ms,
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "local_candidate": local, "remote_candidate": remote, "last_error": self.last_error}
+                "local_candidate": local, "remote_candidate": remote, "last_error": self.last_error,
+                "protocol": self.protocol, "frames_refused": self.frames_refused,
+                "last_refusal": self.last_refusal}

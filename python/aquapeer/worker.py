@@ -19,9 +19,11 @@ import platform
 import time
 
 from . import __version__, control, friends, transport
+from .calls import Calls
 from .db import current_database
 from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
+from .messaging import Messaging
 from .node import PeerNode
 
 STOP_POLL_S = 0.25
@@ -63,6 +65,9 @@ class Worker:
         self.database_oid, self.database_name = current_database(db)
         config = db.query("select executor_pool_size, "
                           "extract(epoch from executor_idle_timeout)::float8 as idle_s from peer.config")
+        # What the worker acknowledges to friends must survive a crash,
+        # whatever the database's default.
+        db.query("set synchronous_commit = on")
         db.commit()
         pool_size, idle_s = (config[0]["executor_pool_size"], config[0]["idle_s"]) if config else (2, 60.0)
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
@@ -71,9 +76,12 @@ class Worker:
         self.wakeups = 0
         self.requests = 0
         self.node = None
+        self.messaging = Messaging(db, self.executors, lambda: self.node)
+        self.calls = Calls(db, self.executors, lambda: self.node)
         self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec,
                     "connect": self.op_connect, "disconnect": self.op_disconnect,
-                    "connections": self.op_connections, "reload": self.op_reload}
+                    "connections": self.op_connections, "reload": self.op_reload,
+                    "call": self.op_call, "retry": self.op_retry}
 
     # --- the peer node ------------------------------------------------------
 
@@ -98,16 +106,24 @@ class Worker:
         me = friends.load_identity(self.db)
         ice = self._ice_servers()
         book = friends.DbFriendBook(self.db)
+        max_message_bytes = self.db.scalar("select max_message_bytes from peer.config")
         self.db.commit()
         if not urls:
             return
-        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:])
+        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:],
+                             on_frame=self.on_frame, on_connected=self.messaging.on_link_up,
+                             max_message_bytes=max_message_bytes)
         await self.node.start()
 
     async def stop_node(self):
         if self.node is not None:
             node, self.node = self.node, None
             await node.stop()
+
+    def on_frame(self, link, frame):
+        """Frames for messaging and calls; anything else a friend sends is refused."""
+        if not (self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)):
+            link.refuse(f"unexpected {frame['t']} frame")
 
     def _node(self):
         if self.node is None:
@@ -159,6 +175,7 @@ class Worker:
                     return
                 if op == "wake":
                     self.wakeups += 1
+                    self.messaging.wake()
                     continue
                 reply = await self.answer_unless_caller_leaves(message, reader)
                 if reply is None:
@@ -218,15 +235,27 @@ class Worker:
             "wakeups": self.wakeups,
         }
 
-    async def op_connect(self, args):
-        node = self._node()
-        friend = node.friends.by_name(args["name"])
+    def _accepted_friend(self, name):
+        friend = self._node().friends.by_name(name)
         if friend is None:
-            raise friends.unknown_friend(args["name"])
+            raise friends.unknown_friend(name)
         if not friend.accepted:
             raise AquapeerError(f'friend "{friend.name}" is blocked', sqlstate="42501")
-        await node.connect(friend.peer_id, float(args["timeout"]))
+        return friend
+
+    async def op_connect(self, args):
+        friend = self._accepted_friend(args["name"])
+        await self.node.connect(friend.peer_id, float(args["timeout"]))
         return "connected"
+
+    async def op_call(self, args):
+        """peer.call: the result of a friend's exposed function, as JSON text."""
+        friend = self._accepted_friend(args["name"])
+        return await self.calls.call(friend, args["function"], args["arg"], float(args["timeout"]))
+
+    async def op_retry(self, args):
+        """peer.retry_message: run a message's handler again, now."""
+        return await self.messaging.retry(args["id"])
 
     async def op_disconnect(self, args):
         node = self._node()
@@ -277,13 +306,18 @@ class Worker:
 
     async def run(self):
         server, path = await control.start_server(self.database_oid, self.serve_connection)
-        tasks = [asyncio.create_task(coro) for coro in (self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity())]
+        self.messaging.start_epoch()
+        tasks = [asyncio.create_task(coro) for coro in (
+            self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity(), self.messaging.run_pickup(),
+            self.messaging.run_handlers(), self.messaging.run_housekeeping())]
         try:
             await self.start_node()
             await asyncio.wait([tasks[0]])
             return tasks[0].result()
         finally:
             server.close()
+            self.messaging.close()
+            self.calls.close()
             await self.stop_node()
             self.executors.close()
             for task in tasks:

@@ -1,0 +1,193 @@
+"""The frames two peers exchange on their data channel: msgpack maps with a type.
+
+Every frame is validated here before anything else looks at it: a friend
+may run other software, or misbehave.  A frame too large for one data
+channel message travels as ``frag`` frames (all but the last with
+``more``), reassembled up to the receiver's limit.
+
+Protocol versions: each side sends the range it speaks in ``hello``; the
+link speaks the highest version both do.
+
+Version 1 frames (``t`` is the type):
+
+=========  ================================================================
+hello      sig (bytes), proto [min, max], max_message_bytes: proof of key
+verified   the friend's proof was accepted
+ping/pong  at (float): liveness and round-trip time
+bye        hanging up
+frag       more (bool), data (bytes): a piece of a larger frame
+msgs       epoch (16 bytes), prev (int or nil), items [[seq, id (16 bytes),
+           topic, sent_at (float), payload (JSON text)], ...]
+ack        epoch, upto (int), rejected [[seq, reason], ...]
+call       id (16 bytes), fn (str), arg (JSON text), timeout_ms (int)
+result     id, ok (bool), result (JSON text or nil), error {message, sqlstate} or nil
+cancel     id
+=========  ================================================================
+"""
+
+import time
+
+import msgpack
+
+from .errors import AquapeerError
+
+PROTOCOL_MIN = PROTOCOL_MAX = 1
+# Under 64 KiB, the smallest message a data channel must accept (RFC 8841).
+FRAGMENT_BYTES = 60 * 1024
+MAX_TOPIC = 255
+MAX_NAME = 255
+MAX_REASON = 1000
+MAX_ITEMS = 10000
+
+
+class WireError(AquapeerError):
+    sqlstate = "08P01"  # protocol_violation
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _uid(v):
+    return isinstance(v, bytes) and len(v) == 16
+
+
+def _text(limit):
+    return lambda v: isinstance(v, str) and len(v) <= limit
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _seq(v):
+    return _is_int(v) and 0 < v < 2 ** 63
+
+
+def _proto_range(v):
+    return (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 0 < x < 2 ** 16 for x in v)
+            and v[0] <= v[1])
+
+
+def _msg_item(v):
+    return (isinstance(v, list) and len(v) == 5 and _seq(v[0]) and _uid(v[1]) and _text(MAX_TOPIC)(v[2])
+            and v[2] != "" and _number(v[3]) and isinstance(v[4], str))
+
+
+def _rejection(v):
+    return isinstance(v, list) and len(v) == 2 and _seq(v[0]) and _text(MAX_REASON)(v[1])
+
+
+def _list_of(check, limit=MAX_ITEMS):
+    return lambda v: isinstance(v, list) and len(v) <= limit and all(check(x) for x in v)
+
+
+def _error(v):
+    return (isinstance(v, dict) and _text(MAX_REASON * 8)(v.get("message"))
+            and _text(5)(v.get("sqlstate")))
+
+
+# type -> {field: check}; every field is required (nil where _opt allows).
+SCHEMAS = {
+    "hello": {"sig": lambda v: isinstance(v, bytes) and len(v) <= 1024, "proto": _proto_range,
+              "max_message_bytes": lambda v: _is_int(v) and 1024 <= v <= 2 ** 31},
+    "verified": {},
+    "ping": {"at": _number},
+    "pong": {"at": _opt(_number)},
+    "bye": {},
+    "frag": {"more": lambda v: isinstance(v, bool), "data": lambda v: isinstance(v, bytes) and 0 < len(v) <= FRAGMENT_BYTES},
+    "msgs": {"epoch": _uid, "prev": _opt(_seq), "items": lambda v: _list_of(_msg_item)(v) and len(v) > 0},
+    "ack": {"epoch": _uid, "upto": lambda v: _is_int(v) and 0 <= v < 2 ** 63, "rejected": _list_of(_rejection)},
+    "call": {"id": _uid, "fn": lambda v: _text(MAX_NAME)(v) and v != "", "arg": lambda v: isinstance(v, str),
+             "timeout_ms": lambda v: _is_int(v) and 0 < v <= 24 * 3600 * 1000},
+    "result": {"id": _uid, "ok": lambda v: isinstance(v, bool), "result": _opt(lambda v: isinstance(v, str)),
+               "error": _opt(_error)},
+    "cancel": {"id": _uid},
+}
+
+
+def validate(frame):
+    """The frame if it is well formed, else WireError saying what is wrong."""
+    if not isinstance(frame, dict):
+        raise WireError("a frame is not a map")
+    kind = frame.get("t")
+    schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise WireError(f"unknown frame type {str(kind)[:40]!r}")
+    for field, check in schema.items():
+        if field not in frame or not check(frame[field]):
+            raise WireError(f"{kind} frame with a missing or invalid {field!r}")
+    return frame
+
+
+def decode(data):
+    """Bytes from the channel to a validated frame."""
+    if isinstance(data, str):
+        data = data.encode()
+    try:
+        frame = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise WireError(f"undecodable frame ({type(e).__name__})") from None
+    return validate(frame)
+
+
+def encode(frame):
+    """A frame as the data-channel messages to send: one, or its fragments."""
+    data = msgpack.packb(frame, use_bin_type=True)
+    if len(data) <= FRAGMENT_BYTES:
+        return [data]
+    pieces = range(0, len(data), FRAGMENT_BYTES)
+    return [msgpack.packb({"t": "frag", "more": start + FRAGMENT_BYTES < len(data),
+                           "data": data[start:start + FRAGMENT_BYTES]}, use_bin_type=True)
+            for start in pieces]
+
+
+class Reassembler:
+    """Joins frag frames into the frame they carry, refusing anything over limit bytes."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.parts = []
+        self.size = 0
+
+    def feed(self, frag):
+        """The whole frame's bytes when frag was its last piece, else None."""
+        self.size += len(frag["data"])
+        if self.size > self.limit:
+            self.parts, self.size = [], 0
+            raise WireError(f"a fragmented frame larger than {self.limit} bytes")
+        self.parts.append(frag["data"])
+        if frag["more"]:
+            return None
+        data, self.parts, self.size = b"".join(self.parts), [], 0
+        return data
+
+
+def negotiate(theirs, mine=(PROTOCOL_MIN, PROTOCOL_MAX)):
+    """The highest protocol version both ranges include, else WireError."""
+    version = min(mine[1], theirs[1])
+    if version < max(mine[0], theirs[0]):
+        raise WireError(f"no common protocol version: we speak {mine[0]}-{mine[1]}, "
+                        f"the friend {theirs[0]}-{theirs[1]}")
+    return version
+
+
+class RateLimit:
+    """A token bucket: rate per second, up to burst at once."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.at = float(burst), clock()
+
+    def allow(self, cost=1.0):
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < cost:
+            return False
+        self.tokens -= cost
+        return True
