@@ -267,7 +267,7 @@ begin
             using errcode = '42P13', hint = 'create function my_handler(m peer.inbox) returns void ...';
     end if;
     insert into peer.message_handler values (topic, handler)
-        on conflict (topic) do update set handler = excluded.handler;
+        on conflict on constraint message_handler_pkey do update set handler = excluded.handler;
 end
 $$;
 comment on function peer.on_message(text, regprocedure) is 'run handler(peer.inbox) for each message on topic, as the sender''s role (null removes it)';

@@ -68,6 +68,25 @@ def test_nudge_reaches_the_worker(worker_cluster):
     tb.wait_for(lambda: worker_cluster.scalar("select wakeups from peer.worker_status()") == before + 1, 5)
 
 
+def test_wake_at_commit_wakes_once_after_commit_and_never_after_rollback(worker_cluster):
+    wakeups = lambda: worker_cluster.scalar("select wakeups from peer.worker_status()")
+    before = wakeups()
+    with worker_cluster.connect() as conn:
+        conn.autocommit = False
+        conn.execute("select peer._wake_at_commit()")
+        conn.execute("select peer._wake_at_commit()")
+        time.sleep(0.3)
+        assert wakeups() == before, "woken before the commit"
+        conn.commit()
+        tb.wait_for(lambda: wakeups() == before + 1, 5)
+        conn.execute("select peer._wake_at_commit()")
+        conn.rollback()
+        conn.execute("select 1")
+        conn.commit()
+    time.sleep(0.3)
+    assert wakeups() == before + 1
+
+
 @pytest.fixture
 def sleeper(worker_cluster):
     worker_cluster.sql("create role aq_sleeper login")

@@ -1,0 +1,119 @@
+"""The data-channel frames: validation, fragments, protocol versions, rate limits (no server)."""
+
+import os
+import random
+
+import msgpack
+import pytest
+
+from aquapeer import wire
+
+UID = bytes(range(16))
+GOOD = [
+    {"t": "hello", "sig": b"s" * 64, "proto": [1, 1], "max_message_bytes": 16 << 20},
+    {"t": "verified"},
+    {"t": "ping", "at": 1.5},
+    {"t": "pong", "at": None},
+    {"t": "bye"},
+    {"t": "msgs", "epoch": UID, "prev": None, "items": [[1, UID, "chat", 1.0, '{"a": 1}']]},
+    {"t": "msgs", "epoch": UID, "prev": 7, "items": [[8, UID, "chat", 1, "null"], [9, UID, "x", 2.0, "1"]]},
+    {"t": "ack", "epoch": UID, "upto": 9, "rejected": [[8, "topic not allowed"]]},
+    {"t": "call", "id": UID, "fn": "public.price", "arg": "{}", "timeout_ms": 1000},
+    {"t": "result", "id": UID, "ok": True, "result": "{}", "error": None},
+    {"t": "result", "id": UID, "ok": False, "result": None, "error": {"message": "boom", "sqlstate": "22012"}},
+    {"t": "cancel", "id": UID},
+]
+
+
+@pytest.mark.parametrize("frame", GOOD, ids=lambda f: f["t"])
+def test_good_frames_round_trip(frame):
+    (data,) = wire.encode(frame)
+    assert wire.decode(data) == frame
+
+
+BAD = [
+    (b"", "undecodable"),
+    (b"\xc1", "undecodable"),
+    (msgpack.packb([1, 2]), "not a map"),
+    (msgpack.packb({"t": "launch"}), "unknown frame type"),
+    (msgpack.packb({"x": 1}), "unknown frame type"),
+    (msgpack.packb({"t": "ping"}), "invalid 'at'"),
+    (msgpack.packb({"t": "ping", "at": True}), "invalid 'at'"),
+    (msgpack.packb({"t": "msgs", "epoch": b"short", "prev": None, "items": []}), "invalid 'epoch'"),
+    (msgpack.packb({"t": "msgs", "epoch": UID, "prev": None, "items": []}, use_bin_type=True), "invalid 'items'"),
+    (msgpack.packb({"t": "msgs", "epoch": UID, "prev": 0, "items": [[1, UID, "t", 1.0, "1"]]}, use_bin_type=True),
+     "invalid 'prev'"),
+    (msgpack.packb({"t": "msgs", "epoch": UID, "prev": None, "items": [[0, UID, "t", 1.0, "1"]]}, use_bin_type=True),
+     "invalid 'items'"),
+    (msgpack.packb({"t": "msgs", "epoch": UID, "prev": None, "items": [[1, UID, "", 1.0, "1"]]}, use_bin_type=True),
+     "invalid 'items'"),
+    (msgpack.packb({"t": "msgs", "epoch": UID, "prev": None, "items": [[1, UID, "x" * 256, 1.0, "1"]]},
+                   use_bin_type=True), "invalid 'items'"),
+    (msgpack.packb({"t": "ack", "epoch": UID, "upto": -1, "rejected": []}, use_bin_type=True), "invalid 'upto'"),
+    (msgpack.packb({"t": "call", "id": UID, "fn": "", "arg": "{}", "timeout_ms": 5}, use_bin_type=True),
+     "invalid 'fn'"),
+    (msgpack.packb({"t": "call", "id": UID, "fn": "f", "arg": "{}", "timeout_ms": 0}, use_bin_type=True),
+     "invalid 'timeout_ms'"),
+    (msgpack.packb({"t": "hello", "sig": b"s", "proto": [2, 1], "max_message_bytes": 4096}, use_bin_type=True),
+     "invalid 'proto'"),
+    (msgpack.packb({"t": "frag", "more": True, "data": b"x" * (wire.FRAGMENT_BYTES + 1)}, use_bin_type=True),
+     "invalid 'data'"),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD)
+def test_bad_frames_are_refused_with_a_reason(data, message):
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(data)
+
+
+def test_random_and_truncated_bytes_never_escape_as_other_errors():
+    rng = random.Random(4)
+    samples = [os.urandom(rng.randrange(0, 200)) for _ in range(3000)]
+    for frame in GOOD:
+        (data,) = wire.encode(frame)
+        samples += [data[:n] for n in range(len(data))]
+        samples += [bytes(b ^ (1 << rng.randrange(8)) if i == k else b for i, b in enumerate(data))
+                    for k in range(len(data))]
+    for data in samples:
+        try:
+            wire.decode(data)
+        except wire.WireError:
+            pass
+
+
+def test_large_frames_travel_as_fragments_and_reassemble():
+    frame = {"t": "call", "id": UID, "fn": "f", "arg": "x" * (3 * wire.FRAGMENT_BYTES), "timeout_ms": 10}
+    packets = wire.encode(frame)
+    assert len(packets) == 4 and all(len(p) <= wire.FRAGMENT_BYTES + 64 for p in packets)
+    joiner = wire.Reassembler(limit=4 * wire.FRAGMENT_BYTES)
+    pieces = [wire.decode(p) for p in packets]
+    assert [p["more"] for p in pieces] == [True, True, True, False]
+    assert [joiner.feed(p) for p in pieces[:-1]] == [None] * 3
+    assert wire.decode(joiner.feed(pieces[-1])) == frame
+
+
+def test_reassembly_refuses_more_than_the_limit_and_starts_again():
+    joiner = wire.Reassembler(limit=100)
+    joiner.feed({"t": "frag", "more": True, "data": b"x" * 60})
+    with pytest.raises(wire.WireError, match="larger than 100 bytes"):
+        joiner.feed({"t": "frag", "more": True, "data": b"x" * 60})
+    assert joiner.feed({"t": "frag", "more": False, "data": b"ok"}) == b"ok"
+
+
+def test_protocol_negotiation_picks_the_highest_common_version():
+    assert wire.negotiate([1, 1], mine=(1, 1)) == 1
+    assert wire.negotiate([1, 5], mine=(1, 3)) == 3
+    assert wire.negotiate([2, 9], mine=(1, 3)) == 3
+    with pytest.raises(wire.WireError, match="no common protocol version: we speak 1-1, the friend 2-3"):
+        wire.negotiate([2, 3], mine=(1, 1))
+
+
+def test_rate_limit_allows_a_burst_then_the_rate():
+    now = [0.0]
+    limit = wire.RateLimit(rate=10, burst=5, clock=lambda: now[0])
+    assert [limit.allow() for _ in range(6)] == [True] * 5 + [False]
+    now[0] += 0.1
+    assert limit.allow() and not limit.allow()
+    now[0] += 100
+    assert sum(limit.allow() for _ in range(20)) == 5
