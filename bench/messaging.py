@@ -64,6 +64,7 @@ THROUGHPUT_TARGET = 5000.0       # messages acknowledged per second, at least
 LATENCY_P50_TARGET_MS = 20.0
 LATENCY_P99_TARGET_MS = 100.0
 CALL_P50_TARGET_MS = 5.0
+LOOP_LAG_TARGET_MS = 100.0       # as in bench_worker.py
 
 TOPIC = "bench"
 BATCH = 100                      # messages (rows) per transaction in the throughput parts
@@ -523,6 +524,10 @@ def report(args, result, errors):
                 table.add_row(f"{who} (pid {s['pid']})", when, fmt(s["VmRSS"]), fmt(s["VmHWM"]),
                               fmt(s["RssAnon"]), fmt(s["RssShmem"]), fmt(s["loop_lag_max_ms"]), fmt(cpu))
         console.print(table)
+        last = list(ours["workers"].values())[-1]
+        worst = max(last[who]["loop_lag_max_ms"] or 0.0 for who in last)
+        console.print(f"loop lag at the end, worse worker: {worst:.1f} ms (target < {LOOP_LAG_TARGET_MS:g} ms, "
+                      f"as in bench_worker.py): {verdict(worst < LOOP_LAG_TARGET_MS)}")
         if any(ours.get("restarted", {}).values()):
             console.print(f"[red]a worker restarted during the run: {ours['restarted']}[/]")
 
@@ -545,7 +550,10 @@ def report(args, result, errors):
         "targets": {"throughput": None if acked_rate is None else acked_rate >= THROUGHPUT_TARGET,
                     "latency_p50": None if ol[0] is None else ol[0] < LATENCY_P50_TARGET_MS,
                     "latency_p99": None if ol[1] is None else ol[1] < LATENCY_P99_TARGET_MS,
-                    "call_p50": None if oc[0] is None else oc[0] < CALL_P50_TARGET_MS},
+                    "call_p50": None if oc[0] is None else oc[0] < CALL_P50_TARGET_MS,
+                    "loop_lag": None if not ours.get("workers") else all(
+                        (s["loop_lag_max_ms"] or 0.0) < LOOP_LAG_TARGET_MS
+                        for s in list(ours["workers"].values())[-1].values())},
         "errors": errors or None,
     })
     if ours.get("workers"):

@@ -15,9 +15,10 @@ Steps (each a method of Demo, run in the order of Demo.STEPS):
   7. alice and bob befriend each other with invites
   8. alice: select peer.connect('bob')
   9. peer.connections on both sides
+ 10. messages both ways (peer.send, peer.inbox, peer.outbox), one refused
+ 11. alice calls a function bob exposed (peer.call), and one he did not
 and finally everything is torn down (also on error or Ctrl-C).
-To extend the demo (messaging, bundles), add a method
-and its name to STEPS.
+To extend the demo (bundles), add a method and its name to STEPS.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Demo:
     #: the steps, in order; the ones in EXTENSION_STEPS need aquapeer
     STEPS = ["show_clusters", "create_extension", "wait_workers_running",
              "show_worker_status", "ping_workers", "join_signaling", "befriend", "connect",
-             "show_connections"]
+             "show_connections", "send_messages", "remote_call"]
     EXTENSION_STEPS = set(STEPS) - {"show_clusters"}
 
     def __init__(self, bed: tb.Testbed, args: argparse.Namespace):
@@ -191,6 +192,41 @@ class Demo:
             time.sleep(2.5)  # one application ping each way, for rtt_ms
             console.print(self.table("peer.connections", {
                 c.name: self.query(c, "select * from peer.connections") for c in self.bed}))
+
+    def send_messages(self):
+        with self.step("messages both ways: peer.allow_topic, then peer.send in one transaction each"):
+            alice, bob = self.bed.alice, self.bed.bob
+            alice.sql("select peer.allow_topic('chat', 'bob')")
+            bob.sql("select peer.allow_topic('chat', 'alice')")
+            alice.sql("""select peer.send('bob', 'chat', jsonb_build_object('text', t))
+                         from unnest(array['hi bob', 'how is the widget table?']) t""")
+            bob.sql("""select peer.send('alice', 'chat', '{"text": "hi alice, all good"}')""")
+            alice.sql("""select peer.send('bob', 'secret', '{"text": "bob never allowed this topic"}')""")
+            for cluster, expected in ((bob, 2), (alice, 1)):
+                tb.wait_for(lambda: cluster.scalar("select count(*) from peer.inbox") >= expected, 15)
+            tb.wait_for(lambda: alice.scalar("select count(*) from peer.outbox where state = 'queued'") == 0, 15)
+            console.print(self.table("peer.inbox: what arrived", {
+                c.name: self.query(c, "select friend, topic, payload, received_at - sent_at as took "
+                                      "from peer.inbox order by position") for c in self.bed}))
+            console.print(self.table("peer.outbox: what the friend acknowledged or refused", {
+                c.name: self.query(c, "select friend, topic, state, reason from peer.outbox order by seq")
+                for c in self.bed}))
+
+    def remote_call(self):
+        with self.step("alice: select peer.call('bob', 'public.price_of', '{\"sku\": \"w-1\"}')"):
+            alice, bob = self.bed.alice, self.bed.bob
+            bob.sql("""create or replace function public.price_of(item jsonb) returns jsonb language sql as $$
+                         select jsonb_build_object('sku', item->>'sku', 'price', 42.50, 'served_by', current_user) $$""")
+            bob.sql("select peer.expose('public.price_of(jsonb)'::regprocedure, 'alice')")
+            with alice.connect() as conn:
+                conn.execute("""select peer.call('bob', 'public.price_of', '{"sku": "w-0"}')""")  # warm
+                t0 = time.monotonic()
+                result = conn.execute("""select peer.call('bob', 'public.price_of', '{"sku": "w-1"}')""").fetchone()[0]
+            console.print(f"  bob answered {result} in {(time.monotonic() - t0) * 1000:.1f} ms")
+            try:
+                alice.sql("select peer.call('bob', 'public.secret_of', '{}')")
+            except Exception as exc:  # the refusal is the point
+                console.print(f"  a function bob did not expose: [yellow]{str(exc).splitlines()[0]}[/]")
 
     def run(self) -> None:
         for name in self.STEPS:

@@ -137,7 +137,7 @@ create table peer.inbox (
     topic text not null,
     payload jsonb not null,
     sent_at timestamptz not null,
-    received_at timestamptz not null default now(),
+    received_at timestamptz not null default clock_timestamp(),
     position bigint generated always as identity,
     handler regprocedure,
     handled_at timestamptz,

@@ -13,6 +13,7 @@ import random
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import msgpack
@@ -507,7 +508,8 @@ def test_a_crash_mid_stream_loses_and_repeats_nothing(testbed, signal_server, vi
 # --------------------------------------------------------------------------
 
 class LightPeer:
-    """A PeerNode outside PostgreSQL, on an asyncio loop in a thread of the test process."""
+    """A PeerNode outside PostgreSQL, on an asyncio loop in a thread of the test process.
+    Frames the node does not handle itself (msgs, ack, result, ...) are kept in .frames."""
 
     def __init__(self, signal_url, name):
         self.loop = asyncio.new_event_loop()
@@ -516,11 +518,13 @@ class LightPeer:
         self.me = identity.Identity.generate()
         self.book = MemoryFriendBook()
         self.invite = identity.make_invite(self.me, [signal_url], name_hint=name)
+        self.frames = []
         self.node = None
         self.node = self.run(self._start(signal_url, name))
 
     async def _start(self, signal_url, name):
-        node = PeerNode(self.me, self.book, signal_url, transport.IceServers(), name=name)
+        node = PeerNode(self.me, self.book, signal_url, transport.IceServers(), name=name,
+                        on_frame=lambda link, frame: self.frames.append(frame))
         await node.start()
         return node
 
@@ -535,6 +539,14 @@ class LightPeer:
         self.run(add())
         return chain.peer_id
 
+    async def link(self, peer_id):
+        """The connected link to peer_id, connecting again if need be."""
+        link = self.node.links.get(peer_id)
+        if link is None or link.state != "connected" or link.channel is None \
+                or link.channel.readyState != "open":
+            link = await self.node.connect(peer_id, timeout=30)
+        return link
+
     def close(self):
         try:
             if self.node is not None:
@@ -544,32 +556,51 @@ class LightPeer:
             self.thread.join(10)
 
 
+@pytest.fixture
+def mallory(messaging_pair, signal_server):
+    """A light peer alice has as the friend 'mallory', connected; (light peer, alice's peer id)."""
+    alice, _ = messaging_pair
+    peer = LightPeer(signal_server.url, "mallory")
+    try:
+        alice_id = peer.befriend("alice", alice.scalar("select peer.invite()"))
+        alice.sql("select peer.add_friend('mallory', %s)", peer.invite)
+        link = peer.run(peer.node.connect(alice_id, timeout=20))
+        assert link.state == "connected"
+        wait_connected(alice, "mallory", timeout=20)
+        yield peer, alice_id
+    finally:
+        peer.close()
+        alice.sql("select peer.remove_friend('mallory')")
+
+
 def known_frame_kinds():
     """Every frame type the package's sources name ({"t": "..."}), and a few guesses."""
-    kinds = {"msg", "message", "ack", "nack", "reject", "call", "result", "reply", "error", "config",
-             "limits", "chunk", "hello", "verified", "ping", "pong"}
+    kinds = {"msg", "message", "msgs", "ack", "nack", "reject", "call", "result", "cancel", "error", "config",
+             "frag", "hello", "verified", "ping", "pong"}
     for path in Path(transport.__file__).parent.glob("*.py"):
         kinds.update(re.findall(r"""["']t["']\s*:\s*["'](\w+)["']""", path.read_text()))
     kinds.discard("bye")  # a well-formed goodbye closes the link, as it should
     return sorted(kinds)
 
 
-FIELD_NAMES = ["id", "seq", "epoch", "topic", "payload", "n", "size", "total", "part", "parts", "fn", "arg",
-               "timeout", "error", "ok", "upto", "max", "max_message_bytes", "reason", "at", "proto", "sig",
-               "sent_at", "data", "more", "call", "result"]
+FIELD_NAMES = ["id", "seq", "epoch", "prev", "items", "topic", "payload", "more", "data", "upto", "rejected",
+               "fn", "arg", "timeout_ms", "ok", "result", "error", "at", "proto", "sig", "max_message_bytes",
+               "sent_at", "n", "total"]
 
 
 def junk_value(rng):
-    return rng.choice([None, -1, 0, 2 ** 63 - 1, -2 ** 63, 1.5, float("nan"), True, "", "x", "é" * 50,
-                       b"\x00\xff", [], {}, [1, [2, [3]]], {"a": {"b": None}}, rng.randbytes(rng.randint(1, 64)),
-                       "a" * rng.randint(100, 5000), {"t": "msg"}, str(rng.random())])
+    return rng.choice([None, -1, 0, 2 ** 63 - 1, -2 ** 63, 2 ** 64 - 1, 1.5, float("nan"), float("inf"), True,
+                       "", "x", "\x00", "é" * 50, b"\x00\xff", os.urandom(16), [], {}, [1, [2, [3]]],
+                       {"a": {"b": None}}, rng.randbytes(rng.randint(1, 64)), "a" * rng.randint(100, 5000),
+                       {"t": "msgs"}, [[1, os.urandom(16), "t", 1.0, "{}"]], str(rng.random())])
 
 
 def garbage_frames(count, kinds, rng):
-    """Random bytes, truncated msgpack, maps of unknown and of known types with junk fields,
-    wrong types, absurd headers; a few near the data channel's largest message."""
+    """Random bytes, truncated msgpack, maps of unknown and of known types with junk
+    fields, wrong types, absurd headers, stray fragments; then a few near the data
+    channel's largest message, and a fragmented frame larger than any limit."""
     for i in range(count):
-        r = i % 9
+        r = i % 10
         if r == 0:
             yield rng.randbytes(rng.randint(1, 300))
         elif r == 1:
@@ -585,7 +616,7 @@ def garbage_frames(count, kinds, rng):
                 frame[rng.choice(FIELD_NAMES)] = junk_value(rng)
             yield msgpack.packb(frame, use_bin_type=True)
         elif r == 4:
-            yield msgpack.packb(rng.choice([None, 1, -5, 3.25, "t", b"t", ["t", "msg"], [{"t": "ping"}], True]),
+            yield msgpack.packb(rng.choice([None, 1, -5, 3.25, "t", b"t", ["t", "msgs"], [{"t": "ping"}], True]),
                                 use_bin_type=True)
         elif r == 5:
             yield msgpack.packb({"t": junk_value(rng), "payload": junk_value(rng)}, use_bin_type=True)
@@ -598,78 +629,191 @@ def garbage_frames(count, kinds, rng):
                 b"\x81\xa1t" * 3000 + b"\xc0",                 # maps nested 3000 deep
                 b"\xc1",                                       # never used
                 b"\xd4\x05\x00",                               # an ext type
-                msgpack.packb({"t": "ping", "at": "soon"}, use_bin_type=True) + b"trailing",
+                msgpack.packb({"t": "ping", "at": 1.0}, use_bin_type=True) + b"trailing",
                 msgpack.packb({1: 2, (1, 2): "x", "t": None}, use_bin_type=True),
             ])
         elif r == 7:
-            yield msgpack.packb({"t": rng.choice(kinds), "payload": {"n": i}, "topic": "t", "seq": i,
-                                 "id": rng.randbytes(16), "epoch": rng.randbytes(16)}, use_bin_type=True)
+            # stray or bogus fragments: a piece never finished, a last piece of junk
+            yield msgpack.packb({"t": "frag", "more": rng.choice([True, False]),
+                                 "data": rng.randbytes(rng.randint(1, 2000))}, use_bin_type=True)
+        elif r == 8:
+            yield msgpack.packb({"t": rng.choice(kinds), "epoch": os.urandom(16), "prev": junk_value(rng),
+                                 "items": [[rng.choice([0, -1, 1, 2 ** 63]), junk_value(rng), junk_value(rng),
+                                            junk_value(rng), junk_value(rng)]],
+                                 "upto": junk_value(rng), "rejected": [[junk_value(rng), junk_value(rng)]]},
+                                use_bin_type=True)
         else:
-            yield rng.choice([b"", "{}", "hello", "\x00", '{"t": "msg"}', "t" * 1000])  # empty, and text messages
+            yield rng.choice([b"", "", "{}", "hello", "\x00", '{"t": "msgs"}', "t" * 1000])  # empty, text
     # near the largest message aiortc takes (256 KiB)
     yield rng.randbytes(250_000)
     yield msgpack.packb({"t": "no-such-frame", "blob": rng.randbytes(240_000)}, use_bin_type=True)
     for kind in kinds:
         yield msgpack.packb({"t": kind, "payload": "p" * 200_000, "seq": 1, "total": 2 ** 40}, use_bin_type=True)
+    # a fragmented frame larger than the 16 MiB a database takes by default
+    piece = rng.randbytes(60 * 1024)
+    for _ in range(17 * 1024 // 60 + 2):
+        yield msgpack.packb({"t": "frag", "more": True, "data": piece}, use_bin_type=True)
+    yield msgpack.packb({"t": "frag", "more": False, "data": b"\x80"}, use_bin_type=True)
 
 
-async def write_garbage(node, peer_id, frames, max_reconnects=10):
-    """Write frames straight onto the data channel, bypassing the link's queues;
-    reconnects if the friend closes the link.  Returns (written, reconnects)."""
-    link = node.links[peer_id]
+GARBAGE_PER_SECOND = 1500  # under the rate a friend may send at, so most frames reach the decoder
+
+
+async def write_garbage(peer, peer_id, frames, max_reconnects=10):
+    """Write frames straight onto the data channel, bypassing the link's own queues;
+    connects again if the friend closes the link.  Returns (written, reconnects)."""
+    link = await peer.link(peer_id)
     written = reconnects = 0
+    started = time.monotonic()
     for data in frames:
-        if link.state != "connected" or link.channel is None or link.channel.readyState != "open":
+        if link.state != "connected" or link.channel.readyState != "open":
             if reconnects >= max_reconnects:
                 break
             reconnects += 1
-            link = await node.connect(peer_id, timeout=20)
+            link = await peer.link(peer_id)
         link.channel.send(data)
         written += 1
         while link.channel.bufferedAmount > 1024 * 1024 and link.channel.readyState == "open":
             await asyncio.sleep(0.005)
-        if written % 100 == 0:
-            await asyncio.sleep(0)  # let pings and the link's writer run
-    # wait until aiortc has handed everything to the network
+        if written % 50 == 0:
+            ahead = written / GARBAGE_PER_SECOND - (time.monotonic() - started)
+            await asyncio.sleep(max(0.0, ahead))  # also lets pings and the link's writer run
+    # until aiortc has handed everything to the network
     deadline = time.monotonic() + 30
     while link.channel.bufferedAmount > 0 and link.channel.readyState == "open" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return written, reconnects
 
 
-def test_garbage_from_a_misbehaving_peer_leaves_the_worker_and_other_friends_alone(messaging_pair, signal_server):
+def test_garbage_from_a_misbehaving_peer_leaves_the_worker_and_other_friends_alone(messaging_pair, mallory):
     alice, bob = messaging_pair
+    peer, alice_id = mallory
     allow(bob, "bystander", "alice")
     allow(alice, "bystander-back", "bob")
     pid = worker_pid(alice)
-    mallory = LightPeer(signal_server.url, "mallory")
-    try:
-        alice_id = mallory.befriend("alice", alice.scalar("select peer.invite()"))
-        alice.sql("select peer.add_friend('mallory', %s)", mallory.invite)
-        link = mallory.run(mallory.node.connect(alice_id, timeout=20))
-        assert link.state == "connected"
-        wait_connected(alice, "mallory", timeout=20)
+    from_mallory = alice.scalar("select count(*) from peer.inbox where friend = 'mallory'")
 
-        send_batch(alice, "bob", "bystander", 1, 300)  # in flight while the garbage lands
-        rng = random.Random(1234)
-        written, reconnects = mallory.run(
-            write_garbage(mallory.node, alice_id, garbage_frames(10_000, known_frame_kinds(), rng)), timeout=240)
-        print(f"mallory wrote {written} garbage frames ({reconnects} reconnects)")
-        assert written >= 10_000
+    send_batch(alice, "bob", "bystander", 1, 300)  # in flight while the garbage lands
+    rng = random.Random(1234)
+    started = time.monotonic()
+    written, reconnects = peer.run(
+        write_garbage(peer, alice_id, garbage_frames(10_000, known_frame_kinds(), rng)), timeout=240)
+    print(f"mallory wrote {written} garbage frames in {time.monotonic() - started:.1f} s "
+          f"({reconnects} reconnects)")
+    assert written >= 10_000
 
-        send_batch(alice, "bob", "bystander", 301, 600)
-        send(bob, "alice", "bystander-back", {"n": 1})
-        wait_inbox(bob, "bystander", 600, timeout=60)
-        wait_inbox(alice, "bystander-back", 1, timeout=30)
-        assert arrived_n(bob, "bystander") == list(range(1, 601))
-        assert worker_pid(alice) == pid, "alice's worker was restarted"
-        assert connection_state(alice, "bob") == "connected"
-        refused, last_refusal = alice.sql(
-            "select frames_refused, last_refusal from peer.connections where friend = 'mallory'")[0]
-        assert refused > 0 and last_refusal
-        assert alice.scalar("select count(*) from peer.inbox where friend = 'mallory'") == 0
-        # the worker still answers its control channel, and bob still talks to it
-        assert alice.scalar("select peer.ping_worker() is not null") is True
-    finally:
-        mallory.close()
-        alice.sql("select peer.remove_friend('mallory')")
+    send_batch(alice, "bob", "bystander", 301, 600)
+    send(bob, "alice", "bystander-back", {"n": 1})
+    wait_inbox(bob, "bystander", 600, timeout=60)
+    wait_inbox(alice, "bystander-back", 1, timeout=30)
+    assert arrived_n(bob, "bystander") == list(range(1, 601))
+    assert worker_pid(alice) == pid, "alice's worker was restarted"
+    assert connection_state(alice, "bob") == "connected"
+    refused, last_refusal = alice.sql(
+        "select frames_refused, last_refusal from peer.connections where friend = 'mallory'")[0]
+    print(f"alice refused {refused} frames from mallory; the last: {last_refusal}")
+    assert refused > 0 and last_refusal
+    assert alice.scalar("select count(*) from peer.inbox where friend = 'mallory'") == from_mallory
+    assert alice.scalar("select peer.ping_worker() is not null") is True
+
+
+class HostileSender:
+    """Well-formed frames with hostile contents, from the light peer, one step at a time."""
+
+    def __init__(self, peer, peer_id):
+        self.peer, self.peer_id = peer, peer_id
+        self.epoch = os.urandom(16)
+        self.seq = 0
+        self.prev = {}  # link -> the last seq sent on it
+
+    async def _wait(self, link, done, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = done()
+            if found:
+                return "answered", found
+            if link.state != "connected":
+                return "closed", link.last_error
+            await asyncio.sleep(0.05)
+        return "silent", None
+
+    async def msgs(self, items, epoch=None):
+        """items: (topic, sent_at, payload text, id or None); waits for the ack, or the link to close."""
+        link = await self.peer.link(self.peer_id)
+        rows = []
+        for topic, sent_at, payload, mid in items:
+            self.seq += 1
+            rows.append([self.seq, mid or uuid.uuid4().bytes, topic, sent_at, payload])
+        epoch = epoch or self.epoch
+        link.send({"t": "msgs", "epoch": epoch, "prev": self.prev.get(link), "items": rows})
+        self.prev[link] = rows[-1][0]
+        upto = rows[-1][0]
+        return await self._wait(link, lambda: next(
+            (f for f in self.peer.frames if f.get("t") == "ack" and f.get("epoch") == epoch
+             and f.get("upto", 0) >= upto), None))
+
+    async def frame(self, frame, answered=lambda f: False, timeout=5):
+        link = await self.peer.link(self.peer_id)
+        link.send(frame)
+        return await self._wait(link, lambda: next((f for f in self.peer.frames if answered(f)), None), timeout)
+
+
+def test_hostile_but_well_formed_frames_from_a_friend(messaging_pair, mallory):
+    """A friend speaking the protocol with poison inside: payloads PostgreSQL refuses,
+    absurd timestamps, a NUL in a topic, a repeated id, forged acknowledgements, calls
+    of things never exposed.  The worker survives, other friends are not disturbed,
+    and the friend's next good message is stored."""
+    alice, bob = messaging_pair
+    peer, alice_id = mallory
+    allow(alice, "from-mallory", "mallory")
+    allow(bob, "bystander2", "alice")
+    pid = worker_pid(alice)
+    hostile = HostileSender(peer, alice_id)
+    topic = "from-mallory"
+    outcomes = {}
+
+    def step(name, coro):
+        outcomes[name] = peer.run(coro, timeout=90)[0]
+
+    step("not json", hostile.msgs([(topic, time.time(), "{", None)]))
+    step("NUL in json", hostile.msgs([(topic, time.time(), '"\\u0000"', None)]))
+    step("deep json", hostile.msgs([(topic, time.time(), "[" * 100_000 + "]" * 100_000, None)]))
+    step("NaN sent_at", hostile.msgs([(topic, float("nan"), "{}", None)]))
+    step("huge sent_at", hostile.msgs([(topic, 1e300, "{}", None)]))
+    step("NUL in topic", hostile.msgs([("from-\x00mallory", time.time(), "{}", None)]))
+    step("not allowed", hostile.msgs([("not-for-mallory", time.time(), "{}", None)]))
+    same_id = uuid.uuid4().bytes
+    step("repeated id", hostile.msgs([(topic, time.time(), '{"copy": 1}', same_id),
+                                      (topic, time.time(), '{"copy": 2}', same_id)]))
+    send_batch(alice, "bob", "bystander2", 1, 100)  # alice <-> bob meanwhile
+
+    # acknowledgements forged on alice's real stream to mallory
+    alice.sql("select peer.send('mallory', 'to-mallory', '{}')")
+    epoch = peer.run(hostile._wait(peer.node.links[alice_id], lambda: next(
+        (f["epoch"] for f in peer.frames if f.get("t") == "msgs"), None)), timeout=30)
+    assert epoch[0] == "answered", "alice's message to mallory never came"
+    for name, ack in [("ack NUL reason", {"upto": 1, "rejected": [[1, "nul \x00 reason"]]}),
+                      ("ack far ahead", {"upto": 2 ** 63 - 1, "rejected": [[2 ** 62, "x" * 1000]]})]:
+        step(name, hostile.frame({"t": "ack", "epoch": epoch[1], **ack}, timeout=2))
+    # calls of things never exposed
+    for fn in ("public.no_such_function", "pg_catalog.pg_terminate_backend", "a\x00b"):
+        call_id = uuid.uuid4().bytes
+        step(f"call {fn!r}", hostile.frame({"t": "call", "id": call_id, "fn": fn, "arg": "{", "timeout_ms": 5000},
+                                           lambda f, i=call_id: f.get("t") == "result" and f.get("id") == i))
+    print("outcomes:", outcomes)
+
+    # the friend's next good message is stored, once
+    step("good", hostile.msgs([(topic, time.time(), '{"good": true}', None)]))
+    tb.wait_for(lambda: alice.scalar("select count(*) from peer.inbox where friend = 'mallory' "
+                                     "and payload = '{\"good\": true}'") == 1, 30,
+                message="mallory's good message after the poison")
+    stored = alice.sql("select topic, payload from peer.inbox where friend = 'mallory' order by position")
+    assert stored == [(topic, {"copy": 1}), (topic, {"good": True})]
+    results = [f for f in peer.frames if f.get("t") == "result"]
+    assert results and all(not f["ok"] for f in results)
+    assert any((f["error"] or {}).get("sqlstate") == "42883" for f in results)
+
+    wait_inbox(bob, "bystander2", 100, timeout=30)
+    assert arrived_n(bob, "bystander2") == list(range(1, 101))
+    assert worker_pid(alice) == pid, "alice's worker was restarted"
+    assert alice.scalar("select peer.ping_worker() is not null") is True

@@ -127,8 +127,9 @@ with items as (
                         where g.topic = i.topic and (g.friend = $1 or g.friend is null)) as allowed
     from items i
 ), stored as (
-    insert into peer.inbox (id, friend, topic, payload, sent_at, handler)
-    select j.id, $1, j.topic, j.payload::jsonb, pg_catalog.to_timestamp(j.sent_at), h.handler
+    insert into peer.inbox (id, friend, topic, payload, sent_at, received_at, handler)
+    select j.id, $1, j.topic, j.payload::jsonb, pg_catalog.to_timestamp(j.sent_at), pg_catalog.clock_timestamp(),
+           h.handler
     from judged j left join peer.message_handler h on h.topic = j.topic
     where j.allowed order by j.seq
     on conflict (id) do nothing
