@@ -86,11 +86,18 @@ def test_two_friends_connect_and_exchange_frames(net, run):
         link = await alice.connect(bob.me.peer_id, timeout=10)
         assert link.state == "connected"
         await until(lambda: bob.links.get(alice.me.peer_id) and bob.links[alice.me.peer_id].state == "connected")
-        link.send({"t": "note", "text": "hello bob"})
-        bob.links[alice.me.peer_id].send({"t": "note", "text": "hello alice"})
+        call = {"t": "call", "id": b"a" * 16, "fn": "hello", "arg": '"bob"', "timeout_ms": 1000}
+        cancel = {"t": "cancel", "id": b"b" * 16}
+        link.send(call)
+        bob.links[alice.me.peer_id].send(cancel)
         await until(lambda: net.frames.get("bob") and net.frames.get("alice"))
-        assert net.frames["bob"] == [{"t": "note", "text": "hello bob"}]
-        assert net.frames["alice"] == [{"t": "note", "text": "hello alice"}]
+        assert net.frames["bob"] == [call]
+        assert net.frames["alice"] == [cancel]
+        # What the wire does not define is refused and counted, never handed on.
+        link.send({"t": "note", "text": "hello bob"})
+        back = bob.links[alice.me.peer_id]
+        await until(lambda: back.frames_refused == 1)
+        assert back.last_refusal == "unknown frame type 'note'" and net.frames["bob"] == [call]
         assert link.stats()["local_candidate"] == "host"
         await until(lambda: link.rtt_ms is not None, timeout=5)
     run(go())

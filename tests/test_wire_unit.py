@@ -67,6 +67,14 @@ def test_bad_frames_are_refused_with_a_reason(data, message):
         wire.decode(data)
 
 
+def test_a_message_larger_than_a_fragment_is_refused_unless_reassembled():
+    frame = {"t": "call", "id": UID, "fn": "f", "arg": "x" * wire.MAX_PACKET, "timeout_ms": 10}
+    data = msgpack.packb(frame, use_bin_type=True)
+    with pytest.raises(wire.WireError, match="over the"):
+        wire.decode(data)
+    assert wire.decode(data, limit=None) == frame
+
+
 def test_random_and_truncated_bytes_never_escape_as_other_errors():
     rng = random.Random(4)
     samples = [os.urandom(rng.randrange(0, 200)) for _ in range(3000)]
@@ -90,7 +98,7 @@ def test_large_frames_travel_as_fragments_and_reassemble():
     pieces = [wire.decode(p) for p in packets]
     assert [p["more"] for p in pieces] == [True, True, True, False]
     assert [joiner.feed(p) for p in pieces[:-1]] == [None] * 3
-    assert wire.decode(joiner.feed(pieces[-1])) == frame
+    assert wire.decode(joiner.feed(pieces[-1]), limit=None) == frame
 
 
 def test_reassembly_refuses_more_than_the_limit_and_starts_again():

@@ -309,6 +309,7 @@ class Messaging:
                 if rows:
                     self._send_rows(out, rows)
                     position = rows[-1]["seq"]
+                    await asyncio.sleep(0)  # the link's writer runs on this loop too
                     continue
                 out.kick.clear()
                 await asyncio.wait([asyncio.ensure_future(out.kick.wait()),

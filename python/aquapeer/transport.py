@@ -227,7 +227,7 @@ class Link:
                 whole = self._reassembler.feed(frame)
                 if whole is None:
                     return
-                frame = wire.decode(whole)
+                frame = wire.decode(whole, limit=None)
                 if frame["t"] in ("frag", "hello", "verified"):
                     raise wire.WireError(f"a {frame['t']} frame inside fragments")
         except wire.WireError as e:

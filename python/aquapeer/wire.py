@@ -34,6 +34,8 @@ from .errors import AquapeerError
 PROTOCOL_MIN = PROTOCOL_MAX = 1
 # Under 64 KiB, the smallest message a data channel must accept (RFC 8841).
 FRAGMENT_BYTES = 60 * 1024
+# The largest data-channel message a peer sends: a fragment and its framing.
+MAX_PACKET = FRAGMENT_BYTES + 1024
 MAX_TOPIC = 255
 MAX_NAME = 255
 MAX_REASON = 1000
@@ -124,10 +126,12 @@ def validate(frame):
     return frame
 
 
-def decode(data):
-    """Bytes from the channel to a validated frame."""
+def decode(data, limit=MAX_PACKET):
+    """Bytes from the channel (or reassembled fragments: limit None) to a validated frame."""
     if isinstance(data, str):
         data = data.encode()
+    if limit is not None and len(data) > limit:
+        raise WireError(f"a frame of {len(data)} bytes, over the {limit} a peer may send at once")
     try:
         frame = msgpack.unpackb(data, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
