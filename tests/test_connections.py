@@ -129,18 +129,21 @@ def test_rotate_identity_keeps_the_friendship(pair):
 def test_set_friend_role_refuses_powerful_roles(pair):
     alice, bob = pair
     alice.sql("select peer.add_friend('bob', %s)", bob.scalar("select peer.invite()"))
-    alice.sql("create role aq_limited nologin; create role aq_bypass nologin bypassrls; "
-              "create role aq_climber nologin in role aq_bypass")
+    alice.sql("create role aq_limited login; create role aq_bypass login bypassrls; "
+              "create role aq_climber login in role aq_bypass; create role aq_nologin nologin")
     try:
         alice.sql("select peer.set_friend_role('bob', 'aq_limited')")
         assert alice.scalar("select role from peer.friends where name = 'bob'") == "aq_limited"
+        # Executors connect as the role itself, which PostgreSQL 15 allows only for roles that can log in.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="cannot log in"):
+            alice.sql("select peer.set_friend_role('bob', 'aq_nologin')")
         for role in ("postgres", "aq_bypass", "aq_climber"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 alice.sql("select peer.set_friend_role('bob', %s)", role)
         assert alice.scalar("select role from peer.friends where name = 'bob'") == "aq_limited"
     finally:
         alice.sql("update peer.friend set role = 'aquapeer_friend'")
-        alice.sql("drop role aq_limited; drop role aq_climber; drop role aq_bypass")
+        alice.sql("drop role aq_limited; drop role aq_climber; drop role aq_bypass; drop role aq_nologin")
 
 
 @pytest.mark.testbed(n=3)
