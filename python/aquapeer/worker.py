@@ -276,12 +276,17 @@ class Worker:
         return True
 
     async def watch_identity(self):
-        """Take up peer.rotate_identity() and peer.reset_identity() once they commit."""
+        """Take up peer.rotate_identity() and peer.reset_identity() once they commit; leave
+        after ALTER EXTENSION aquapeer UPDATE, so that a new process loads the new code."""
         seen = None
         while True:
             await asyncio.sleep(IDENTITY_POLL_S)
-            row = self.db.query("select peer_id, rotated_at::text as rotated from peer.identity")
+            row = self.db.query("select peer_id, rotated_at::text as rotated, (select extversion from "
+                                "pg_catalog.pg_extension where extname = 'aquapeer') as version from peer.identity")
             self.db.commit()
+            if row and row[0]["version"] != __version__:
+                raise AquapeerError(f"the extension is now version {row[0]['version']}, this worker runs "
+                                    f"{__version__}: leaving, to be restarted with the new version")
             current = (row[0]["peer_id"], row[0]["rotated"]) if row else None
             if None not in (seen, current) and current != seen and self.node is not None:
                 if current[0] != seen[0]:
@@ -312,8 +317,13 @@ class Worker:
             self.messaging.run_handlers(), self.messaging.run_housekeeping())]
         try:
             await self.start_node()
-            await asyncio.wait([tasks[0]])
-            return tasks[0].result()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done:
+                return tasks[0].result()
+            # Any other task ends only by failing: fail loudly, and be restarted.
+            failed = done.pop()
+            failed.result()
+            raise AquapeerError(f"worker task {failed.get_coro().__qualname__} ended")
         finally:
             server.close()
             self.messaging.close()
