@@ -188,6 +188,23 @@ def test_python_exception_is_logged_and_the_worker_restarts(cluster):
     print(f"worker back after {time.monotonic() - t0:.2f} s")
 
 
+@pytest.mark.testbed(extra_conf=FAST_RESTART)
+def test_worker_leaves_when_the_extension_is_updated_under_it(cluster):
+    # As ALTER EXTENSION aquapeer UPDATE would: the running code is not the catalog's version.
+    create_extension(cluster)
+    pid = wait_ping(cluster, 20)
+    version = cluster.scalar("select extversion from pg_extension where extname = 'aquapeer'")
+    offset = cluster.log_size()
+    cluster.sql("update pg_extension set extversion = '9.9.9' where extname = 'aquapeer'")
+    try:
+        cluster.wait_for_log(r"the extension is now version 9.9.9, this worker runs %s" % re.escape(version),
+                             10, since=offset)
+        cluster.wait_for_log(r'\(PID %d\) exited with exit code 1' % pid, 10, since=offset)
+    finally:
+        cluster.sql("update pg_extension set extversion = %s where extname = 'aquapeer'", version)
+    assert wait_ping(cluster, 15) != pid
+
+
 # --------------------------------------------------------------------------
 # 6. a crash: crash recovery, then the worker comes back
 # --------------------------------------------------------------------------
