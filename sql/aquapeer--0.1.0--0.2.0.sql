@@ -103,7 +103,8 @@ create table peer.outbox_message (
     seq bigint,
     -- null while flowing (queued, sent, acked follow from peer.outbox_stream); else final
     final_state text check (final_state in ('acked', 'rejected', 'expired')),
-    reason text
+    reason text,
+    finished_at timestamptz
 );
 alter sequence peer.outbox_position owned by peer.outbox_message.position;
 create index outbox_message_unnumbered on peer.outbox_message (position)

@@ -69,7 +69,7 @@ from here h
 # Acknowledged messages of the old epoch keep their state; the others are
 # numbered again in the new one.  $1: the new epoch.
 START_EPOCH = [
-    """update peer.outbox_message m set final_state = 'acked'
+    """update peer.outbox_message m set final_state = 'acked', finished_at = pg_catalog.clock_timestamp()
        from peer.outbox_stream s
        where s.peer_id = m.peer_id and m.epoch = s.epoch and m.seq <= s.acked_upto and m.final_state is null""",
     """update peer.outbox_message set seq = null, epoch = null where seq is not null and final_state is null""",
@@ -151,7 +151,8 @@ select (select count(*) from notified) as stored,
 EXPIRE_OLD = """
 with expired as (
     update peer.outbox_message m
-    set final_state = 'expired', reason = 'not acknowledged within ' || c.outbox_max_age::text
+    set final_state = 'expired', reason = 'not acknowledged within ' || c.outbox_max_age::text,
+        finished_at = pg_catalog.clock_timestamp()
     from peer.config c
     where m.final_state is null and m.created_at < pg_catalog.now() - c.outbox_max_age
       and not exists (select from peer.outbox_stream s
@@ -168,7 +169,8 @@ with unacked as (
     where m.final_state is null and (m.seq is null or s.peer_id is null or m.seq > s.acked_upto)
 ), expired as (
     update peer.outbox_message m
-    set final_state = 'expired', reason = 'more than ' || c.outbox_max_bytes || ' bytes waiting for this friend'
+    set final_state = 'expired', reason = 'more than ' || c.outbox_max_bytes || ' bytes waiting for this friend',
+        finished_at = pg_catalog.clock_timestamp()
     from unacked u, peer.config c
     where m.id = u.id and u.newer_bytes > c.outbox_max_bytes
     returning m.friend, c.outbox_max_bytes::text as limit_text
@@ -185,8 +187,8 @@ PRUNE = [
        from peer.config c where s.prune_mark_at <= pg_catalog.now() - c.outbox_retention""",
     # Final states: acknowledged in an earlier epoch, rejected, expired.
     """delete from peer.outbox_message m using peer.config c
-       where (m.final_state = 'acked' and m.created_at < pg_catalog.now() - c.outbox_retention)
-          or (m.final_state in ('rejected', 'expired') and m.created_at < pg_catalog.now() - c.outbox_max_age)""",
+       where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
+          or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
 ]
 
 PENDING_HANDLERS = """
@@ -345,7 +347,8 @@ class Messaging:
                       "where peer_id = $1 and epoch = $2::uuid", [link.peer_id, epoch, frame["upto"]])
         if frame["rejected"]:
             self.db.query(
-                "update peer.outbox_message m set final_state = 'rejected', reason = r.reason "
+                "update peer.outbox_message m set final_state = 'rejected', reason = r.reason, "
+                "finished_at = pg_catalog.clock_timestamp() "
                 "from pg_catalog.jsonb_to_recordset($3::jsonb) as r(seq bigint, reason text) "
                 "where m.peer_id = $1 and m.epoch = $2::uuid and m.seq = r.seq",
                 [link.peer_id, epoch, json.dumps([{"seq": s, "reason": r} for s, r in frame["rejected"]])])

@@ -189,7 +189,8 @@ def _end_friendship(name, statement):
 
 @sql_errors
 def remove_friend(name, reason):
-    _db.query("update peer.outbox_message m set final_state = 'expired', reason = $2 "
+    _db.query("update peer.outbox_message m set final_state = 'expired', reason = $2, "
+              "finished_at = pg_catalog.clock_timestamp() "
               "where m.friend = $1 and m.final_state is null and not exists ("
               "select from peer.outbox_stream s where s.peer_id = m.peer_id and s.epoch = m.epoch "
               "and m.seq <= s.acked_upto)", [name, reason or "the friend was removed"])

@@ -258,9 +258,10 @@ class Worker:
         return await self.messaging.retry(args["id"])
 
     async def op_disconnect(self, args):
-        node = self._node()
-        friend = node.friends.by_name(args["name"])
-        return friend is not None and node.disconnect(friend.peer_id)
+        if self.node is None:
+            return False  # no signaling server, so no connections
+        friend = self.node.friends.by_name(args["name"])
+        return friend is not None and self.node.disconnect(friend.peer_id)
 
     async def op_connections(self, args):
         if self.node is None:
