@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 
-from . import control
+from . import control, retention
 from .db import current_database
 from .errors import AquapeerError, DatabaseError
 
@@ -193,7 +193,15 @@ def handle_message(db, args):
     return _bounded(db, args["timeout_ms"], work)
 
 
-HANDLERS = {"call": handle_call, "handle": handle_message}
+def handle_retention(db, args):
+    try:
+        return {"ok": True, "result": retention.run(db)}
+    except DatabaseError as e:
+        db.rollback()
+        return {"ok": False, "error": e.as_dict()}
+
+
+HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention}
 
 
 def _recv_exactly(sock, n):

@@ -49,7 +49,8 @@ FRAME_TARGET_BYTES = 48 * 1024
 # Rows numbered per pass; whole transactions, so a larger one still goes at once.
 PICKUP_ROWS = 5000
 POLL_S = 1.0
-HOUSEKEEPING_S = 30.0
+RETENTION_S = 30.0
+RETENTION_TIMEOUT_S = 300.0
 HANDLER_BATCH = 200
 # Received messages stored per transaction at most.
 STORE_ITEMS = 5000
@@ -147,49 +148,6 @@ select (select count(*) from notified) as stored,
        (select coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(seq, 'topic "' || topic || '" is not allowed for you')),
                         '[]') from judged where not allowed)::text as rejected
 """
-
-EXPIRE_OLD = """
-with expired as (
-    update peer.outbox_message m
-    set final_state = 'expired', reason = 'not acknowledged within ' || c.outbox_max_age::text,
-        finished_at = pg_catalog.clock_timestamp()
-    from peer.config c
-    where m.final_state is null and m.created_at < pg_catalog.now() - c.outbox_max_age
-      and not exists (select from peer.outbox_stream s
-                      where s.peer_id = m.peer_id and s.epoch = m.epoch and m.seq <= s.acked_upto)
-    returning m.friend, c.outbox_max_age::text as limit_text
-)
-select friend, count(*) as n, min(limit_text) as reason from expired group by friend
-"""
-
-EXPIRE_LARGE = """
-with unacked as (
-    select m.id, sum(m.bytes) over (partition by m.peer_id order by m.position desc) as newer_bytes
-    from peer.outbox_message m left join peer.outbox_stream s on s.peer_id = m.peer_id and s.epoch = m.epoch
-    where m.final_state is null and (m.seq is null or s.peer_id is null or m.seq > s.acked_upto)
-), expired as (
-    update peer.outbox_message m
-    set final_state = 'expired', reason = 'more than ' || c.outbox_max_bytes || ' bytes waiting for this friend',
-        finished_at = pg_catalog.clock_timestamp()
-    from unacked u, peer.config c
-    where m.id = u.id and u.newer_bytes > c.outbox_max_bytes
-    returning m.friend, c.outbox_max_bytes::text as limit_text
-)
-select friend, count(*) as n, min(limit_text) as reason from expired group by friend
-"""
-
-PRUNE = [
-    # Acknowledged at least a retention ago: up to the mark set a retention ago.
-    """delete from peer.outbox_message m using peer.outbox_stream s, peer.config c
-       where s.peer_id = m.peer_id and m.epoch = s.epoch and m.seq <= s.prune_upto and m.final_state is null
-         and s.prune_mark_at <= pg_catalog.now() - c.outbox_retention""",
-    """update peer.outbox_stream s set prune_upto = s.acked_upto, prune_mark_at = pg_catalog.now()
-       from peer.config c where s.prune_mark_at <= pg_catalog.now() - c.outbox_retention""",
-    # Final states: acknowledged in an earlier epoch, rejected, expired.
-    """delete from peer.outbox_message m using peer.config c
-       where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
-          or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
-]
 
 PENDING_HANDLERS = """
 select i.id::text as id, i.friend, i.topic, i.handler::oid as handler,
@@ -516,23 +474,20 @@ class Messaging:
             raise AquapeerError.from_dict(reply.get("error") or {})
         return True
 
-    # --- housekeeping ------------------------------------------------------------------
+    # --- retention ---------------------------------------------------------------------
 
-    def housekeeping(self):
-        """Expire what waited too long or is too much, prune what was acknowledged long ago."""
-        for query in (EXPIRE_OLD, EXPIRE_LARGE):
-            for r in self.db.query(query):
-                log.warning("expired %d messages to %s: %s", r["n"], r["friend"],
-                            "not acknowledged within " + r["reason"] if query is EXPIRE_OLD
-                            else f"more than {r['reason']} bytes were waiting")
-        for statement in PRUNE:
-            self.db.query(statement)
-        self.db.commit()
-
-    async def run_housekeeping(self):
+    async def run_retention(self, owner_oid):
+        """Expire and prune in an executor (the scans grow with the outbox; the loop must not wait)."""
         while True:
-            self.housekeeping()
-            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                reply = await self.executors.run(owner_oid, {"op": "retention", "args": {}}, RETENTION_TIMEOUT_S)
+                if not reply.get("ok"):
+                    raise AquapeerError.from_dict(reply.get("error") or {})
+                for r in reply["result"]:
+                    log.warning("expired %d messages to %s: %s", r["n"], r["friend"], r["reason"])
+            except (AquapeerError, ConnectionError, asyncio.TimeoutError) as e:
+                log.warning("outbox retention failed, trying again in %.0f s: %s", RETENTION_S, e)
+            await asyncio.sleep(RETENTION_S)
 
     # --- frames -------------------------------------------------------------------------
 

@@ -63,6 +63,8 @@ class Worker:
     def __init__(self, db):
         self.db = db
         self.database_oid, self.database_name = current_database(db)
+        # Retention runs in an executor connected as this worker's own role.
+        self.retention_role = db.scalar("select oid from pg_catalog.pg_roles where rolname = current_user")
         config = db.query("select executor_pool_size, "
                           "extract(epoch from executor_idle_timeout)::float8 as idle_s from peer.config")
         # What the worker acknowledges to friends must survive a crash,
@@ -315,7 +317,7 @@ class Worker:
         self.messaging.start_epoch()
         tasks = [asyncio.create_task(coro) for coro in (
             self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity(), self.messaging.run_pickup(),
-            self.messaging.run_handlers(), self.messaging.run_housekeeping())]
+            self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role))]
         try:
             await self.start_node()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

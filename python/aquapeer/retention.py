@@ -1,0 +1,66 @@
+"""What the outbox keeps, and for how long: expiry and pruning.
+
+Run by an executor connected as the extension's owner every 30 s (the
+worker asks; messaging.run_retention), never on the network worker's loop:
+the scans grow with what waits in the outbox.  Pure SQL behind the db
+adapter; the worker logs what expired as a WARNING.
+"""
+
+EXPIRE_OLD = """
+with expired as (
+    update peer.outbox_message m
+    set final_state = 'expired', reason = 'not acknowledged within ' || c.outbox_max_age::text,
+        finished_at = pg_catalog.clock_timestamp()
+    from peer.config c
+    where m.final_state is null and m.created_at < pg_catalog.now() - c.outbox_max_age
+      and not exists (select from peer.outbox_stream s
+                      where s.peer_id = m.peer_id and s.epoch = m.epoch and m.seq <= s.acked_upto)
+    returning m.friend, m.reason
+)
+select friend, count(*) as n, min(reason) as reason from expired group by friend
+"""
+
+EXPIRE_LARGE = """
+with unacked as (
+    -- through the indexes: what each stream has not had acknowledged, and what is not numbered yet
+    select m.id, m.peer_id, m.position, m.bytes from peer.outbox_stream s
+    cross join lateral (select * from peer.outbox_message m
+                        where m.peer_id = s.peer_id and m.epoch = s.epoch and m.seq > s.acked_upto
+                          and m.final_state is null) m
+    union all
+    select id, peer_id, position, bytes from peer.outbox_message where seq is null and final_state is null
+), totals as (
+    select id, sum(bytes) over (partition by peer_id order by position desc) as newer_bytes from unacked
+), expired as (
+    update peer.outbox_message m
+    set final_state = 'expired', reason = 'more than ' || c.outbox_max_bytes || ' bytes were waiting',
+        finished_at = pg_catalog.clock_timestamp()
+    from totals u, peer.config c
+    where m.id = u.id and u.newer_bytes > c.outbox_max_bytes
+    returning m.friend, m.reason
+)
+select friend, count(*) as n, min(reason) as reason from expired group by friend
+"""
+
+PRUNE = [
+    # Acknowledged at least a retention ago: up to the mark set a retention ago.
+    """delete from peer.outbox_message m using peer.outbox_stream s, peer.config c
+       where s.peer_id = m.peer_id and m.epoch = s.epoch and m.seq <= s.prune_upto and m.final_state is null
+         and s.prune_mark_at <= pg_catalog.now() - c.outbox_retention""",
+    """update peer.outbox_stream s set prune_upto = s.acked_upto, prune_mark_at = pg_catalog.now()
+       from peer.config c where s.prune_mark_at <= pg_catalog.now() - c.outbox_retention""",
+    # Final states: acknowledged in an earlier epoch, rejected, expired.
+    """delete from peer.outbox_message m using peer.config c
+       where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
+          or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
+]
+
+
+def run(db):
+    """Expire what waited too long or is too much, prune what was acknowledged long ago;
+    return [{friend, n, reason}] for what expired."""
+    expired = [dict(r) for query in (EXPIRE_OLD, EXPIRE_LARGE) for r in db.query(query)]
+    for statement in PRUNE:
+        db.query(statement)
+    db.commit()
+    return expired
