@@ -250,7 +250,7 @@ def test_concurrent_senders_arrive_in_commit_order(messaging_pair):
     options = "-c statement_timeout=10s"
     with alice.connect(autocommit=False, options=options) as first, \
             alice.connect(autocommit=False, options=options) as second:
-        for rnd, pause in enumerate([0.0, 0.5, 0.0, 0.0]):
+        for rnd, pause in enumerate([0.0, 0.5, 0.0, 0.0, 0.0, 0.0]):
             # first begins (and takes its outbox positions) before second, but commits after it
             send_in(first, f"{rnd}-first-a")
             send_in(second, f"{rnd}-second-a")
@@ -468,6 +468,27 @@ STREAM = 10_000
 BATCH = 500
 
 
+class StreamSender(threading.Thread):
+    """Sends {"n": first} .. {"n": last} to bob, a transaction per (first, last) of
+    transactions, and stops at the first error (its server crashed)."""
+
+    def __init__(self, cluster, transactions):
+        super().__init__(daemon=True)
+        self.cluster, self.transactions = cluster, transactions
+        self.error = None
+
+    def run(self):
+        try:
+            for first, last in self.transactions:
+                send_batch(self.cluster, "bob", "stream", first, last)
+        except psycopg.Error as exc:
+            self.error = exc
+
+
+def batches(first, last):
+    return [(n, min(n + BATCH - 1, last)) for n in range(first, last + 1, BATCH)]
+
+
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
 @pytest.mark.testbed(n=2, names=["alice", "bob"], extra_conf={"synchronous_commit": "on"})
 def test_a_crash_mid_stream_loses_and_repeats_nothing(testbed, signal_server, victim):
@@ -475,24 +496,36 @@ def test_a_crash_mid_stream_loses_and_repeats_nothing(testbed, signal_server, vi
     alice, bob = testbed.alice, testbed.bob
     make_friends(alice, "alice", bob, "bob", signal_server.url)
     allow(bob, "stream", "alice")
-    half = STREAM // 2
-    for first in range(1, half + 1, BATCH):
-        send_batch(alice, "bob", "stream", first, first + BATCH - 1)
-    # crash in the middle of the stream: once some, not all, have arrived
-    tb.wait_for(lambda: inbox_count(bob, "stream") > 0, 30, interval=0.02,
+    # A first transaction large enough that the crash finds messages committed and not yet
+    # acknowledged (delivery keeps up with transactions of 500), then transactions of 500.
+    first = STREAM // 2
+    sender = StreamSender(alice, [(1, first)] + batches(first + 1, STREAM))
+    sender.start()
+    # crash in the middle of the stream: some have arrived, alice is still sending
+    tb.wait_for(lambda: inbox_count(bob, "stream") >= 300, 60, interval=0.02,
                 message="the stream to start arriving")
-    at_crash = inbox_count(bob, "stream")
     crashed = bob if victim == "receiver" else alice
     crashed.kill9()
+    at_crash = inbox_count(bob, "stream") if victim == "sender" else None
     if victim == "receiver":
-        for first in range(half + 1, STREAM + 1, BATCH):  # alice goes on while bob is down
-            send_batch(alice, "bob", "stream", first, first + BATCH - 1)
+        print("bob killed; alice's outbox:",
+              dict(alice.sql("select state, count(*) from peer.outbox where topic = 'stream' group by state")))
+    sender.join(120)
+    assert not sender.is_alive()
+    if victim == "receiver":
+        assert sender.error is None, sender.error  # alice went on while bob was down
         bob.start()
     else:
+        assert sender.error is not None, "alice finished sending before the crash; nothing was tested"
         alice.start()
-        for first in range(half + 1, STREAM + 1, BATCH):  # before alice's worker is even back
-            send_batch(alice, "bob", "stream", first, first + BATCH - 1)
-    print(f"{victim} killed with {at_crash} of {STREAM} messages in bob's inbox")
+        # What alice committed before the crash is there, whole transactions only; send the rest,
+        # perhaps before alice's worker is even back.
+        committed = alice.scalar("select count(*) from peer.outbox where topic = 'stream'")
+        assert committed >= first and committed % BATCH == 0 and committed == alice.scalar(
+            "select max((payload->>'n')::int) from peer.outbox where topic = 'stream'")
+        print(f"alice killed with {at_crash} messages in bob's inbox and {committed} committed")
+        assert at_crash < committed, "everything alice committed had arrived before the crash"
+        StreamSender(alice, batches(committed + 1, STREAM)).run()
     wait_inbox(bob, "stream", STREAM, timeout=150)
     wait_all_acked(alice, "stream", STREAM, timeout=60)
     time.sleep(1.0)
@@ -768,6 +801,7 @@ def test_hostile_but_well_formed_frames_from_a_friend(messaging_pair, mallory):
     allow(alice, "from-mallory", "mallory")
     allow(bob, "bystander2", "alice")
     pid = worker_pid(alice)
+    baseline = alice.scalar("select coalesce(max(position), 0) from peer.inbox")
     hostile = HostileSender(peer, alice_id)
     topic = "from-mallory"
     outcomes = {}
@@ -786,28 +820,35 @@ def test_hostile_but_well_formed_frames_from_a_friend(messaging_pair, mallory):
     step("repeated id", hostile.msgs([(topic, time.time(), '{"copy": 1}', same_id),
                                       (topic, time.time(), '{"copy": 2}', same_id)]))
     send_batch(alice, "bob", "bystander2", 1, 100)  # alice <-> bob meanwhile
-
-    # acknowledgements forged on alice's real stream to mallory
-    alice.sql("select peer.send('mallory', 'to-mallory', '{}')")
-    epoch = peer.run(hostile._wait(peer.node.links[alice_id], lambda: next(
-        (f["epoch"] for f in peer.frames if f.get("t") == "msgs"), None)), timeout=30)
-    assert epoch[0] == "answered", "alice's message to mallory never came"
-    for name, ack in [("ack NUL reason", {"upto": 1, "rejected": [[1, "nul \x00 reason"]]}),
-                      ("ack far ahead", {"upto": 2 ** 63 - 1, "rejected": [[2 ** 62, "x" * 1000]]})]:
-        step(name, hostile.frame({"t": "ack", "epoch": epoch[1], **ack}, timeout=2))
     # calls of things never exposed
     for fn in ("public.no_such_function", "pg_catalog.pg_terminate_backend", "a\x00b"):
         call_id = uuid.uuid4().bytes
         step(f"call {fn!r}", hostile.frame({"t": "call", "id": call_id, "fn": fn, "arg": "{", "timeout_ms": 5000},
                                            lambda f, i=call_id: f.get("t") == "result" and f.get("id") == i))
+    # acknowledgements forged on alice's real stream to mallory
+    alice.sql("select peer.send('mallory', 'to-mallory', '{}')")
+
+    async def alices_epoch():
+        return await hostile._wait(await peer.link(alice_id), lambda: next(
+            (f["epoch"] for f in peer.frames if f.get("t") == "msgs"), None))
+    answered, epoch = peer.run(alices_epoch(), timeout=30)
+    assert answered == "answered", "alice's message to mallory never came"
+    for name, ack in [("ack far ahead", {"upto": 2 ** 63 - 1, "rejected": [[2 ** 62, "x" * 1000]]}),
+                      ("ack NUL reason", {"upto": 1, "rejected": [[1, "nul \x00 reason"]]})]:
+        step(name, hostile.frame({"t": "ack", "epoch": epoch, **ack}, timeout=2))
     print("outcomes:", outcomes)
 
-    # the friend's next good message is stored, once
-    step("good", hostile.msgs([(topic, time.time(), '{"good": true}', None)]))
+    # the friend's next good message is stored, once (sent again, same id, until acknowledged)
+    good_id = uuid.uuid4().bytes
+    for attempt in range(4):
+        step(f"good {attempt}", hostile.msgs([(topic, time.time(), '{"good": true}', good_id)]))
+        if outcomes[f"good {attempt}"] == "answered":
+            break
     tb.wait_for(lambda: alice.scalar("select count(*) from peer.inbox where friend = 'mallory' "
                                      "and payload = '{\"good\": true}'") == 1, 30,
                 message="mallory's good message after the poison")
-    stored = alice.sql("select topic, payload from peer.inbox where friend = 'mallory' order by position")
+    stored = alice.sql("select topic, payload from peer.inbox where friend = 'mallory' and position > %s "
+                       "order by position", baseline)
     assert stored == [(topic, {"copy": 1}), (topic, {"good": True})]
     results = [f for f in peer.frames if f.get("t") == "result"]
     assert results and all(not f["ok"] for f in results)
