@@ -115,6 +115,28 @@ create index outbox_message_age on peer.outbox_message (created_at) where final_
 create index outbox_message_finished on peer.outbox_message (finished_at) where final_state is not null;
 revoke all on peer.outbox_message from public;
 
+-- Commit order.  Each sending transaction records itself here once; a
+-- deferred trigger stamps it at commit under a lock held until the
+-- transaction has ended, so the next sending transaction's stamp is larger
+-- exactly when it commits later.  The worker numbers messages in stamp order.
+create sequence peer.commit_order;
+create table peer.outbox_commit (
+    xact xid8 primary key,
+    commit_seq bigint
+);
+revoke all on peer.outbox_commit from public;
+
+create function peer._stamp_commit() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pg_advisory_xact_lock(hashtext('aquapeer'), hashtext('outbox commit order'));
+    update peer.outbox_commit set commit_seq = nextval('peer.commit_order') where xact = new.xact;
+    return null;
+end
+$$;
+create constraint trigger stamp_commit after insert on peer.outbox_commit
+    deferrable initially deferred for each row execute function peer._stamp_commit();
+
 create view peer.outbox as
     select m.id, m.friend, m.topic, m.payload, m.created_at,
            case when m.final_state is not null then m.final_state
@@ -232,7 +254,10 @@ begin
     insert into peer.outbox_message (peer_id, friend, topic, payload, bytes)
         values (f.peer_id, f.name, topic, payload, bytes)
         returning id into message_id;
-    perform peer._wake_at_commit();
+    if not exists (select from peer.outbox_commit where xact = pg_current_xact_id()) then
+        insert into peer.outbox_commit (xact) values (pg_current_xact_id());
+        perform peer._wake_at_commit();
+    end if;
     return message_id;
 end
 $$;

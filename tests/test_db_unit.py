@@ -38,3 +38,18 @@ def test_errors_carry_their_sqlstate():
     with pytest.raises(DatabaseError) as info:
         db.query("fail")
     assert info.value.sqlstate == "22012"
+
+
+def test_a_sqlstate_plpy_has_no_class_for_is_unpacked_from_spidata():
+    from aquapeer.db import _sqlstate
+
+    class SPIError(Exception):
+        pass
+
+    def packed(state):  # PostgreSQL's MAKE_SQLSTATE
+        return sum(((ord(c) - ord("0")) & 0x3F) << (6 * i) for i, c in enumerate(state))
+
+    error = SPIError("custom")
+    error.spidata = (packed("AQ123"), None, None, None, 0)
+    assert _sqlstate(error) == "AQ123"
+    assert _sqlstate(SPIError("no data")) is None

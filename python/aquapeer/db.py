@@ -32,6 +32,19 @@ def current_database(db):
     return row["oid"], row["name"]
 
 
+def _sqlstate(error):
+    """The SQLSTATE of a plpy.SPIError: a class attribute for the codes PL/Python knows,
+    otherwise only packed into spidata (as PostgreSQL's MAKE_SQLSTATE packs it)."""
+    state = getattr(error, "sqlstate", None)
+    if state:
+        return state
+    spidata = getattr(error, "spidata", None)
+    code = spidata[0] if spidata else None
+    if not isinstance(code, int):
+        return None
+    return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
+
+
 def _pg_value(value):
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -53,7 +66,7 @@ class PlpyDatabase:
                 plan = self._plans[(sql, types)] = self.plpy.prepare(sql, list(types))
             return list(self.plpy.execute(plan, [_pg_value(a) for a in args]))
         except self.plpy.SPIError as e:
-            raise DatabaseError(str(e.args[0]) if e.args else str(e), sqlstate=e.sqlstate,
+            raise DatabaseError(str(e.args[0]) if e.args else str(e), sqlstate=_sqlstate(e),
                                 detail=getattr(e, "detail", None), hint=getattr(e, "hint", None)) from None
 
     def scalar(self, sql, args=()):

@@ -37,7 +37,7 @@ import logging
 import time
 import uuid
 
-from . import transport
+from . import transport, wire
 from .errors import AquapeerError, DatabaseError
 
 log = logging.getLogger("aquapeer.messaging")
@@ -78,16 +78,21 @@ START_EPOCH = [
     "delete from peer.stream_epoch",
 ]
 
-# Number the messages of the oldest visible transactions, up to about PICKUP_ROWS rows.
+# Number the messages of the earliest committed transactions (whole), about
+# PICKUP_ROWS rows, in commit order (peer.outbox_commit) and, within one, in
+# the order they were sent.
 PICKUP = """
 with xacts as (
-    select xact, min(position) as first, count(*) as n from peer.outbox_message
-    where seq is null and final_state is null group by xact
+    select m.xact, coalesce(min(c.commit_seq), 0) as commit_seq, min(m.position) as first, count(*) as n
+    from peer.outbox_message m left join peer.outbox_commit c using (xact)
+    where m.seq is null and m.final_state is null group by m.xact
 ), chosen as (
-    select xact, first from (select xact, first, n, sum(n) over (order by first) as running from xacts) x
+    select xact, commit_seq, first from (
+        select *, sum(n) over (order by commit_seq, first) as running from xacts) x
     where running - n < $2
 ), numbered as (
-    select m.id, m.peer_id, row_number() over (partition by m.peer_id order by c.first, m.position) as n
+    select m.id, m.peer_id,
+           row_number() over (partition by m.peer_id order by c.commit_seq, c.first, m.position) as n
     from peer.outbox_message m join chosen c using (xact)
     where m.seq is null and m.final_state is null
 ), counts as (
@@ -102,6 +107,8 @@ with xacts as (
     from numbered nb join counts c using (peer_id) join streams st using (peer_id)
     where m.id = nb.id
     returning m.peer_id
+), done as (
+    delete from peer.outbox_commit where xact in (select xact from chosen)
 )
 select distinct peer_id from updated
 """
@@ -272,9 +279,10 @@ class Messaging:
                     await asyncio.sleep(0)  # the link's writer runs on this loop too
                     continue
                 out.kick.clear()
-                await asyncio.wait([asyncio.ensure_future(out.kick.wait()),
-                                    asyncio.ensure_future(link.closed.wait())],
-                                   timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                waits = [asyncio.ensure_future(out.kick.wait()), asyncio.ensure_future(link.closed.wait())]
+                await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
         except transport.LinkClosed:
             pass
         finally:
@@ -387,17 +395,18 @@ class Messaging:
         try:
             result = self.db.query(STORE, args)[0]
         except DatabaseError as e:
-            self.db.rollback()
-            if e.sqlstate not in ("22P02", "22032", "22001", "54000"):
+            if not e.sqlstate.startswith(("22", "54")):
                 raise
-            # Some payload is not JSON this server accepts: refuse those, keep the rest.
+            # A message this server will not take (not JSON it accepts, too deep, a bad
+            # time): refuse those with the reason, keep the rest.  Rare, so one by one.
+            self.db.rollback()
             good, bad = [], []
             for item in items:
                 try:
-                    json.loads(item["payload"])
+                    self.db.query("select $1::jsonb, pg_catalog.to_timestamp($2)", [item["payload"], item["sent_at"]])
                     good.append(item)
-                except ValueError:
-                    bad.append([item["seq"], "the payload is not valid JSON"])
+                except DatabaseError as refusal:
+                    bad.append([item["seq"], f"refused: {refusal.message}"[:wire.MAX_REASON]])
             args[1] = json.dumps(good)
             result = self.db.query(STORE, args)[0]
             result["rejected"] = json.dumps(json.loads(result["rejected"]) + bad)

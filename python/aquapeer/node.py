@@ -99,14 +99,14 @@ def _envelope_chain(data):
 
 class PeerNode:
     def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None,
-                 on_connected=None, fallback_signal_urls=(), max_message_bytes=16 * 1024 * 1024):
+                 on_connected=None, fallback_signal_urls=(), message_limit=lambda: 16 * 1024 * 1024):
         self.me = me
         self.friends = friends
         self.ice = ice or transport.IceServers()
         self.name = name
         self.on_frame = on_frame          # (link, frame) -> None, for frames the link does not handle itself
         self.on_connected = on_connected  # (link) -> None, once a link is verified
-        self.max_message_bytes = max_message_bytes
+        self.message_limit = message_limit  # () -> the largest message we accept, told each new link
         self._refusals_logged = {}        # peer id -> when a refusal was last logged
         self.links = {}         # peer id -> Link being made or connected
         self.last_closed = {}   # peer id -> the last Link that closed, for its state and error
@@ -254,7 +254,7 @@ class PeerNode:
         link = transport.Link(self.me, friend.chain, session, offerer, self._ice_for(friend),
                               on_frame=self.on_frame, on_close=self._on_link_closed,
                               on_connected=self.on_connected, on_refused=self._on_frame_refused,
-                              max_message_bytes=self.max_message_bytes)
+                              max_message_bytes=self.message_limit())
         link.friend_name = friend.name
         self.links[friend.peer_id] = link
         return link

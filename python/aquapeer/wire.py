@@ -25,6 +25,7 @@ cancel     id
 =========  ================================================================
 """
 
+import math
 import time
 
 import msgpack
@@ -55,7 +56,8 @@ def _uid(v):
 
 
 def _text(limit):
-    return lambda v: isinstance(v, str) and len(v) <= limit
+    # PostgreSQL text cannot hold NUL.
+    return lambda v: isinstance(v, str) and len(v) <= limit and "\x00" not in v
 
 
 def _opt(check):
@@ -63,7 +65,11 @@ def _opt(check):
 
 
 def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _timestamp(v):
+    return _number(v) and 0 <= v < 2 ** 37  # seconds since 1970, as PostgreSQL can hold them
 
 
 def _seq(v):
@@ -77,7 +83,7 @@ def _proto_range(v):
 
 def _msg_item(v):
     return (isinstance(v, list) and len(v) == 5 and _seq(v[0]) and _uid(v[1]) and _text(MAX_TOPIC)(v[2])
-            and v[2] != "" and _number(v[3]) and isinstance(v[4], str))
+            and v[2] != "" and _timestamp(v[3]) and isinstance(v[4], str))
 
 
 def _rejection(v):

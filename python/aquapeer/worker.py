@@ -108,13 +108,12 @@ class Worker:
         me = friends.load_identity(self.db)
         ice = self._ice_servers()
         book = friends.DbFriendBook(self.db)
-        max_message_bytes = self.db.scalar("select max_message_bytes from peer.config")
         self.db.commit()
         if not urls:
             return
         self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:],
                              on_frame=self.on_frame, on_connected=self.messaging.on_link_up,
-                             max_message_bytes=max_message_bytes)
+                             message_limit=self._message_limit)
         await self.node.start()
 
     async def stop_node(self):
@@ -122,9 +121,20 @@ class Worker:
             node, self.node = self.node, None
             await node.stop()
 
+    def _message_limit(self):
+        limit = self.db.scalar("select max_message_bytes from peer.config")
+        self.db.commit()
+        return limit
+
     def on_frame(self, link, frame):
         """Frames for messaging and calls; anything else a friend sends is refused."""
-        if not (self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)):
+        try:
+            handled = self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)
+        except AquapeerError as e:  # a well-formed frame whose content the database refuses
+            self.db.rollback()
+            link.refuse(f"{frame['t']} frame refused: {e.message}")
+            return
+        if not handled:
             link.refuse(f"unexpected {frame['t']} frame")
 
     def _node(self):
