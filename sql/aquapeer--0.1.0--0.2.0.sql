@@ -111,7 +111,7 @@ create index outbox_message_unnumbered on peer.outbox_message (position)
     where seq is null and final_state is null;
 create index outbox_message_stream on peer.outbox_message (peer_id, seq) where seq is not null;
 -- for expiry and pruning, which must not read what is merely acknowledged
-create index outbox_message_age on peer.outbox_message (created_at) where final_state is null;
+create index outbox_message_age on peer.outbox_message (created_at);
 create index outbox_message_finished on peer.outbox_message (finished_at) where final_state is not null;
 revoke all on peer.outbox_message from public;
 

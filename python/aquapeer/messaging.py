@@ -113,17 +113,25 @@ with xacts as (
 select distinct peer_id from updated
 """
 
-# The next messages for a friend, up to a byte budget (always at least one).
+# The next messages for a friend after a position, up to a byte budget (at
+# least one).  Sequence numbers are dense within an epoch, so a bounded range
+# keeps the plan cheap however large the backlog and however stale the
+# statistics (a table that grew in seconds is planned as nearly empty).
 UNSENT = """
-select seq, id::text as id, topic, payload::text as payload,
-       extract(epoch from created_at)::float8 as sent_at, bytes
-from (select m.*, sum(m.bytes) over (order by m.seq) as running
-      from peer.outbox_message m
-      where m.peer_id = $1 and m.epoch = $2::uuid and m.seq > $3 and m.final_state is null
-      order by m.seq limit 1000) x
-where running - bytes < $4 or seq = (select min(seq) from peer.outbox_message
-                                     where peer_id = $1 and epoch = $2::uuid and seq > $3 and final_state is null)
-order by seq
+with candidates as (
+    select seq, bytes, sum(bytes) over (order by seq) as running from peer.outbox_message
+    where peer_id = $1 and epoch = $2::uuid and seq > $3 and seq <= $3 + 500 and final_state is null
+)
+select m.seq, m.id::text as id, m.topic, m.payload::text as payload,
+       extract(epoch from m.created_at)::float8 as sent_at, m.bytes
+from candidates c join peer.outbox_message m on m.peer_id = $1 and m.epoch = $2::uuid and m.seq = c.seq
+where c.running - c.bytes < $4 or c.seq = (select min(seq) from candidates)
+order by m.seq
+"""
+# Where the stream goes on after a run of rejected or expired messages.
+NEXT_UNSENT = """
+select min(seq) from peer.outbox_message
+where peer_id = $1 and epoch = $2::uuid and seq > $3 and final_state is null
 """
 
 STORE = """
@@ -278,6 +286,12 @@ class Messaging:
                     position = rows[-1]["seq"]
                     await asyncio.sleep(0)  # the link's writer runs on this loop too
                     continue
+                if budget > 0 or not out.inflight:
+                    later = self.db.scalar(NEXT_UNSENT, [link.peer_id, self.epoch, position])
+                    self.db.commit()
+                    if later is not None:
+                        position = later - 1
+                        continue
                 out.kick.clear()
                 waits = [asyncio.ensure_future(out.kick.wait()), asyncio.ensure_future(link.closed.wait())]
                 await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
