@@ -124,7 +124,11 @@ with candidates as (
 )
 select m.seq, m.id::text as id, m.topic, m.payload::text as payload,
        extract(epoch from m.created_at)::float8 as sent_at, m.bytes
-from candidates c join peer.outbox_message m on m.peer_id = $1 and m.epoch = $2::uuid and m.seq = c.seq
+from candidates c
+-- one index probe per chosen row, whatever the estimates ("limit 1" keeps the
+-- planner from turning it into a join it may order the other way round)
+cross join lateral (select * from peer.outbox_message m
+                    where m.peer_id = $1 and m.epoch = $2::uuid and m.seq = c.seq limit 1) m
 where c.running - c.bytes < $4 or c.seq = (select min(seq) from candidates)
 order by m.seq
 """
@@ -330,8 +334,9 @@ class Messaging:
                 "update peer.outbox_message m set final_state = 'rejected', reason = r.reason, "
                 "finished_at = pg_catalog.clock_timestamp() "
                 "from pg_catalog.jsonb_to_recordset($3::jsonb) as r(seq bigint, reason text) "
-                "where m.peer_id = $1 and m.epoch = $2::uuid and m.seq = r.seq",
-                [link.peer_id, epoch, json.dumps([{"seq": s, "reason": r} for s, r in frame["rejected"]])])
+                "where m.peer_id = $1 and m.epoch = $2::uuid and m.seq = r.seq and m.seq between $4 and $5",
+                [link.peer_id, epoch, json.dumps([{"seq": s, "reason": r} for s, r in frame["rejected"]]),
+                 min(s for s, _r in frame["rejected"]), max(s for s, _r in frame["rejected"])])
             self.stats["rejected_by_friend"] += len(frame["rejected"])
         self.db.commit()
         out = self.outbound.get(link.peer_id)
