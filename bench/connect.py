@@ -38,9 +38,9 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from procinfo import cpu_seconds, proc_status  # noqa: E402
 
 console = Console(width=120)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 CONNECT_P50_TARGET_MS = 1000.0
 RSS_TARGET_MB = 300.0
@@ -85,31 +85,15 @@ def tail(path, lines=25):
 
 # --- /proc ----------------------------------------------------------------------
 
-def proc_status(pid):
-    """VmRSS, RssAnon, RssFile, RssShmem of a process, in MB."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) / 1024.0
-    return out
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
-
 def measure_idle(pids, seconds):
     """{pid: (cpu % of one core over the window, status at the end)} for processes idling together."""
     before = {pid: cpu_seconds(pid) for pid in pids}
     started = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - started
-    return {pid: ((cpu_seconds(pid) - before[pid]) / wall * 100.0, proc_status(pid)) for pid in pids}
+    return {pid: ((cpu_seconds(pid) - before[pid]) / wall * 100.0,
+                  proc_status(pid, ("VmRSS", "RssAnon", "RssFile", "RssShmem")))
+            for pid in pids}
 
 
 # --- databases ------------------------------------------------------------------

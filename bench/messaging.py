@@ -58,9 +58,9 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from procinfo import cpu_seconds, proc_status  # noqa: E402
 
 console = Console(width=140)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 THROUGHPUT_TARGET = 5000.0       # messages acknowledged per second, at least
 LATENCY_P50_TARGET_MS = 20.0
@@ -100,24 +100,6 @@ def pad_text():
 
 
 # --- /proc ----------------------------------------------------------------------
-
-def proc_status(pid):
-    """VmRSS, VmHWM, RssAnon, RssShmem of a process, in MB."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
-                out[key] = int(value.split()[0]) / 1024.0
-    return out
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
-
 
 def worker_pid(cluster):
     pids = cluster.backend_pids("aquapeer worker")
@@ -326,7 +308,7 @@ class Workers:
         out = {}
         for who, cluster in self.clusters.items():
             pid = worker_pid(cluster)
-            status = proc_status(pid)
+            status = proc_status(pid, ("VmRSS", "VmHWM", "RssAnon", "RssShmem"))
             status.update(pid=pid, cpu_s=cpu_seconds(pid),
                           loop_lag_max_ms=cluster.scalar("select loop_lag_max_ms from peer.worker_status()"))
             out[who] = status

@@ -25,27 +25,13 @@ comment on column peer.config.outbox_max_age is 'messages a friend has not ackno
 comment on column peer.config.outbox_max_bytes is 'unacknowledged bytes kept per friend; the oldest messages beyond it expire';
 comment on column peer.config.handler_timeout is 'statement timeout of a message handler';
 
+-- A restored row replaces the default one, whatever the columns, so that
+-- upgrades adding settings need not list them all again.
 create or replace function peer._config_single_row() returns trigger
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 begin
     -- pg_dump restores this table after CREATE EXTENSION made the default row.
-    if exists (select from peer.config) then
-        update peer.config set
-            executor_pool_size = new.executor_pool_size,
-            executor_idle_timeout = new.executor_idle_timeout,
-            signal_server_id = new.signal_server_id,
-            stun_server_id = new.stun_server_id,
-            turn_server_id = new.turn_server_id,
-            ice_host_addresses = new.ice_host_addresses,
-            ice_transport_policy = new.ice_transport_policy,
-            friend_request_limit = new.friend_request_limit,
-            max_message_bytes = new.max_message_bytes,
-            outbox_retention = new.outbox_retention,
-            outbox_max_age = new.outbox_max_age,
-            outbox_max_bytes = new.outbox_max_bytes,
-            handler_timeout = new.handler_timeout;
-        return null;
-    end if;
+    delete from peer.config;
     return new;
 end
 $$;

@@ -210,3 +210,31 @@ def worker_cluster():
         yield cluster
     finally:
         bed.close()
+
+
+@pytest.fixture(scope="module")
+def module_signal_server():
+    """One signaling server (``aquapeer signal`` on loopback) for a test module."""
+    server = tb.SignalServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_testbed(request):
+    """A test bed shared by the tests of a module, made from the module's
+    ``MODULE_TESTBED`` dict (n, names, extra_conf, ...).  Its logs are
+    printed after any test using it fails."""
+    kw = dict(getattr(request.module, "MODULE_TESTBED", {}))
+    bed = _new_testbed(kw.pop("n", 2), kw)
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+@pytest.fixture(autouse=True)
+def _module_testbed_logs_on_failure(request):
+    yield
+    if "module_testbed" in request.fixturenames and _test_failed(request.node):
+        _dump_logs([request.getfixturevalue("module_testbed")])

@@ -15,7 +15,6 @@ import pytest
 
 import testbed as tb
 
-LOG_TAIL_LINES = 80
 
 BOB_FUNCTIONS = """
     create function public.add(a jsonb) returns jsonb language sql as $$
@@ -43,16 +42,6 @@ BOB_FUNCTIONS = """
 # helpers and fixtures
 # --------------------------------------------------------------------------
 
-def connection_state(cluster, friend):
-    rows = cluster.sql("select state from peer.connections where friend = %s", friend)
-    return rows[0][0] if rows else None
-
-
-def wait_connected(cluster, friend, timeout=40):
-    tb.wait_for(lambda: connection_state(cluster, friend) == "connected", timeout, interval=0.2,
-                message=f"{cluster.name} to be connected to {friend}", ignore=(psycopg.Error,))
-
-
 def call(cluster, fn, arg=None, timeout=None, friend="bob"):
     """peer.call(friend, fn, arg, timeout); the defaults of peer.call where None."""
     if arg is None and timeout is None:
@@ -73,57 +62,28 @@ def exposed(bob, fn, friend=None, as_name=None):
         bob.sql("select peer.unexpose(%s, %s)", name, friend)
 
 
-_module_clusters = []
+MODULE_TESTBED = {"n": 3, "names": ["alice", "bob", "carol"]}
 
 
 @pytest.fixture(scope="module")
-def signal_server():
-    server = tb.SignalServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def trio(signal_server):
-    bed = tb.Testbed(3, names=["alice", "bob", "carol"])
-    bed.__enter__()
-    try:
-        alice, bob, carol = bed.alice, bed.bob, bed.carol
-        _module_clusters[:] = [alice, bob, carol]
-        for cluster in (alice, bob, carol):
-            tb.join_signaling(cluster, signal_server.url)
-        tb.befriend(alice, "alice", bob, "bob")
-        tb.befriend(carol, "carol", bob, "bob")
-        bob.sql(BOB_FUNCTIONS)
-        for caller in (alice, carol):
-            assert caller.scalar("select peer.connect('bob')") == "connected"
-        yield alice, bob, carol
-    finally:
-        _module_clusters.clear()
-        bed.close()
+def trio(module_testbed, module_signal_server):
+    alice, bob, carol = module_testbed.alice, module_testbed.bob, module_testbed.carol
+    for cluster in (alice, bob, carol):
+        tb.join_signaling(cluster, module_signal_server.url)
+    tb.befriend(alice, "alice", bob, "bob")
+    tb.befriend(carol, "carol", bob, "bob")
+    bob.sql(BOB_FUNCTIONS)
+    for caller in (alice, carol):
+        assert caller.scalar("select peer.connect('bob')") == "connected"
+    return alice, bob, carol
 
 
 @pytest.fixture
 def peers(trio):
     alice, bob, carol = trio
-    wait_connected(alice, "bob")
-    wait_connected(carol, "bob")
+    tb.wait_connected(alice, "bob")
+    tb.wait_connected(carol, "bob")
     return trio
-
-
-@pytest.fixture(autouse=True)
-def _shared_logs_on_failure(request):
-    yield
-    failed = any(getattr(getattr(request.node, "rep_" + when, None), "failed", False)
-                 for when in ("setup", "call"))
-    if failed:
-        for c in list(_module_clusters):
-            try:
-                lines = c.log().splitlines()[-LOG_TAIL_LINES:]
-            except Exception as exc:  # pragma: no cover
-                lines = [f"(log unavailable: {exc})"]
-            print(f"----- server log of {c.name} (last {LOG_TAIL_LINES} lines) -----")
-            print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------
@@ -248,7 +208,7 @@ def test_an_unreachable_friend_fails_promptly_with_08001(peers):
         assert call(alice, add, {"x": 1, "y": 2}) == 3
         bob.sql("select peer.stop_worker()")
         try:
-            tb.wait_for(lambda: connection_state(alice, "bob") != "connected", 15,
+            tb.wait_for(lambda: tb.connection_state(alice, "bob") != "connected", 15,
                         message="alice to notice bob's worker is gone")
             started = time.monotonic()
             with pytest.raises(psycopg.Error) as excinfo:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 import testbed as tb
+from aquapeer import identity
 
 REPO = tb.REPO_ROOT
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
@@ -355,7 +356,13 @@ def test_pg_dump_and_restore_keep_the_configuration(shared_cluster):
         with fresh_db(shared_cluster, "dumpsrc") as src, fresh_db(shared_cluster, "dumpdst") as dst:
             shared_cluster.sql("create extension aquapeer cascade", dbname=src)
             shared_cluster.sql("update peer.config set executor_pool_size = 5, "
-                               "executor_idle_timeout = '7 s'", dbname=src)
+                               "executor_idle_timeout = '7 s', max_message_bytes = 4096", dbname=src)
+            # Messages, grants and friends are the user's data: kept.  The stream
+            # epoch is not, so the restored copy numbers its messages anew.
+            ghost = identity.make_invite(identity.Identity.generate(), [], "ghost")
+            shared_cluster.sql("select peer.add_friend('ghost', %s)", ghost, dbname=src)
+            shared_cluster.sql("select peer.allow_topic('chat', 'ghost'), peer.send('ghost', 'chat', '1')",
+                               dbname=src)
             out = run_as_server_user(shared_cluster, "pg_dump", "-d", src, "-f", dump)
             assert out.returncode == 0, out.stdout + out.stderr
             out = run_as_server_user(shared_cluster, "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
@@ -366,6 +373,10 @@ def test_pg_dump_and_restore_keep_the_configuration(shared_cluster):
                 "select executor_pool_size, extract(epoch from executor_idle_timeout)::int "
                 "from peer.config", dbname=dst)
             assert rows == [(5, 7)]
+            assert shared_cluster.sql(
+                "select max_message_bytes, (select count(*) from peer.outbox where state = 'queued'), "
+                "(select count(*) from peer.topic_grant), (select count(*) from peer.stream_epoch) "
+                "from peer.config", dbname=dst) == [(4096, 1, 1, 0)]
             assert shared_cluster.scalar("select peer.version()", dbname=dst) == control_version()
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -403,6 +414,14 @@ def test_install_script_cannot_be_sourced_in_psql(shared_cluster):
     assert re.fullmatch(r'\\echo Use "CREATE EXTENSION aquapeer CASCADE".*\\quit\s*', lines[0]), lines[0]
     installed = Path(os.path.join(tb._pg_config("--sharedir"), "extension", script.name))
     assert installed.read_bytes() == script.read_bytes(), f"{installed} differs: run `make install`"
+    # Built from the first release's script and the upgrade scripts, so a fresh
+    # install runs the SQL an upgrade runs; none of them is for psql either.
+    upgrades = sorted(REPO.glob("sql/aquapeer--*--*.sql"),
+                      key=lambda p: [int(x) for x in p.name.split("--")[2][:-4].split(".")])
+    assert script.read_text() == "".join(p.read_text() for p in [REPO / "sql/aquapeer--0.1.0.sql", *upgrades])
+    for upgrade in upgrades:
+        assert upgrade.read_text().startswith("-- aquapeer ")
+        assert '\\echo Use "ALTER EXTENSION aquapeer UPDATE"' in upgrade.read_text().splitlines()[1]
     with fresh_db(shared_cluster, "psqlsrc") as db:
         out = run_as_server_user(shared_cluster, "psql", "-X", "-v", "ON_ERROR_STOP=1",
                                  "-d", db, "-f", str(installed))

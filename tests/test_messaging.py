@@ -26,22 +26,11 @@ from aquapeer.node import MemoryFriendBook, PeerNode
 
 transport.configure_ice(["127.0.0.1"])  # the light peer of the misbehaving-peer test
 
-LOG_TAIL_LINES = 80
 
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-def connection_state(cluster, friend):
-    rows = cluster.sql("select state from peer.connections where friend = %s", friend)
-    return rows[0][0] if rows else None
-
-
-def wait_connected(cluster, friend, timeout=40):
-    tb.wait_for(lambda: connection_state(cluster, friend) == "connected", timeout, interval=0.2,
-                message=f"{cluster.name} to be connected to {friend}", ignore=(psycopg.Error,))
-
 
 def make_friends(a, a_name, b, b_name, signal_url):
     """Both join the signaling server, befriend each other (a knows b as b_name,
@@ -50,7 +39,7 @@ def make_friends(a, a_name, b, b_name, signal_url):
     tb.join_signaling(b, signal_url)
     tb.befriend(a, a_name, b, b_name)
     assert a.scalar("select peer.connect(%s)", b_name) == "connected"
-    wait_connected(b, a_name)
+    tb.wait_connected(b, a_name)
 
 
 def allow(cluster, topic, friend):
@@ -110,44 +99,25 @@ def worker_pid(cluster):
     return pids[0]
 
 
-def print_logs(clusters):
-    for c in clusters:
-        try:
-            lines = c.log().splitlines()[-LOG_TAIL_LINES:]
-        except Exception as exc:  # pragma: no cover
-            lines = [f"(log unavailable: {exc})"]
-        print(f"----- server log of {c.name} (last {LOG_TAIL_LINES} lines) -----")
-        print("\n".join(lines))
-
-
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
 
-_module_clusters = []  # the shared pair, for the logs of a failed test
+MODULE_TESTBED = {"n": 2, "names": ["alice", "bob"], "extra_conf": {"synchronous_commit": "on"}}
 
 
 @pytest.fixture(scope="module")
-def signal_server():
-    server = tb.SignalServer().start()
-    yield server
-    server.stop()
+def signal_server(module_signal_server):
+    return module_signal_server
 
 
 @pytest.fixture(scope="module")
-def pair(signal_server):
+def pair(module_testbed, signal_server):
     """alice and bob, befriended and connected, for the whole module.  Commits
     are synchronous so that a stopped server loses nothing it acknowledged."""
-    bed = tb.Testbed(2, names=["alice", "bob"], extra_conf={"synchronous_commit": "on"})
-    bed.__enter__()
-    try:
-        alice, bob = bed.alice, bed.bob
-        _module_clusters[:] = [alice, bob]
-        make_friends(alice, "alice", bob, "bob", signal_server.url)
-        yield alice, bob
-    finally:
-        _module_clusters.clear()
-        bed.close()
+    alice, bob = module_testbed.alice, module_testbed.bob
+    make_friends(alice, "alice", bob, "bob", signal_server.url)
+    return alice, bob
 
 
 @pytest.fixture
@@ -157,20 +127,9 @@ def messaging_pair(pair):
     for cluster in (alice, bob):
         if not cluster.is_running():
             cluster.start()
-    wait_connected(alice, "bob")
-    wait_connected(bob, "alice")
+    tb.wait_connected(alice, "bob")
+    tb.wait_connected(bob, "alice")
     return alice, bob
-
-
-@pytest.fixture(autouse=True)
-def _shared_logs_on_failure(request):
-    yield
-    if "pair" not in request.fixturenames:
-        return  # function-scoped test beds print their own logs (conftest)
-    failed = any(getattr(getattr(request.node, "rep_" + when, None), "failed", False)
-                 for when in ("setup", "call"))
-    if failed:
-        print_logs(list(_module_clusters))
 
 
 # --------------------------------------------------------------------------
@@ -447,7 +406,7 @@ def test_messages_sent_while_the_friend_is_down_arrive_once_in_order(messaging_p
     allow(bob, "while-down", "alice")
     bob.stop()
     try:
-        tb.wait_for(lambda: connection_state(alice, "bob") != "connected", 15,
+        tb.wait_for(lambda: tb.connection_state(alice, "bob") != "connected", 15,
                     message="alice to notice bob is down")
         ids = [send(alice, "bob", "while-down", {"n": n}) for n in range(1, 11)]
         ids += [i for (i,) in alice.sql("select peer.send('bob', 'while-down', jsonb_build_object('n', g)) "
@@ -599,7 +558,7 @@ def mallory(messaging_pair, signal_server):
         alice.sql("select peer.add_friend('mallory', %s)", peer.invite)
         link = peer.run(peer.node.connect(alice_id, timeout=20))
         assert link.state == "connected"
-        wait_connected(alice, "mallory", timeout=20)
+        tb.wait_connected(alice, "mallory", timeout=20)
         yield peer, alice_id
     finally:
         peer.close()
@@ -741,7 +700,7 @@ def test_garbage_from_a_misbehaving_peer_leaves_the_worker_and_other_friends_alo
     wait_inbox(alice, "bystander-back", 1, timeout=30)
     assert arrived_n(bob, "bystander") == list(range(1, 601))
     assert worker_pid(alice) == pid, "alice's worker was restarted"
-    assert connection_state(alice, "bob") == "connected"
+    assert tb.connection_state(alice, "bob") == "connected"
     refused, last_refusal = alice.sql(
         "select frames_refused, last_refusal from peer.connections where friend = 'mallory'")[0]
     print(f"alice refused {refused} frames from mallory; the last: {last_refusal}")

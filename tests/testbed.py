@@ -1269,3 +1269,17 @@ def befriend(a, a_name: str, b, b_name: str) -> None:
     """Make a and b friends: each adds the other's invite."""
     a.sql("select peer.add_friend(%s, %s)", b_name, b.scalar("select peer.invite()"))
     b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
+
+
+def connection_state(cluster, friend: str) -> Optional[str]:
+    """The state peer.connections shows for a friend, or None."""
+    rows = cluster.sql("select state from peer.connections where friend = %s", friend)
+    return rows[0][0] if rows else None
+
+
+def wait_connected(cluster, friend: str, timeout: float = 40) -> None:
+    """Until the cluster's worker shows the friend connected (it reconnects by itself)."""
+    import psycopg
+
+    wait_for(lambda: connection_state(cluster, friend) == "connected", timeout, interval=0.2,
+             message=f"{cluster.name} to be connected to {friend}", ignore=(psycopg.Error,))
