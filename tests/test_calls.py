@@ -221,3 +221,31 @@ def test_an_unreachable_friend_fails_promptly_with_08001(peers):
         # back: calls work again, without anybody calling peer.connect
         tb.wait_for(lambda: call(alice, add, {"x": 2, "y": 2}, "5 s") == 4, 60, interval=0.5,
                     message="a call to bob after its worker is back", ignore=(psycopg.Error,))
+
+
+def test_a_call_runs_at_most_once_when_the_connection_drops_and_it_is_sent_again(peers):
+    alice, bob, _ = peers
+    bob.sql("create table public.ran (at timestamptz default clock_timestamp())")
+    bob.sql("grant select, insert on public.ran to aquapeer_friend")
+    bob.sql("""create function public.slow_once(a jsonb) returns jsonb language sql as $$
+                   insert into public.ran default values; select pg_sleep(1.5);
+                   select to_jsonb((select count(*) from public.ran)) $$""")
+    try:
+        with exposed(bob, "public.slow_once(jsonb)") as slow:
+            since = lambda: alice.scalar("select connected_since from peer.connections where friend = 'bob'")  # noqa: E731
+            before = since()
+            result = {}
+            caller = threading.Thread(target=lambda: result.update(value=call(alice, slow, {}, "20 s")))
+            caller.start()
+            # Running: its uncommitted insert holds a lock on the table.
+            tb.wait_for(lambda: bob.scalar("select count(*) from pg_locks where relation = 'public.ran'::regclass"),
+                        10, message="the call to run at bob")
+            # The link drops mid-call: alice connects again and sends the same call.
+            bob.sql("select peer.disconnect('alice')")
+            caller.join(30)
+            assert result.get("value") == 1, result
+            assert bob.scalar("select count(*) from public.ran") == 1
+            assert since() > before, "the call was not sent again on a new connection"
+    finally:
+        bob.sql("drop function public.slow_once(jsonb); revoke all on public.ran from aquapeer_friend; "
+                "drop table public.ran")
