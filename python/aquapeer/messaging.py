@@ -49,7 +49,9 @@ FRAME_TARGET_BYTES = 48 * 1024
 # Rows numbered per pass; whole transactions, so a larger one still goes at once.
 PICKUP_ROWS = 5000
 POLL_S = 1.0
-RETENTION_S = 30.0
+# Expiry is measured in days and pruning in hours: every few minutes will do,
+# and lets the executor it runs in leave between runs.
+RETENTION_S = 300.0
 RETENTION_TIMEOUT_S = 300.0
 HANDLER_BATCH = 200
 # Received messages stored per transaction at most.
@@ -277,6 +279,7 @@ class Messaging:
             self.db.commit()
             position = row[0]["acked_upto"] if row else 0
             while link.state == "connected":
+                out.kick.clear()  # before looking: news that comes while we look is not lost
                 budget = WINDOW_BYTES - out.inflight_bytes
                 rows = []
                 if budget > 0 or not out.inflight:
@@ -296,9 +299,10 @@ class Messaging:
                     if later is not None:
                         position = later - 1
                         continue
-                out.kick.clear()
+                # Nothing to send: wait for news (numbered messages, an acknowledgement), not a timer,
+                # so that fifty idle friends cost nothing.
                 waits = [asyncio.ensure_future(out.kick.wait()), asyncio.ensure_future(link.closed.wait())]
-                await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for waiting in waits:
                     waiting.cancel()
         except transport.LinkClosed:

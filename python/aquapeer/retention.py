@@ -1,6 +1,6 @@
 """What the outbox keeps, and for how long: expiry and pruning.
 
-Run by an executor connected as the extension's owner every 30 s (the
+Run by an executor connected as the worker's role every 5 minutes (the
 worker asks; messaging.run_retention), never on the network worker's loop:
 the scans grow with what waits in the outbox.  Pure SQL behind the db
 adapter; the worker logs what expired as a WARNING.
