@@ -235,7 +235,8 @@ class Link:
             return
         kind = frame["t"]
         if kind == "ping":
-            self.send({"t": "pong", "at": frame.get("at")}, CONTROL)
+            self.send({"t": "pong", "at": frame["at"]}, CONTROL)
+            self.rtt_ms = frame["rtt"]  # the offerer measures it for both
         elif kind == "pong":
             if isinstance(frame.get("at"), float):
                 self.rtt_ms = round((time.monotonic() - frame["at"]) * 1000.0, 3)
@@ -310,9 +311,10 @@ class Link:
             if quiet > DEAD_AFTER_S:
                 self.close(f"no answer from the friend for {DEAD_AFTER_S:.0f} s", failed=True)
                 return
-            # Only a quiet link needs a ping: the friend's pings, and their pongs, count as heard.
-            if quiet >= PING_INTERVAL_S * 0.9:
-                self.send({"t": "ping", "at": time.monotonic()}, CONTROL)
+            # Only a quiet link needs a ping, and only the offerer pings: its pings
+            # and their pongs tell both sides the other is alive, at half the packets.
+            if self.offerer and quiet >= PING_INTERVAL_S * 0.9:
+                self.send({"t": "ping", "at": time.monotonic(), "rtt": self.rtt_ms}, CONTROL)
 
     # --- the end ------------------------------------------------------------
 

@@ -13,7 +13,8 @@ Version 1 frames (``t`` is the type):
 =========  ================================================================
 hello      sig (bytes), proto [min, max], max_message_bytes: proof of key
 verified   the friend's proof was accepted
-ping/pong  at (float): liveness and round-trip time
+ping/pong  at (float), and in ping rtt (the offerer's last round trip, ms, or nil):
+           liveness and round-trip time; only the offerer pings
 bye        hanging up
 frag       more (bool), data (bytes): a piece of a larger frame
 msgs       epoch (16 bytes), prev (int or nil), items [[seq, id (16 bytes),
@@ -104,7 +105,7 @@ SCHEMAS = {
     "hello": {"sig": lambda v: isinstance(v, bytes) and len(v) <= 1024, "proto": _proto_range,
               "max_message_bytes": lambda v: _is_int(v) and 1024 <= v <= 2 ** 31},
     "verified": {},
-    "ping": {"at": _number},
+    "ping": {"at": _number, "rtt": _opt(_number)},
     "pong": {"at": _opt(_number)},
     "bye": {},
     "frag": {"more": lambda v: isinstance(v, bool), "data": lambda v: isinstance(v, bytes) and 0 < len(v) <= FRAGMENT_BYTES},
