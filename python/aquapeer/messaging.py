@@ -48,7 +48,9 @@ WINDOW_BYTES = 2 * 1024 * 1024
 FRAME_TARGET_BYTES = 48 * 1024
 # Rows numbered per pass; whole transactions, so a larger one still goes at once.
 PICKUP_ROWS = 5000
-POLL_S = 1.0
+# Commits wake the worker; polling only catches a lost wake (COMMIT PREPARED,
+# a worker starting), so it can be slow and cheap when idle.
+POLL_S = 5.0
 # Expiry is measured in days and pruning in hours: every few minutes will do,
 # and lets the executor it runs in leave between runs.
 RETENTION_S = 300.0
@@ -217,6 +219,9 @@ class Messaging:
         self.handling = set()       # (friend, topic) groups being handled
         self.wake_event = asyncio.Event()
         self.handler_event = asyncio.Event()
+        # What committed while no worker ran is taken up at once.
+        self.wake_event.set()
+        self.handler_event.set()
         self.stats = collections.Counter()
 
     # --- the epoch -------------------------------------------------------------
@@ -442,7 +447,7 @@ class Messaging:
         """Hand stored messages to their handlers, in order per (sender, topic)."""
         while True:
             try:
-                await asyncio.wait_for(self.handler_event.wait(), POLL_S * 5)
+                await asyncio.wait_for(self.handler_event.wait(), POLL_S)
             except asyncio.TimeoutError:
                 pass
             self.handler_event.clear()
