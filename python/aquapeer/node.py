@@ -29,7 +29,8 @@ log = logging.getLogger("aquapeer.node")
 
 RECONNECT_FIRST_S = 1.0
 RECONNECT_MAX_S = 10.0
-SUPERVISE_INTERVAL_S = 0.5
+# Each tick reads the friend list; once a second is enough for backoffs of 1 s and more.
+SUPERVISE_INTERVAL_S = 1.0
 OFFLINE = "friend not reachable at the signaling server"
 OFFLINE_RETRY_S = 0.5
 SIGNAL_ACK_WAIT_S = 2.0
@@ -39,7 +40,7 @@ NEGOTIATION_TIMEOUT_S = 15.0
 OFFER_FRESH_S = 5.0
 # The signaling server allows 20 envelopes a second per peer (burst 50):
 # offers and refusals stay well under that.
-OFFERS_PER_TICK = 5
+OFFERS_PER_TICK = 10
 REFUSALS_PER_SECOND = 5
 # Refused frames are all counted, but logged at most this often per friend.
 REFUSED_LOG_INTERVAL_S = 10.0
