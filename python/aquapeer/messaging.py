@@ -34,7 +34,6 @@ import asyncio
 import collections
 import json
 import logging
-import time
 import uuid
 
 from . import transport, wire
@@ -175,7 +174,8 @@ select (select count(*) from notified) as stored,
 PENDING_HANDLERS = """
 select i.id::text as id, i.friend, i.topic, i.handler::oid as handler,
        (select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role,
-       (pg_catalog.to_jsonb(i) - 'handler')::text as row
+       (pg_catalog.to_jsonb(i) - 'handler')::text as row,
+       (select extract(epoch from handler_timeout)::float8 from peer.config) as timeout_s
 from peer.inbox i join peer.friend f on f.name = i.friend
 where i.handler is not null and i.handled_at is null and i.handler_error is null
 order by i.position limit $1
@@ -222,7 +222,6 @@ class Messaging:
         # What committed while no worker ran is taken up at once.
         self.wake_event.set()
         self.handler_event.set()
-        self.stats = collections.Counter()
 
     # --- the epoch -------------------------------------------------------------
 
@@ -323,7 +322,6 @@ class Messaging:
             if r is None or (batch and size + r["bytes"] > FRAME_TARGET_BYTES):
                 out.link.send({"t": "msgs", "epoch": epoch, "prev": out.cursor, "items": batch})
                 out.cursor = batch[-1][0]
-                self.stats["sent"] += len(batch)
                 batch, size = [], 0
                 if r is None:
                     break
@@ -346,7 +344,6 @@ class Messaging:
                 "where m.peer_id = $1 and m.epoch = $2::uuid and m.seq = r.seq and m.seq between $4 and $5",
                 [link.peer_id, epoch, json.dumps([{"seq": s, "reason": r} for s, r in frame["rejected"]]),
                  min(s for s, _r in frame["rejected"]), max(s for s, _r in frame["rejected"])])
-            self.stats["rejected_by_friend"] += len(frame["rejected"])
         self.db.commit()
         out = self.outbound.get(link.peer_id)
         if out is not None and out.link is link:
@@ -409,7 +406,6 @@ class Messaging:
             self.db.commit()
             return
         result = self._store_items(name, peer_id, epoch, hwm, items)
-        self.stats["received"] += result["stored"]
         rejected = json.loads(result["rejected"])
         for link, (frame_epoch, upto) in acks.items():
             if link.state == "connected":
@@ -474,8 +470,7 @@ class Messaging:
         if message["role"] is None:
             reply = {"ok": False, "error": {"message": "the friend's role does not exist", "sqlstate": "42704"}}
         else:
-            timeout_s = self.db.scalar("select extract(epoch from handler_timeout)::float8 from peer.config")
-            self.db.commit()
+            timeout_s = message["timeout_s"]
             try:
                 reply = await self.executors.run(
                     message["role"], {"op": "handle", "args": {"function": message["handler"], "row": message["row"],
@@ -489,14 +484,14 @@ class Messaging:
                           "where id = $1::uuid",
                           [message["id"], f'{error.get("sqlstate")}: {error.get("message")}'])
             self.db.commit()
-            self.stats["handler_errors"] += 1
         return reply
 
     async def retry(self, message_id):
         rows = self.db.query(
             "select i.id::text as id, i.friend, i.topic, coalesce(i.handler, h.handler)::oid as handler, "
             "(select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role, "
-            "(pg_catalog.to_jsonb(i) - 'handler')::text as row "
+            "(pg_catalog.to_jsonb(i) - 'handler')::text as row, "
+            "(select extract(epoch from handler_timeout)::float8 from peer.config) as timeout_s "
             "from peer.inbox i left join peer.friend f on f.name = i.friend "
             "left join peer.message_handler h on h.topic = i.topic where i.id = $1::uuid", [message_id])
         self.db.commit()
