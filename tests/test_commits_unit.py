@@ -1,0 +1,109 @@
+"""Bundle commits: canonical encoding, ids and signatures (no server)."""
+
+import base64
+import copy
+import datetime
+
+import pytest
+
+from aquapeer import commits, identity
+
+TREE = "ab" * 32
+PARENT = "cd" * 32
+
+
+def make(me, **changes):
+    fields = dict(parents=[PARENT], tree=TREE, author=me.peer_id, message="widgets: new prices",
+                  time=commits.utc_time(datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.timezone.utc)),
+                  rows_changed=3)
+    fields.update(changes)
+    return commits.Commit(**fields)
+
+
+def test_the_id_is_the_sha256_of_the_documented_canonical_bytes():
+    me = identity.Identity.generate()
+    commit = make(me)
+    expected = ('{"author":"%s","format":"aquapeer-bundle/1","message":"widgets: new prices",'
+                '"parents":["%s"],"rows_changed":3,"time":"2026-11-27T09:30:00.000000Z","tree":"%s"}'
+                % (me.peer_id, PARENT, TREE)).encode()
+    assert commit.encode() == expected
+    assert commit.id == commits.object_id(expected) == __import__("hashlib").sha256(expected).hexdigest()
+
+
+def test_times_are_written_in_utc_whatever_the_zone():
+    here = datetime.datetime(2026, 11, 27, 10, 30, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
+    assert commits.utc_time(here) == "2026-11-27T09:30:00.000000Z"
+    with pytest.raises(commits.CommitError, match="time zone"):
+        commits.utc_time(datetime.datetime(2026, 11, 27))
+
+
+def test_every_field_is_part_of_the_id():
+    me = identity.Identity.generate()
+    base = make(me)
+    others = [make(me, parents=[]), make(me, parents=[PARENT, "ef" * 32]), make(me, tree="00" * 32),
+              make(me, message="other"), make(me, rows_changed=4),
+              make(me, time="2026-11-27T09:30:00.000001Z"), make(identity.Identity.generate())]
+    assert len({base.id} | {c.id for c in others}) == len(others) + 1
+
+
+def test_a_signed_commit_verifies_and_survives_a_json_round_trip():
+    import json
+
+    me = identity.Identity.generate()
+    commit = make(me)
+    document = json.loads(json.dumps(commits.sign(me, commit)))
+    assert commits.verify(document) == commit
+
+
+def test_a_commit_signed_before_a_key_rotation_still_verifies():
+    me = identity.Identity.generate()
+    commit = make(me)
+    document = commits.sign(me, commit)
+    rotated = me.rotate()
+    document["chain"] = base64.b64encode(rotated.chain.to_bytes()).decode()  # the author's chain today
+    assert commits.verify(document) == commit
+    assert commits.verify(commits.sign(rotated, commit)) == commit
+
+
+@pytest.mark.parametrize("alter,message", [
+    (lambda d: d["commit"].update(message="altered"), "does not match its content"),
+    (lambda d: d.update(id="00" * 32), "does not match its content"),
+    (lambda d: d.update(signature=base64.b64encode(b"x" * 64).decode()), "does not verify"),
+    (lambda d: d.update(key_index=5), "no usable signature"),
+    (lambda d: d.update(key_index=-1), "no usable signature"),
+    (lambda d: d.update(chain="!!"), "no usable signature"),
+    (lambda d: d["commit"].update(format="aquapeer-bundle/9"), "not a commit of format"),
+    (lambda d: d["commit"].update(extra=1), "exactly the fields"),
+    (lambda d: d["commit"].update(parents="x"), "parents are a list"),
+    (lambda d: d["commit"].update(tree="XYZ"), "not an object id"),
+    (lambda d: d["commit"].update(time="yesterday"), "ISO 8601"),
+    (lambda d: d["commit"].update(rows_changed=True), "a count"),
+    (lambda d: d.update(type="blob"), "not a commit document"),
+])
+def test_altered_or_malformed_commits_are_refused(alter, message):
+    me = identity.Identity.generate()
+    document = copy.deepcopy(commits.sign(me, make(me)))
+    alter(document)
+    with pytest.raises(commits.CommitError, match=message):
+        commits.verify(document)
+
+
+def test_somebody_else_cannot_sign_as_the_author():
+    me, mallory = identity.Identity.generate(), identity.Identity.generate()
+    commit = make(me)
+    with pytest.raises(commits.CommitError, match="only the author"):
+        commits.sign(mallory, commit)
+    document = commits.sign(me, commit)
+    document["chain"] = base64.b64encode(mallory.chain.to_bytes()).decode()
+    with pytest.raises(commits.CommitError, match="no usable signature or key chain"):
+        commits.verify(document)
+
+
+def test_bad_commits_cannot_be_made():
+    me = identity.Identity.generate()
+    for changes, message in [({"parents": [PARENT, PARENT]}, "at most two parents"),
+                             ({"parents": [PARENT] * 3}, "at most two parents"),
+                             ({"author": "nobody"}, "peer id"),
+                             ({"message": "x" * (commits.MAX_MESSAGE + 1)}, "at most")]:
+        with pytest.raises((commits.CommitError, identity.IdentityError), match=message):
+            make(me, **changes)
