@@ -709,6 +709,36 @@ def test_garbage_from_a_misbehaving_peer_leaves_the_worker_and_other_friends_alo
     assert alice.scalar("select peer.ping_worker() is not null") is True
 
 
+async def flood(peer, peer_id, count):
+    """count well-formed cancel frames, as fast as the channel takes them."""
+    link = await peer.link(peer_id)
+    for n in range(count):
+        link.channel.send(msgpack.packb({"t": "cancel", "id": n.to_bytes(16, "big")}, use_bin_type=True))
+        if n % 500 == 0:
+            await asyncio.sleep(0)
+    while link.channel.bufferedAmount > 0 and link.channel.readyState == "open":
+        await asyncio.sleep(0.05)
+
+
+def test_a_flood_beyond_the_rate_limit_is_refused_counted_and_logged(messaging_pair, mallory):
+    alice, bob = messaging_pair
+    peer, alice_id = mallory
+    pid = worker_pid(alice)
+    offset = alice.log_size()
+    peer.run(flood(peer, alice_id, 3 * transport.FRAME_BURST), timeout=120)
+    tb.wait_for(lambda: alice.scalar("select frames_refused from peer.connections where friend = 'mallory'"),
+                10, message="alice to count refused frames")
+    refused, last_refusal = alice.sql(
+        "select frames_refused, last_refusal from peer.connections where friend = 'mallory'")[0]
+    assert refused >= transport.FRAME_BURST // 2, refused
+    assert last_refusal == f"more than {transport.FRAMES_PER_SECOND} frames a second"
+    alice.wait_for_log(r"refused a frame from mallory: more than \d+ frames a second", 10, since=offset)
+    assert worker_pid(alice) == pid
+    allow(bob, "after-flood", "alice")
+    send(alice, "bob", "after-flood", {"n": 1})
+    wait_inbox(bob, "after-flood", 1, timeout=30)
+
+
 class HostileSender:
     """Well-formed frames with hostile contents, from the light peer, one step at a time."""
 
