@@ -18,12 +18,15 @@ alter table peer.config
     add column outbox_max_bytes bigint not null default 1073741824
         check (outbox_max_bytes > 0),
     add column handler_timeout interval not null default '1 min'
-        check (handler_timeout > '0'::interval);
+        check (handler_timeout > '0'::interval),
+    add column executor_limit integer not null default 4
+        check (executor_limit between 1 and 64);
 comment on column peer.config.max_message_bytes is 'largest message or call this database accepts; friends learn it when they connect';
 comment on column peer.config.outbox_retention is 'acknowledged messages are deleted from the outbox after this long';
 comment on column peer.config.outbox_max_age is 'messages a friend has not acknowledged after this long expire';
 comment on column peer.config.outbox_max_bytes is 'unacknowledged bytes kept per friend; the oldest messages beyond it expire';
 comment on column peer.config.handler_timeout is 'statement timeout of a message handler';
+comment on column peer.config.executor_limit is 'executors busy at once at most (each takes a background worker slot); read when the worker starts';
 
 -- A restored row replaces the default one, whatever the columns, so that
 -- upgrades adding settings need not list them all again.

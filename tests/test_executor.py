@@ -162,3 +162,23 @@ def test_idle_executors_leave_after_the_idle_timeout(worker_cluster, roles):
 def test_only_the_worker_starts_executors(worker_cluster, roles):
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only the aquapeer worker"):
         worker_cluster.sql("select peer._start_executor('aq_exec_alice'::regrole, repeat('a', 32))")
+
+
+def test_busy_executors_are_capped_so_friends_cannot_take_every_worker_slot(worker_cluster, roles):
+    worker_cluster.sql("update peer.config set executor_limit = 1")
+    worker_cluster.sql("select peer.stop_worker()")
+    worker_cluster.sql("select peer.start_worker()")
+    try:
+        sleeper = threading.Thread(target=run, args=(worker_cluster, "public.aq_sleep(jsonb)", '{"s": 3}'))
+        sleeper.start()
+        tb.wait_for(lambda: worker_cluster.scalar(
+            "select count(*) from pg_stat_activity where backend_type = 'aquapeer executor' "
+            "and wait_event = 'PgSleep'") == 1, 10, message="one executor sleeping")
+        with pytest.raises(psycopg.errors.InsufficientResources, match="all 1 executors stayed busy for 1 s"):
+            run(worker_cluster, "public.aq_whoami(jsonb)", timeout="1 s")
+        sleeper.join()
+        assert run(worker_cluster, "public.aq_whoami(jsonb)")["current_user"] == roles  # the slot is free again
+    finally:
+        worker_cluster.sql("update peer.config set executor_limit = default")
+        worker_cluster.sql("select peer.stop_worker()")
+        worker_cluster.sql("select peer.start_worker()")

@@ -63,10 +63,14 @@ class ExecutorConnection:
 class ExecutorPool:
     """Starts executors through the database, hands them requests, keeps some warm."""
 
-    def __init__(self, start_executor, pool_size=2, idle_timeout_s=60.0):
+    def __init__(self, start_executor, pool_size=2, idle_timeout_s=60.0, limit=4):
         self.start_executor = start_executor  # (role_oid, nonce) -> None
         self.pool_size = pool_size
         self.idle_timeout_s = idle_timeout_s
+        # Busy executors at most: each is a background worker slot, and friends
+        # must not be able to take all of max_worker_processes.
+        self.limit = limit
+        self.slots = asyncio.Semaphore(limit)
         self.idle = {}      # role oid -> [ExecutorConnection]
         self.busy = set()
         self.pending = {}   # nonce -> (role oid, future)
@@ -78,6 +82,18 @@ class ExecutorPool:
 
     async def run(self, role_oid, message, timeout_s):
         """Run one request in an executor connected as role_oid; return its reply."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise AquapeerError(f"all {self.limit} executors stayed busy for {timeout_s:g} s", sqlstate="53000",
+                                hint="Raise peer.config.executor_limit, or make the work faster.") from None
+        try:
+            return await self._run(role_oid, message, timeout_s)
+        finally:
+            self.slots.release()
+
+    async def _run(self, role_oid, message, timeout_s):
         conn = self._take_idle(role_oid) or await self._spawn(role_oid)
         self.busy.add(conn)
         try:

@@ -65,16 +65,17 @@ class Worker:
         self.database_oid, self.database_name = current_database(db)
         # Retention runs in an executor connected as this worker's own role.
         self.retention_role = db.scalar("select oid from pg_catalog.pg_roles where rolname = current_user")
-        config = db.query("select executor_pool_size, "
+        config = db.query("select executor_pool_size, executor_limit, "
                           "extract(epoch from executor_idle_timeout)::float8 as idle_s from peer.config")
         # What the worker acknowledges to friends must survive a crash,
         # whatever the database's default.
         db.query("set synchronous_commit = on")
         db.commit()
-        pool_size, idle_s = (config[0]["executor_pool_size"], config[0]["idle_s"]) if config else (2, 60.0)
+        pool_size, limit, idle_s = (config[0]["executor_pool_size"], config[0]["executor_limit"],
+                                    config[0]["idle_s"])
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.lag = LoopLag()
-        self.executors = ExecutorPool(self._start_executor, pool_size, idle_s)
+        self.executors = ExecutorPool(self._start_executor, pool_size, idle_s, limit)
         self.wakeups = 0
         self.requests = 0
         self.node = None
