@@ -182,6 +182,15 @@ order by i.position limit $1
 """
 
 
+async def _news(event):
+    """Until event is set, or POLL_S has passed (a lost wake); then clear it for the next news."""
+    try:
+        await asyncio.wait_for(event.wait(), POLL_S)
+    except asyncio.TimeoutError:
+        pass
+    event.clear()
+
+
 class Outbound:
     """What is in flight to one friend on one link."""
 
@@ -248,11 +257,7 @@ class Messaging:
     async def run_pickup(self):
         """Number newly visible messages whenever woken (and every POLL_S in case a wake was lost)."""
         while True:
-            try:
-                await asyncio.wait_for(self.wake_event.wait(), POLL_S)
-            except asyncio.TimeoutError:
-                pass
-            self.wake_event.clear()
+            await _news(self.wake_event)
             while True:
                 peers = [r["peer_id"] for r in self.db.query(PICKUP, [self.epoch, PICKUP_ROWS])]
                 self.db.commit()
@@ -442,11 +447,7 @@ class Messaging:
     async def run_handlers(self):
         """Hand stored messages to their handlers, in order per (sender, topic)."""
         while True:
-            try:
-                await asyncio.wait_for(self.handler_event.wait(), POLL_S)
-            except asyncio.TimeoutError:
-                pass
-            self.handler_event.clear()
+            await _news(self.handler_event)
             rows = self.db.query(PENDING_HANDLERS, [HANDLER_BATCH])
             self.db.commit()
             groups = collections.OrderedDict()
