@@ -32,19 +32,53 @@ create table bundle.head_row (
     primary key (bundle, relation, key_hash)
 );
 
--- Keys written since the head, recorded by the capture triggers of tracked tables.
+-- Keys written since each bundle's head, recorded by the capture triggers of tracked tables.
 create table bundle.changed_key (
+    bundle text not null references bundle.bundle on delete cascade,
     relation regclass not null,
     key jsonb not null,
-    primary key (relation, key)
+    primary key (bundle, relation, key)
 );
 
-revoke all on bundle.bundle, bundle.tracked, bundle.head_row, bundle.changed_key from public;
+-- Immutable, content-addressed objects (docs/bundles.md): blobs, buckets, fan nodes, roots, commits.
+create table bundle.object (
+    id text primary key check (id ~ '^[0-9a-f]{64}$'),
+    kind text not null check (kind in ('blob', 'bucket', 'fan', 'root', 'commit')),
+    data bytea not null
+);
+
+-- Commits, as bundle.log shows them; the signed document is kept with them.
+create table bundle.commit (
+    id text primary key references bundle.object,
+    parents text[] not null,
+    tree text not null references bundle.object,
+    author text not null,
+    message text not null,
+    committed_at timestamptz not null,
+    rows_changed bigint not null,
+    document jsonb not null
+);
+
+-- The nodes of each bundle's head tree by path: '' a table's node, two hex digits a
+-- fan node, four a bucket; so a commit rewrites only the paths its rows hang on.
+create table bundle.head_node (
+    bundle text not null references bundle.bundle on delete cascade,
+    relation regclass not null,
+    path text not null,
+    id text not null,
+    primary key (bundle, relation, path)
+);
+
+revoke all on bundle.bundle, bundle.tracked, bundle.head_row, bundle.changed_key, bundle.object,
+    bundle.commit, bundle.head_node from public;
 grant select on bundle.bundle, bundle.tracked to aquapeer_admin;
 select pg_catalog.pg_extension_config_dump('bundle.bundle', '');
 select pg_catalog.pg_extension_config_dump('bundle.tracked', '');
 select pg_catalog.pg_extension_config_dump('bundle.head_row', '');
 select pg_catalog.pg_extension_config_dump('bundle.changed_key', '');
+select pg_catalog.pg_extension_config_dump('bundle.object', '');
+select pg_catalog.pg_extension_config_dump('bundle.commit', '');
+select pg_catalog.pg_extension_config_dump('bundle.head_node', '');
 
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
 -- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).
@@ -61,8 +95,8 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
 $$;
 
 -- (key, key hash, blob, blob id) of a tracked table's rows: all of them, or those whose keys
--- are in bundle.changed_key.  One statement per table, never one per row.
-create function bundle._row_hashes(relation regclass, filter text, key_columns name[], changed_only boolean)
+-- bundle.changed_key holds for the bundle changed_in.  One statement per table, never one per row.
+create function bundle._row_hashes(relation regclass, filter text, key_columns name[], changed_in text)
 returns table (key jsonb, key_hash text, blob text, blob_id text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
@@ -74,11 +108,12 @@ begin
         'select r.key, encode(sha256(convert_to(r.key::text, ''UTF8'')), ''hex''), r.blob, '
         'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') from (%s) r',
         bundle._rows_query(relation, filter, key_columns,
-                           case when changed_only then format(
-                               'jsonb_build_array(%s) in (select c.key from bundle.changed_key c where c.relation = %s::regclass)',
+                           case when changed_in is not null then format(
+                               'jsonb_build_array(%s) in (select c.key from bundle.changed_key c '
+                               'where c.bundle = %L and c.relation = %s::regclass)',
                                (select string_agg(format('t.%I::text', k), ', ' order by n)
                                 from unnest(key_columns) with ordinality u(k, n)),
-                               relation::oid) end));
+                               changed_in, relation::oid) end));
 end
 $$;
 
@@ -93,13 +128,16 @@ declare
     key_expression text := (select string_agg(format('t.%I::text', k), ', ' order by n)
                             from unnest(TG_ARGV) with ordinality u(k, n));
 begin
+    -- For every bundle tracking the table.
     if TG_OP in ('INSERT', 'UPDATE') then
-        execute format('insert into bundle.changed_key select %s::regclass, jsonb_build_array(%s) from new_rows t '
-                       'on conflict do nothing', TG_RELID, key_expression);
+        execute format('insert into bundle.changed_key select b.bundle, %s::regclass, jsonb_build_array(%s) '
+                       'from new_rows t, bundle.tracked b where b.relation = %s::regclass on conflict do nothing',
+                       TG_RELID, key_expression, TG_RELID);
     end if;
     if TG_OP in ('UPDATE', 'DELETE') then
-        execute format('insert into bundle.changed_key select %s::regclass, jsonb_build_array(%s) from old_rows t '
-                       'on conflict do nothing', TG_RELID, key_expression);
+        execute format('insert into bundle.changed_key select b.bundle, %s::regclass, jsonb_build_array(%s) '
+                       'from old_rows t, bundle.tracked b where b.relation = %s::regclass on conflict do nothing',
+                       TG_RELID, key_expression, TG_RELID);
     end if;
     return null;
 end
@@ -162,7 +200,7 @@ begin
     end if;
     -- Everything there now is new to the bundle.
     insert into bundle.changed_key
-        select relation, r.key from bundle._row_hashes(relation, filter, key_columns, false) r
+        select bundle_name, relation, r.key from bundle._row_hashes(relation, filter, key_columns, null) r
         on conflict do nothing;
 exception when unique_violation then
     raise exception 'bundle "%" already tracks %', bundle_name, relation using errcode = '42710';
@@ -178,10 +216,11 @@ begin
     perform bundle._bundle(bundle_name);
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
         return query
-            with now_rows as (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, true)),
+            with now_rows as (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)),
                  head as (select h.key, h.blob from bundle.head_row h
                           where h.bundle = bundle_name and h.relation = t.relation
-                            and h.key in (select c.key from bundle.changed_key c where c.relation = t.relation))
+                            and h.key in (select c.key from bundle.changed_key c
+                                          where c.bundle = bundle_name and c.relation = t.relation))
             select t.relation, coalesce(n.key, h.key),
                    case when h.key is null then 'added' when n.key is null then 'deleted' else 'modified' end
             from now_rows n full join head h on h.key = n.key
@@ -191,6 +230,143 @@ begin
 end
 $$;
 
-revoke all on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text) from public;
-grant execute on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text)
-    to aquapeer_admin;
+-- Move a bundle's head rows and head tree to what its tables hold now, keeping every
+-- new object; returns the new root id and how many rows changed.  Set-based per table:
+-- only the changed keys, their buckets, and the fan nodes above them are touched.
+create function bundle._stage(bundle_name text, out root text, out rows_changed bigint)
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    t bundle.tracked;
+    n bigint;
+    root_data bytea;
+begin
+    rows_changed := 0;
+    for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
+        create temporary table if not exists bundle_changes
+            (key jsonb, key_hash text, blob text, blob_id text, gone boolean) on commit drop;
+        truncate bundle_changes;
+        insert into bundle_changes
+            select coalesce(n.key, h.key), coalesce(n.key_hash, h.key_hash), n.blob, n.blob_id, n.key is null
+            from (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)) n
+            full join (select h.key, h.key_hash, h.blob from bundle.head_row h
+                       where h.bundle = bundle_name and h.relation = t.relation
+                         and h.key in (select c.key from bundle.changed_key c
+                                       where c.bundle = bundle_name and c.relation = t.relation)) h on h.key = n.key
+            where n.blob_id is distinct from h.blob;
+        get diagnostics n = row_count;
+        rows_changed := rows_changed + n;
+        if n > 0 then
+            insert into bundle.object select blob_id, 'blob', convert_to(blob, 'UTF8') from bundle_changes
+                where not gone on conflict do nothing;
+            delete from bundle.head_row h using bundle_changes c
+                where h.bundle = bundle_name and h.relation = t.relation and h.key_hash = c.key_hash and c.gone;
+            insert into bundle.head_row select bundle_name, t.relation, c.key_hash, c.key, c.blob_id
+                from bundle_changes c where not c.gone
+                on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
+            -- Buckets, then fan nodes, then the table's node: each rebuilt from its children.
+            perform bundle._rebuild(bundle_name, t.relation,
+                                    array(select distinct left(c.key_hash, 4) from bundle_changes c));
+        end if;
+        if not exists (select from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation
+                       and h.path = '') then
+            perform bundle._rebuild(bundle_name, t.relation, '{}');
+        end if;
+    end loop;
+    -- The root: every tracked table's node, by name.
+    select convert_to('aquapeer-root/1' || E'\n' || coalesce(string_agg(
+               format('%s.%s %s', n.nspname, c.relname, h.id) || E'\n', '' order by n.nspname, c.relname), ''),
+                      'UTF8') into root_data
+    from bundle.tracked k join bundle.head_node h on h.bundle = k.bundle and h.relation = k.relation and h.path = ''
+    join pg_class c on c.oid = k.relation join pg_namespace n on n.oid = c.relnamespace
+    where k.bundle = bundle_name;
+    root := encode(sha256(root_data), 'hex');
+    insert into bundle.object values (root, 'root', root_data) on conflict do nothing;
+    delete from bundle.changed_key c where c.bundle = bundle_name;
+end
+$$;
+
+-- Rebuild the buckets under the given 4-digit prefixes, the fan nodes above them and the
+-- table's node, from bundle.head_row.
+create function bundle._rebuild(bundle_name text, relation regclass, buckets text[]) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+begin
+    -- buckets: the rows under each prefix, by key hash
+    with body as (
+        select p.prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
+                   h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
+        from unnest(buckets) p(prefix)
+        join bundle.head_row h on h.bundle = bundle_name and h.relation = _rebuild.relation
+             and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'
+        group by p.prefix
+    ), kept as (
+        insert into bundle.object select encode(sha256(data), 'hex'), 'bucket', data from body
+        on conflict do nothing
+    )
+    insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
+        on conflict (bundle, relation, path) do update set id = excluded.id;
+    delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation
+        and n.path = any (buckets)
+        and not exists (select from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
+                        and h.key_hash >= n.path and h.key_hash < n.path || 'g');
+    -- fan nodes: the buckets under each two-digit prefix
+    perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
+    -- the table's node: its fan nodes
+    perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
+end
+$$;
+
+-- Fan nodes at the given paths ('' is the table's node): one line per child path one level down.
+create function bundle._rebuild_fans(bundle_name text, relation regclass, paths text[]) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+begin
+    with body as (
+        select p.path, convert_to('aquapeer-fan/1' || E'\n' || coalesce(string_agg(
+                   substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', '' order by n.path), ''),
+                   'UTF8') as data
+        from unnest(paths) p(path)
+        left join bundle.head_node n on n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+             and length(n.path) = length(p.path) + 2 and left(n.path, length(p.path)) = p.path
+        group by p.path
+    ), kept as (
+        insert into bundle.object select encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
+    )
+    insert into bundle.head_node select bundle_name, _rebuild_fans.relation, path, encode(sha256(data), 'hex')
+        from body where path = '' or data <> convert_to('aquapeer-fan/1' || E'\n', 'UTF8')
+        on conflict (bundle, relation, path) do update set id = excluded.id;
+    -- an empty fan node below the table's is left out
+    delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+        and n.path = any (paths) and n.path <> ''
+        and not exists (select from bundle.head_node c where c.bundle = bundle_name
+                        and c.relation = _rebuild_fans.relation and length(c.path) = length(n.path) + 2
+                        and left(c.path, length(n.path)) = n.path);
+end
+$$;
+
+create function bundle.commit(bundle_name text, message text) returns text
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].bundle_commit(bundle_name, message)
+$$;
+comment on function bundle.commit(text, text) is 'commit what changed in the bundle''s tables; returns the commit id';
+
+create function bundle.log(bundle_name text)
+returns table (commit_id text, parent_ids text[], author text, message text, committed_at timestamptz,
+               rows_changed bigint)
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    with recursive history as (
+        select c.*, 0 as depth from bundle.commit c where c.id = (select head from bundle._bundle(bundle_name))
+        union
+        select c.*, h.depth + 1 from history h join bundle.commit c on c.id = any (h.parents)
+    )
+    select id, parents, author, message, committed_at, rows_changed from history
+    order by committed_at desc, depth
+$$;
+
+revoke all on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text),
+    bundle.commit(text, text), bundle.log(text), bundle._stage(text), bundle._rebuild(text, regclass, text[]),
+    bundle._rebuild_fans(text, regclass, text[]) from public;
+grant execute on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text),
+    bundle.commit(text, text), bundle.log(text) to aquapeer_admin;

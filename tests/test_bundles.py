@@ -32,7 +32,7 @@ def hashes(cluster, relation, settings=""):
             conn.execute(settings)
         return conn.execute(
             "select h.key::text, h.key_hash, h.blob_id from bundle.tracked t, "
-            "bundle._row_hashes(t.relation, t.filter, t.key_columns, false) h "
+            "bundle._row_hashes(t.relation, t.filter, t.key_columns, null) h "
             "where t.relation = %s::regclass order by 1", (relation,)).fetchall()
 
 
@@ -106,3 +106,38 @@ def test_writes_are_captured_by_statement_with_their_keys(tracked):
         assert keys == [('["w-1", "1"]',), ('["w-1", "2"]',), ('["w-1", "3"]',), ('["w-2", "1"]',)]
     finally:
         alice.sql("delete from public.part; insert into public.part values ('w-1', 1, 'bolt'), ('w-1', 2, 'nut')")
+
+
+def objects(cluster):
+    return cluster.scalar("select count(*) from bundle.object")
+
+
+def test_commit_log_and_status(tracked):
+    alice, _ = tracked
+    first = alice.scalar("select bundle.commit('shop', 'first widgets')")
+    assert alice.sql("select * from bundle.status('shop')") == []
+    log = alice.sql("select commit_id, parent_ids, message, rows_changed from bundle.log('shop')")
+    assert log == [(first, [], "first widgets", 4)]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="nothing to commit"):
+        alice.sql("select bundle.commit('shop', 'again')")
+    before = objects(alice)
+    alice.sql("update public.widget set price = 11 where sku = 'w-1'")
+    assert alice.sql("select key::text, change from bundle.status('shop')") == [('["w-1"]', "modified")]
+    second = alice.scalar("select bundle.commit('shop', 'dearer')")
+    # one blob, one bucket, two fan nodes (the bucket's and the table's), one root, the commit
+    assert objects(alice) - before == 6
+    assert alice.sql("select commit_id, parent_ids, rows_changed from bundle.log('shop')") == [
+        (second, [first], 1), (first, [], 4)]
+    # Back to the first commit's rows: the same tree as the first commit.
+    alice.sql("update public.widget set price = 10.50 where sku = 'w-1'")
+    third = alice.scalar("select bundle.commit('shop', 'cheaper again')")
+    assert alice.scalar("select tree from bundle.commit where id = %s", third) == \
+        alice.scalar("select tree from bundle.commit where id = %s", first)
+
+
+def test_the_same_rows_give_the_same_tree_on_two_servers(tracked):
+    alice, bob = tracked
+    alice.sql("select bundle.commit('shop', 'a')")
+    bob.sql("select bundle.commit('shop', 'b')")
+    tree = "select c.tree from bundle.commit c join bundle.bundle b on b.head = c.id where b.name = 'shop'"
+    assert alice.scalar(tree) == bob.scalar(tree)

@@ -14,7 +14,7 @@ import time
 
 import plpy
 
-from . import control, executor, friends, identity, worker
+from . import bundles, control, executor, friends, identity, worker
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -249,3 +249,10 @@ def retry_message(message_id):
     with _client() as client:
         return client.request("retry", {"id": message_id}, timeout=executor.START_TIMEOUT_S + executor.ANSWER_GRACE_S
                               + _db.scalar("select extract(epoch from handler_timeout)::float8 from peer.config"))
+
+
+# --- bundles -------------------------------------------------------------------------
+
+@sql_errors
+def bundle_commit(name, message):
+    return bundles.commit(_db, name, message)
