@@ -106,14 +106,17 @@ as $$
 begin
     return query execute format(
         'select r.key, encode(sha256(convert_to(r.key::text, ''UTF8'')), ''hex''), r.blob, '
-        'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') from (%s) r',
-        bundle._rows_query(relation, filter, key_columns,
-                           case when changed_in is not null then format(
-                               'jsonb_build_array(%s) in (select c.key from bundle.changed_key c '
-                               'where c.bundle = %L and c.relation = %s::regclass)',
-                               (select string_agg(format('t.%I::text', k), ', ' order by n)
-                                from unnest(key_columns) with ordinality u(k, n)),
-                               changed_in, relation::oid) end));
+        'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') from %s',
+        case when changed_in is null then format('(%s) r', bundle._rows_query(relation, filter, key_columns, null))
+        -- The changed keys, each looked up through the primary key ("limit 1" keeps it a probe
+        -- per key whatever the planner thinks of the tables' sizes).
+        else format('bundle.changed_key c cross join lateral (%s limit 1) r where c.bundle = %L and c.relation = %s::regclass',
+                    bundle._rows_query(relation, filter, key_columns,
+                        (select string_agg(format('t.%I = (c.key->>%s)::%s', k, n - 1,
+                                                  format_type(a.atttypid, a.atttypmod)), ' and ' order by n)
+                         from unnest(key_columns) with ordinality u(k, n)
+                         join pg_attribute a on a.attrelid = relation and a.attname = u.k)),
+                    changed_in, relation::oid) end);
 end
 $$;
 
@@ -219,7 +222,7 @@ begin
             with now_rows as (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)),
                  head as (select h.key, h.blob from bundle.head_row h
                           where h.bundle = bundle_name and h.relation = t.relation
-                            and h.key in (select c.key from bundle.changed_key c
+                            and h.key_hash in (select encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex') from bundle.changed_key c
                                           where c.bundle = bundle_name and c.relation = t.relation))
             select t.relation, coalesce(n.key, h.key),
                    case when h.key is null then 'added' when n.key is null then 'deleted' else 'modified' end
@@ -250,7 +253,7 @@ begin
             from (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)) n
             full join (select h.key, h.key_hash, h.blob from bundle.head_row h
                        where h.bundle = bundle_name and h.relation = t.relation
-                         and h.key in (select c.key from bundle.changed_key c
+                         and h.key_hash in (select encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex') from bundle.changed_key c
                                        where c.bundle = bundle_name and c.relation = t.relation)) h on h.key = n.key
             where n.blob_id is distinct from h.blob;
         get diagnostics n = row_count;
@@ -264,8 +267,13 @@ begin
                 from bundle_changes c where not c.gone
                 on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
             -- Buckets, then fan nodes, then the table's node: each rebuilt from its children.
+            -- Many changes: fresh statistics, and every bucket in one pass.
+            if n > 10000 then
+                analyze bundle.head_row;
+            end if;
             perform bundle._rebuild(bundle_name, t.relation,
-                                    array(select distinct left(c.key_hash, 4) from bundle_changes c));
+                                    case when n <= 10000 then
+                                        array(select distinct left(c.key_hash, 4) from bundle_changes c) end);
         end if;
         if not exists (select from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation
                        and h.path = '') then
@@ -285,12 +293,32 @@ begin
 end
 $$;
 
--- Rebuild the buckets under the given 4-digit prefixes, the fan nodes above them and the
--- table's node, from bundle.head_row.
+-- Rebuild the buckets under the given 4-digit prefixes (null: all of them), the fan nodes
+-- above them and the table's node, from bundle.head_row.
 create function bundle._rebuild(bundle_name text, relation regclass, buckets text[]) returns void
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 begin
+    if buckets is null then
+        delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation;
+        buckets := array(select distinct left(h.key_hash, 4) from bundle.head_row h
+                         where h.bundle = bundle_name and h.relation = _rebuild.relation);
+        with body as (
+            select left(h.key_hash, 4) as prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
+                       h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
+            from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
+            group by 1
+        ), kept as (
+            insert into bundle.object select encode(sha256(data), 'hex'), 'bucket', data from body
+            on conflict do nothing
+        )
+        insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
+            from body;
+        perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
+                                     array(select distinct left(b, 2) from unnest(buckets) b));
+        perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
+        return;
+    end if;
     -- buckets: the rows under each prefix, by key hash
     with body as (
         select p.prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
@@ -305,8 +333,8 @@ begin
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation
-        and n.path = any (buckets)
+    delete from bundle.head_node n using unnest(buckets) p(prefix)
+        where n.bundle = bundle_name and n.relation = _rebuild.relation and n.path = p.prefix
         and not exists (select from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
                         and h.key_hash >= n.path and h.key_hash < n.path || 'g');
     -- fan nodes: the buckets under each two-digit prefix
@@ -327,7 +355,7 @@ begin
                    'UTF8') as data
         from unnest(paths) p(path)
         left join bundle.head_node n on n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-             and length(n.path) = length(p.path) + 2 and left(n.path, length(p.path)) = p.path
+             and n.path > p.path and n.path < p.path || 'g' and length(n.path) = length(p.path) + 2
         group by p.path
     ), kept as (
         insert into bundle.object select encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
@@ -336,11 +364,11 @@ begin
         from body where path = '' or data <> convert_to('aquapeer-fan/1' || E'\n', 'UTF8')
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- an empty fan node below the table's is left out
-    delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-        and n.path = any (paths) and n.path <> ''
+    delete from bundle.head_node n using unnest(paths) p(path)
+        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation and n.path = p.path and n.path <> ''
         and not exists (select from bundle.head_node c where c.bundle = bundle_name
-                        and c.relation = _rebuild_fans.relation and length(c.path) = length(n.path) + 2
-                        and left(c.path, length(n.path)) = n.path);
+                        and c.relation = _rebuild_fans.relation and c.path > n.path and c.path < n.path || 'g'
+                        and length(c.path) = length(n.path) + 2);
 end
 $$;
 
