@@ -7,10 +7,17 @@
 create schema bundle;
 grant usage on schema bundle to aquapeer_admin;
 
+-- head: the newest commit of the bundle's branch; checked_out: the commit its tables were last
+-- made equal to (bundle.head_row holds its rows).  They differ after a friend pushed, until
+-- bundle.checkout.
 create table bundle.bundle (
     name text primary key check (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
     head text,
-    created_at timestamptz not null default now()
+    checked_out text,
+    created_at timestamptz not null default now(),
+    -- Set when objects were received that no commit may ever reference (a pull that broke off);
+    -- retention then looks for unreferenced objects once this is older than object_retention.
+    loose_since timestamptz
 );
 
 create table bundle.tracked (
@@ -41,22 +48,43 @@ create table bundle.changed_key (
 );
 
 -- Immutable, content-addressed objects (docs/bundles.md): blobs, buckets, fan nodes, roots, commits.
+-- Each bundle has its own store, so a friend a bundle is shared with can ask for objects of that
+-- bundle only.  An object is here only with everything below it: a tree node's children, a commit's
+-- tree and parents.
 create table bundle.object (
-    id text primary key check (id ~ '^[0-9a-f]{64}$'),
+    bundle text not null references bundle.bundle on delete cascade,
+    id text not null check (id ~ '^[0-9a-f]{64}$'),
     kind text not null check (kind in ('blob', 'bucket', 'fan', 'root', 'commit')),
-    data bytea not null
+    data bytea not null,
+    primary key (bundle, id)
+);
+
+-- Tree nodes received (from a friend or bundle.import) whose subtrees may be incomplete: checked
+-- against their ids and kept, so a pull that broke off resumes without fetching them again.
+-- bundle._promote moves them to bundle.object once everything below them is there.  (Blobs, which
+-- have nothing below them, go to bundle.object at once.)
+create table bundle.pending (
+    bundle text not null references bundle.bundle on delete cascade,
+    id text not null check (id ~ '^[0-9a-f]{64}$'),
+    kind text not null check (kind in ('bucket', 'fan', 'root')),
+    data bytea not null,
+    primary key (bundle, id)
 );
 
 -- Commits, as bundle.log shows them; the signed document is kept with them.
 create table bundle.commit (
-    id text primary key references bundle.object,
+    bundle text not null,
+    id text not null,
     parents text[] not null,
-    tree text not null references bundle.object,
+    tree text not null,
     author text not null,
     message text not null,
     committed_at timestamptz not null,
     rows_changed bigint not null,
-    document jsonb not null
+    document jsonb not null,
+    primary key (bundle, id),
+    foreign key (bundle, id) references bundle.object on delete cascade,
+    foreign key (bundle, tree) references bundle.object on delete cascade
 );
 
 -- The nodes of each bundle's head tree by path: '' a table's node, two hex digits a
@@ -70,7 +98,7 @@ create table bundle.head_node (
 );
 
 revoke all on bundle.bundle, bundle.tracked, bundle.head_row, bundle.changed_key, bundle.object,
-    bundle.commit, bundle.head_node from public;
+    bundle.pending, bundle.commit, bundle.head_node from public;
 grant select on bundle.bundle, bundle.tracked to aquapeer_admin;
 select pg_catalog.pg_extension_config_dump('bundle.bundle', '');
 select pg_catalog.pg_extension_config_dump('bundle.tracked', '');
@@ -78,6 +106,7 @@ select pg_catalog.pg_extension_config_dump('bundle.head_row', '');
 select pg_catalog.pg_extension_config_dump('bundle.changed_key', '');
 select pg_catalog.pg_extension_config_dump('bundle.object', '');
 select pg_catalog.pg_extension_config_dump('bundle.commit', '');
+select pg_catalog.pg_extension_config_dump('bundle.pending', '');
 select pg_catalog.pg_extension_config_dump('bundle.head_node', '');
 
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
@@ -259,7 +288,7 @@ begin
         get diagnostics n = row_count;
         rows_changed := rows_changed + n;
         if n > 0 then
-            insert into bundle.object select blob_id, 'blob', convert_to(blob, 'UTF8') from bundle_changes
+            insert into bundle.object select bundle_name, blob_id, 'blob', convert_to(blob, 'UTF8') from bundle_changes
                 where not gone on conflict do nothing;
             delete from bundle.head_row h using bundle_changes c
                 where h.bundle = bundle_name and h.relation = t.relation and h.key_hash = c.key_hash and c.gone;
@@ -288,7 +317,7 @@ begin
     join pg_class c on c.oid = k.relation join pg_namespace n on n.oid = c.relnamespace
     where k.bundle = bundle_name;
     root := encode(sha256(root_data), 'hex');
-    insert into bundle.object values (root, 'root', root_data) on conflict do nothing;
+    insert into bundle.object values (bundle_name, root, 'root', root_data) on conflict do nothing;
     delete from bundle.changed_key c where c.bundle = bundle_name;
 end
 $$;
@@ -309,7 +338,7 @@ begin
             from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
             group by 1
         ), kept as (
-            insert into bundle.object select encode(sha256(data), 'hex'), 'bucket', data from body
+            insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'bucket', data from body
             on conflict do nothing
         )
         insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
@@ -328,7 +357,7 @@ begin
              and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'
         group by p.prefix
     ), kept as (
-        insert into bundle.object select encode(sha256(data), 'hex'), 'bucket', data from body
+        insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'bucket', data from body
         on conflict do nothing
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
@@ -358,7 +387,7 @@ begin
              and n.path > p.path and n.path < p.path || 'g' and length(n.path) = length(p.path) + 2
         group by p.path
     ), kept as (
-        insert into bundle.object select encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
+        insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
     )
     insert into bundle.head_node select bundle_name, _rebuild_fans.relation, path, encode(sha256(data), 'hex')
         from body where path = '' or data <> convert_to('aquapeer-fan/1' || E'\n', 'UTF8')
@@ -385,9 +414,10 @@ returns table (commit_id text, parent_ids text[], author text, message text, com
                rows_changed bigint)
 language sql stable security definer set search_path = pg_catalog, pg_temp as $$
     with recursive history as (
-        select c.*, 0 as depth from bundle.commit c where c.id = (select head from bundle._bundle(bundle_name))
+        select c.*, 0 as depth from bundle.commit c
+        where c.bundle = bundle_name and c.id = (select head from bundle._bundle(bundle_name))
         union
-        select c.*, h.depth + 1 from history h join bundle.commit c on c.id = any (h.parents)
+        select c.*, h.depth + 1 from history h join bundle.commit c on c.bundle = bundle_name and c.id = any (h.parents)
     )
     select id, parents, author, message, committed_at, rows_changed from history
     order by committed_at desc, depth
@@ -398,3 +428,105 @@ revoke all on function bundle.create(text), bundle.track(text, regclass, text), 
     bundle._rebuild_fans(text, regclass, text[]) from public;
 grant execute on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text),
     bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
+
+-- Objects from elsewhere ---------------------------------------------------------------------
+
+-- The ids a tree node refers to: the last 64 characters of each line after the header.
+create function bundle._children(data bytea) returns setof text
+language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
+    select right(l, 64) from string_to_table(convert_from(data, 'UTF8'), E'\n') with ordinality t(l, n)
+    where n > 1 and l <> ''
+$$;
+
+-- What an object is, from its first line (a blob is a JSON object, so never starts so).
+create function bundle._kind(data bytea) returns text
+language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
+    select case substr(data, 1, 18)
+        when convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
+        else case substr(data, 1, 15)
+            when convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
+            when convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
+            else 'blob' end end
+$$;
+
+-- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,
+-- tree nodes in bundle.pending until bundle._promote.  Returns the ids of the nodes' children
+-- that are in neither store (what to ask for next).
+create function bundle._keep(bundle_name text, ids text[], datas bytea[]) returns setof text
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    bad record;
+begin
+    select i.id, encode(sha256(i.data), 'hex') as actual into bad
+    from unnest(ids, datas) i(id, data) where i.id is distinct from encode(sha256(i.data), 'hex') limit 1;
+    if found then
+        raise exception 'object % does not match its content (it hashes to %)', bad.id, bad.actual
+            using errcode = 'XX001', hint = 'The sender altered or damaged it; nothing of it was kept.';
+    end if;
+    update bundle.bundle set loose_since = coalesce(loose_since, now()) where name = bundle_name;
+    insert into bundle.object
+        select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
+        where bundle._kind(i.data) = 'blob' on conflict do nothing;
+    insert into bundle.pending
+        select bundle_name, i.id, bundle._kind(i.data), i.data from unnest(ids, datas) i(id, data)
+        where bundle._kind(i.data) <> 'blob' on conflict do nothing;
+    return query
+        select distinct c.child from unnest(ids, datas) i(id, data)
+        cross join lateral bundle._children(i.data) c(child)
+        where bundle._kind(i.data) <> 'blob'
+          and not exists (select from bundle.object o where o.bundle = bundle_name and o.id = c.child)
+          and not exists (select from bundle.pending p where p.bundle = bundle_name and p.id = c.child);
+end
+$$;
+
+-- Of the given ids, those the bundle lacks, and the children of those held only as pending
+-- nodes that it lacks in turn (what a pull that broke off still has to ask for).
+create function bundle._lacking(bundle_name text, ids text[]) returns setof text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with recursive walk(id) as (
+        select distinct i from unnest(ids) i
+        where not exists (select from bundle.object o where o.bundle = bundle_name and o.id = i)
+        union
+        select c.child from walk w join bundle.pending p on p.bundle = bundle_name and p.id = w.id
+        cross join lateral bundle._children(p.data) c(child)
+        where not exists (select from bundle.object o where o.bundle = bundle_name and o.id = c.child)
+    )
+    select w.id from walk w where not exists (select from bundle.pending p where p.bundle = bundle_name and p.id = w.id)
+$$;
+
+-- Move the pending nodes below the given roots to bundle.object, once nothing below them is missing.
+create function bundle._promote(bundle_name text, roots text[]) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    missing text;
+begin
+    select l into missing from bundle._lacking(bundle_name, roots) l limit 1;
+    if found then
+        raise exception 'bundle "%" lacks object % of the commits received', bundle_name, missing
+            using errcode = 'XX001', hint = 'Pull again: what was received is kept, and only what is missing is fetched.';
+    end if;
+    with recursive walk(id) as (
+        select p.id from bundle.pending p where p.bundle = bundle_name and p.id = any (roots)
+        union
+        select p.id from walk w join bundle.pending n on n.bundle = bundle_name and n.id = w.id
+        cross join lateral bundle._children(n.data) c(child)
+        join bundle.pending p on p.bundle = bundle_name and p.id = c.child
+    ), moved as (
+        delete from bundle.pending p using walk w where p.bundle = bundle_name and p.id = w.id
+        returning p.*
+    )
+    insert into bundle.object select * from moved on conflict do nothing;
+end
+$$;
+
+-- Commit documents received for a bundle, each checked (its id, its author's signature, its
+-- tree and parents present) and kept in parent order; returns how many were new.
+create function bundle._keep_commits(bundle_name text, documents jsonb) returns integer
+language plpython3u set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].bundle_keep_commits(bundle_name, documents)
+$$;
+
+revoke all on function bundle._children(bytea), bundle._kind(bytea), bundle._keep(text, text[], bytea[]),
+    bundle._lacking(text, text[]), bundle._promote(text, text[]), bundle._keep_commits(text, jsonb) from public;

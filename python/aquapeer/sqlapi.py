@@ -256,3 +256,8 @@ def retry_message(message_id):
 @sql_errors
 def bundle_commit(name, message):
     return bundles.commit(_db, name, message)
+
+
+@sql_errors
+def bundle_keep_commits(name, documents):
+    return bundles.keep_commits(_db, name, json.loads(documents))
