@@ -441,17 +441,16 @@ $$;
 -- What an object is, from its first line (a blob is a JSON object, so never starts so).
 create function bundle._kind(data bytea) returns text
 language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
-    select case substr(data, 1, 18)
-        when convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
-        else case substr(data, 1, 15)
-            when convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
-            when convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
-            else 'blob' end end
+    select case
+        when substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
+        when substr(data, 1, 15) = convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
+        when substr(data, 1, 16) = convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
+        else 'blob' end
 $$;
 
 -- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,
--- tree nodes in bundle.pending until bundle._promote.  Returns the ids of the nodes' children
--- that are in neither store (what to ask for next).
+-- tree nodes in bundle.pending until bundle._promote.  Returns what the bundle still lacks below
+-- the nodes (what to ask for next).
 create function bundle._keep(bundle_name text, ids text[], datas bytea[]) returns setof text
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
@@ -470,12 +469,9 @@ begin
     insert into bundle.pending
         select bundle_name, i.id, bundle._kind(i.data), i.data from unnest(ids, datas) i(id, data)
         where bundle._kind(i.data) <> 'blob' on conflict do nothing;
-    return query
-        select distinct c.child from unnest(ids, datas) i(id, data)
-        cross join lateral bundle._children(i.data) c(child)
-        where bundle._kind(i.data) <> 'blob'
-          and not exists (select from bundle.object o where o.bundle = bundle_name and o.id = c.child)
-          and not exists (select from bundle.pending p where p.bundle = bundle_name and p.id = c.child);
+    return query select * from bundle._lacking(bundle_name, array(
+        select c.child from unnest(datas) i(data) cross join lateral bundle._children(i.data) c(child)
+        where bundle._kind(i.data) <> 'blob'));
 end
 $$;
 
@@ -530,3 +526,145 @@ $$;
 
 revoke all on function bundle._children(bytea), bundle._kind(bytea), bundle._keep(text, text[], bytea[]),
     bundle._lacking(text, text[]), bundle._promote(text, text[]), bundle._keep_commits(text, jsonb) from public;
+
+-- Sharing and transfers between friends ------------------------------------------------------
+
+-- Which friend may pull (and push to) which bundle; nothing is shared by default.
+create table peer.bundle_share (
+    bundle text not null references bundle.bundle on delete cascade on update cascade,
+    friend text not null references peer.friend on delete cascade on update cascade,
+    can_push boolean not null default false,
+    shared_at timestamptz not null default now(),
+    primary key (bundle, friend)
+);
+revoke all on peer.bundle_share from public;
+grant select on peer.bundle_share to aquapeer_admin;
+select pg_catalog.pg_extension_config_dump('peer.bundle_share', '');
+
+-- Transfers, written by executors in their own transactions as they go, so every session sees
+-- their progress while they run (never in the puller's transaction).
+create table peer.transfer (
+    id uuid primary key,
+    friend text not null,
+    bundle text not null,
+    direction text not null check (direction in ('pull', 'push', 'pushed to us')),
+    state text not null default 'running' check (state in ('running', 'done', 'failed', 'cancelled')),
+    bytes_done bigint not null default 0,
+    rows_done bigint not null default 0,
+    rows_total bigint,
+    objects_done bigint not null default 0,
+    commits bigint not null default 0,
+    started_at timestamptz not null default now(),
+    updated_at timestamptz not null default now(),
+    finished_at timestamptz,
+    error text
+);
+revoke all on peer.transfer from public;
+
+create view peer.transfers as
+    select id, friend, bundle, direction, state, bytes_done, rows_done, rows_total, objects_done, commits,
+           started_at, finished_at, error
+    from peer.transfer where state = 'running' or finished_at > now() - interval '1 day'
+    order by started_at desc;
+comment on view peer.transfers is 'bundle transfers running now or ended in the last day, with their progress';
+grant select on peer.transfers to aquapeer_admin;
+
+create function peer.share_bundle(bundle_name text, friend text, can_push boolean default false) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform bundle._bundle(bundle_name);
+    if not exists (select from peer.friend f where f.name = share_bundle.friend) then
+        raise exception 'no friend named "%"', friend using errcode = '42704',
+            hint = 'See select name from peer.friend.';
+    end if;
+    insert into peer.bundle_share as s (bundle, friend, can_push) values (bundle_name, $2, $3)
+        on conflict on constraint bundle_share_pkey do update set can_push = excluded.can_push;
+end
+$$;
+comment on function peer.share_bundle(text, text, boolean) is 'let a friend pull (and with can_push, push to) a bundle';
+
+create function peer.unshare_bundle(bundle_name text, friend text) returns boolean
+language sql security definer set search_path = pg_catalog, pg_temp as $$
+    with gone as (delete from peer.bundle_share s where s.bundle = bundle_name and s.friend = unshare_bundle.friend
+                  returning 1)
+    select exists (select from gone)
+$$;
+comment on function peer.unshare_bundle(text, text) is 'take back what peer.share_bundle gave; true if it was shared';
+
+-- What a friend may read, checked in the serving executor: shared with it, or (granted) it is
+-- pulling what we asked it to take in a push.  The same error whether the bundle exists or not.
+create function peer._check_bundle_served(bundle_name text, friend text, granted boolean, push boolean default false)
+returns void
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform peer._executor_nonce();
+    if not granted and not exists (select from peer.bundle_share s where s.bundle = bundle_name
+                                   and s.friend = _check_bundle_served.friend and (s.can_push or not push)) then
+        raise exception 'bundle "%" is not shared with you%', bundle_name, case when push then ' for pushing' else '' end
+            using errcode = '42501', hint = 'Its owner shares it with peer.share_bundle(bundle, friend, can_push).';
+    end if;
+end
+$$;
+
+create function peer._serve_bundle_head(bundle_name text, friend text, granted boolean) returns jsonb
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform peer._check_bundle_served(bundle_name, friend, granted);
+    return (select jsonb_build_object('head', b.head, 'tables', bundle._describe(b.name))
+            from bundle.bundle b where b.name = bundle_name);
+end
+$$;
+
+-- The signed commits reachable from the head that the friend does not have (it sent their ids).
+create function peer._serve_bundle_commits(bundle_name text, friend text, granted boolean, have text[])
+returns setof jsonb
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform peer._check_bundle_served(bundle_name, friend, granted);
+    return query
+        with recursive history(id) as (
+            select b.head from bundle.bundle b where b.name = bundle_name and b.head <> all (have)
+            union
+            select p from history h join bundle.commit c on c.bundle = bundle_name and c.id = h.id
+            cross join unnest(c.parents) p where p <> all (have)
+        )
+        select c.document from history h join bundle.commit c on c.bundle = bundle_name and c.id = h.id;
+end
+$$;
+
+create function peer._serve_bundle_objects(bundle_name text, friend text, granted boolean, ids text[])
+returns table (id text, data bytea)
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform peer._check_bundle_served(bundle_name, friend, granted);
+    return query select o.id, o.data from unnest(ids) i join bundle.object o on o.bundle = bundle_name and o.id = i;
+end
+$$;
+
+create function peer.pull_bundle(friend text, bundle_name text, checkout boolean default true) returns jsonb
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].pull_bundle(friend, bundle_name, checkout)
+$$;
+comment on function peer.pull_bundle(text, text, boolean) is
+    'fetch what a friend committed to a bundle that this database lacks, then fast-forward or merge, and check out';
+
+create function peer.push_bundle(friend text, bundle_name text) returns jsonb
+language plpython3u security definer set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].push_bundle(friend, bundle_name)
+$$;
+comment on function peer.push_bundle(text, text) is
+    'send a friend (who granted can_push) the commits of a bundle it lacks, fast-forwarding its head';
+
+revoke all on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
+    peer._check_bundle_served(text, text, boolean, boolean), peer._serve_bundle_head(text, text, boolean),
+    peer._serve_bundle_commits(text, text, boolean, text[]), peer._serve_bundle_objects(text, text, boolean, text[]),
+    peer.pull_bundle(text, text, boolean), peer.push_bundle(text, text) from public;
+-- Serving runs in executors connected as the friend's role; _executor_nonce refuses anybody else.
+grant execute on function peer._check_bundle_served(text, text, boolean, boolean), peer._serve_bundle_head(text, text, boolean),
+    peer._serve_bundle_commits(text, text, boolean, text[]), peer._serve_bundle_objects(text, text, boolean, text[]) to public;
+grant execute on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
+    peer.pull_bundle(text, text, boolean), peer.push_bundle(text, text) to aquapeer_admin;

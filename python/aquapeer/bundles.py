@@ -5,8 +5,13 @@ See docs/bundles.md."""
 import datetime
 import json
 
-from . import commits, friends
+from . import commits, friends, wire
 from .errors import AquapeerError
+
+
+def _texts(n):
+    """Parameter n, a JSON array of texts (as the adapter sends lists), as text[]."""
+    return f"array(select pg_catalog.jsonb_array_elements_text(${n}::jsonb))"
 
 
 def commit(db, name, message):
@@ -34,7 +39,7 @@ def commit(db, name, message):
 def _store(db, name, new, document):
     db.query("insert into bundle.object values ($1, $2, 'commit', $3) on conflict do nothing",
              [name, new.id, new.encode()])
-    db.query("insert into bundle.commit values ($1, $2, array(select pg_catalog.jsonb_array_elements_text($3::jsonb)), "
+    db.query("insert into bundle.commit values ($1, $2, " + _texts(3) + ", "
              "$4, $5, $6, $7::timestamptz, $8, $9::jsonb) on conflict do nothing",
              [name, new.id, json.dumps(list(new.parents)), new.tree, new.author, new.message, new.time,
               new.rows_changed, json.dumps(document)])
@@ -50,7 +55,7 @@ def keep_commits(db, name, documents):
         new = commits.verify(document)
         received[new.id] = (new, document)
     known = {r["id"] for r in db.query(
-        "select id from bundle.commit where bundle = $1 and id = any ($2::text[])",
+        "select id from bundle.commit where bundle = $1 and id = any (" + _texts(2) + ")",
         [name, sorted({p for new, _ in received.values() for p in new.parents} | set(received))])}
     kept = 0
     waiting = {cid: pair for cid, pair in received.items() if cid not in known}
@@ -71,3 +76,153 @@ def keep_commits(db, name, documents):
             known.add(cid)
             kept += 1
     return kept
+
+
+# --- transfers: what executors do for transfer.py ----------------------------------------------
+
+# What one objects answer holds at most before compression; the asker asks again for the rest.
+SERVE_RAW_LIMIT = 4 * 1024 * 1024
+
+
+def _answer(db, work):
+    """work()'s result in an executor reply, committed; or the error, rolled back."""
+    try:
+        result = work()
+        db.commit()
+        return {"ok": True, "result": result}
+    except AquapeerError as e:
+        db.rollback()
+        return {"ok": False, "error": e.as_dict()}
+
+
+def serve(db, args):
+    """A friend's bundle_get, in an executor connected as the friend's role: the packed body."""
+    name, friend, granted = args["bundle"], args["friend"], bool(args["granted"])
+    want, ids = args["want"], [i.hex() for i in args["ids"]]
+
+    def work():
+        if want == "head":
+            value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
+        elif want == "commits":
+            value = [json.loads(r["d"]) for r in db.query(
+                "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
+                [name, friend, granted, ids])]
+        elif want == "objects":
+            value, size = [], 0
+            for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
+                                [name, friend, granted, ids]):
+                if value and size + len(row["data"]) > SERVE_RAW_LIMIT:
+                    break
+                value.append([bytes.fromhex(row["id"]), row["data"]])
+                size += len(row["data"])
+        else:  # push: may this friend push to the bundle?
+            db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
+            value = True
+        return wire.pack_body(value)
+    return _answer(db, work)
+
+
+def _objects(body):
+    if not isinstance(body, list) or not all(
+            isinstance(o, list) and len(o) == 2 and isinstance(o[0], bytes) and len(o[0]) == 32
+            and isinstance(o[1], bytes) for o in body):
+        raise wire.WireError("an objects answer is a list of [32-byte id, bytes]")
+    return [o[0].hex() for o in body], [o[1] for o in body]
+
+
+def _progress(db, transfer, **counts):
+    db.query("update peer.transfer set bytes_done = bytes_done + $2, rows_done = rows_done + $3, "
+             "objects_done = objects_done + $4, updated_at = now() where id = $1::uuid",
+             [transfer, counts.get("bytes", 0), counts.get("rows", 0), counts.get("objects", 0)])
+
+
+def store(db, args):
+    """A step of a transfer's local side, in an executor connected as the worker's role; each
+    step commits, so what was kept stays kept whatever happens to the transfer later."""
+    step, name = args["step"], args["bundle"]
+
+    def work():
+        if step == "prepare":  # the bundle must exist before its objects can be kept
+            db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
+            return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
+                                              f"limit {wire.MAX_ITEMS}", [name])]
+        if step == "head":
+            return db.scalar("select head from bundle._bundle($1)", [name])
+        if step == "start":
+            db.query("insert into peer.transfer (id, friend, bundle, direction, rows_total) "
+                     "values ($1::uuid, $2, $3, $4, $5)",
+                     [args["transfer"], args["friend"], name, args["direction"], args["rows_total"]])
+            return None
+        if step == "lacking":
+            return [r["l"] for r in db.query("select l from bundle._lacking($1, " + _texts(2) + ") l", [name, args["ids"]])]
+        if step == "keep":
+            ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
+            lacking = [r["l"] for r in db.query("select l from bundle._keep($1, " + _texts(2) + ", $3) l",
+                                                [name, ids, datas])]
+            blobs = db.scalar("select count(*) from unnest($1) d where bundle._kind(d) = 'blob'", [datas])
+            _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
+            asked = set(args["asked"])
+            return {"lacking": lacking, "unanswered": sorted(asked - set(ids))}
+        if step == "finish":
+            db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
+            kept = keep_commits(db, name, args["documents"])
+            db.query("update peer.transfer set state = 'done', commits = $2, finished_at = now(), updated_at = now() "
+                     "where id = $1::uuid", [args["transfer"], kept])
+            return kept
+        if step == "end":
+            db.query("update peer.transfer set state = $2, error = $3, finished_at = now(), updated_at = now() "
+                     "where id = $1::uuid and state = 'running'", [args["transfer"], args["state"], args["error"]])
+            return None
+        if step == "fast_forward":  # a friend's push: only ever forward, never touching the tables
+            return json.loads(db.scalar("select bundle._integrate($1, $2, false)::text", [name, args["head"]]))
+        if step == "contains":  # is commit the head or one of its ancestors here?
+            return db.scalar("select exists (select from bundle.log($1) where commit_id = $2)", [name, args["commit"]])
+        raise AquapeerError(f"unknown transfer step {step!r}")
+    return _answer(db, work)
+
+
+# --- pulling and pushing: the caller's side ----------------------------------------------------
+
+# How long a pull or push may take at most: it is cancelled like any statement before that.
+TRANSFER_TIMEOUT_S = 24 * 3600.0
+
+
+def transfer_progress(db, transfer):
+    rows = db.query("select bytes_done, objects_done, rows_done, rows_total from peer.transfer where id = $1::uuid",
+                    [transfer])
+    return rows[0] if rows else {"bytes_done": 0, "objects_done": 0, "rows_done": 0, "rows_total": None}
+
+
+def pull(db, client, friend, name, checkout, transfer):
+    """Fetch what the friend has of the bundle and we lack (kept whatever happens next), then in
+    the caller's transaction: track its tables if it is new here, fast-forward or merge, check out."""
+    friends.check_name(friend)
+    local = db.query("select head, exists (select from bundle.tracked t where t.bundle = b.name) as tracked "
+                     "from bundle.bundle b where b.name = $1", [name])
+    if local and checkout and db.scalar("select exists (select from bundle.status($1))", [name]):
+        raise AquapeerError(f'bundle "{name}" has uncommitted changes in its tables', sqlstate="55000",
+                            hint="Commit them with bundle.commit first, or pull with checkout => false "
+                                 "to only fetch.")
+    theirs = client.request("bundle_head", {"name": friend, "bundle": name}, timeout=120.0)
+    if not (local and local[0]["tracked"]):
+        db.query("select bundle._adopt($1, $2::jsonb)", [name, json.dumps(theirs["tables"])])
+    summary = {"commits": 0, "blobs": 0, "objects": 0, "bytes": 0, "head": local[0]["head"] if local else None,
+               "fast_forward": False, "up_to_date": True, "conflicts": 0, "merging": False, "transfer": None}
+    if theirs["head"] is None:
+        return summary
+    fetched = client.request("pull", {"name": friend, "bundle": name, "transfer": transfer},
+                             timeout=TRANSFER_TIMEOUT_S)
+    done = transfer_progress(db, transfer)
+    merged = json.loads(db.scalar("select bundle._integrate($1, $2, $3)::text", [name, theirs["head"], checkout]))
+    summary.update(commits=fetched["commits"], blobs=done["rows_done"], objects=done["objects_done"],
+                   bytes=done["bytes_done"], transfer=transfer, **{k: merged[k] for k in (
+                       "head", "fast_forward", "up_to_date", "conflicts", "merging") if k in merged})
+    return summary
+
+
+def push(db, client, friend, name):
+    """Have the friend take our commits of the bundle (fast-forward only); its summary."""
+    friends.check_name(friend)
+    db.query("select from bundle._bundle($1)", [name])  # it must exist here
+    return client.request("push", {"name": friend, "bundle": name}, timeout=TRANSFER_TIMEOUT_S)
+

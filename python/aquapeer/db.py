@@ -20,9 +20,16 @@ def _pg_type(value):
         return "double precision"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "bytea"
+    if _binary_list(value):
+        return "bytea[]"
     if isinstance(value, (dict, list)):
         return "jsonb"
     return "text"
+
+
+def _binary_list(value):
+    """A list of bytes goes as bytea[] (JSON cannot hold it); other lists go as jsonb."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, bytes) for v in value)
 
 
 def current_database(db):
@@ -46,7 +53,7 @@ def _sqlstate(error):
 
 
 def _pg_value(value):
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
+    return json.dumps(value) if isinstance(value, (dict, list)) and not _binary_list(value) else value
 
 
 class PlpyDatabase:

@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 
-from . import control, retention
+from . import bundles, control, retention
 from .db import current_database
 from .errors import AquapeerError, DatabaseError
 
@@ -217,7 +217,8 @@ def handle_retention(db, args):
         return {"ok": False, "error": e.as_dict()}
 
 
-HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention}
+HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention,
+            "bundle_serve": bundles.serve, "bundle_store": bundles.store}
 
 
 def _recv_exactly(sock, n):
