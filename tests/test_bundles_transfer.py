@@ -4,8 +4,11 @@ alice owns the bundle "shop"; bob pulls it (and pushes to it when alice lets him
 """
 
 import json
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -87,6 +90,20 @@ def test_pulling_clones_then_fetches_only_what_changed(shop):
     assert again["commits"] == 0 and again["up_to_date"] is True and again["bytes"] == 0
     transfers = bob.sql("select direction, state, rows_done from peer.transfers order by started_at")
     assert [t[:2] for t in transfers] == [("pull", "done")] * 3
+
+
+def test_the_command_line_pulls_and_prints_a_summary(shop):
+    alice, bob = shop
+    cli = Path(os.environ.get("AQUAPEER_BINDIR") or "/usr/local/bin") / "aquapeer"
+    done = subprocess.run([str(cli), "pull", "--dbname", bob.dsn, "alice", "shop", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["commits"] == 1 and summary["blobs"] == 203 and summary["fast_forward"] is True
+    assert rows(bob) == rows(alice)
+    failed = subprocess.run([str(cli), "pull", "--dbname", bob.dsn, "alice", "nosuch"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "is not shared with you" in failed.stderr
 
 
 def test_an_unshared_bundle_is_refused_without_saying_whether_it_exists(shop):

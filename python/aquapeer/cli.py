@@ -260,6 +260,83 @@ def _add_lightpeers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lightpeers)
 
 
+# --- pull --------------------------------------------------------------------
+
+PULL_PROGRESS = ("select rows_done, rows_total, bytes_done, state from peer.transfer "
+                 "where friend = %s and bundle = %s and started_at >= %s order by started_at desc limit 1")
+
+
+def _cmd_pull(args: argparse.Namespace, console: Console) -> int:
+    """peer.pull_bundle in one session while another shows peer.transfers as a progress bar."""
+    import threading
+
+    import psycopg
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    outcome: dict[str, Any] = {}
+    try:
+        puller, watcher = _connect(args.dbname), _connect(args.dbname)
+    except psycopg.Error as exc:
+        err.print(f"[bold red]aquapeer pull:[/] {str(exc).strip()}")
+        return EXIT_ERROR
+    started = watcher.execute("select now()").fetchone()[0]
+
+    def run() -> None:
+        try:
+            outcome["summary"] = puller.execute(
+                "select peer.pull_bundle(%s, %s, checkout => %s)",
+                (args.friend, args.bundle, not args.no_checkout)).fetchone()[0]
+        except psycopg.Error as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    columns = (TextColumn(f"pulling {args.bundle} from {args.friend}"), BarColumn(),
+               TextColumn("{task.completed:,.0f}/{task.fields[total_text]} rows"), DownloadColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("pull", total=None, total_text="?")
+            while thread.is_alive():
+                thread.join(0.25)
+                row = watcher.execute(PULL_PROGRESS, (args.friend, args.bundle, started)).fetchone()
+                if row:
+                    progress.update(task, completed=row[0], total=row[1] or None,
+                                    total_text=f"{row[1]:,}" if row[1] else "?")
+    except KeyboardInterrupt:
+        puller.cancel_safe()
+        thread.join()
+    finally:
+        watcher.close()
+    puller.close()
+    if "error" in outcome:
+        err.print(f"[bold red]aquapeer pull:[/] {str(outcome['error']).strip()}")
+        return EXIT_ERROR
+    summary = outcome["summary"]
+    if args.json:
+        console.print_json(json.dumps(summary))
+    else:
+        console.print(_table(f"pulled {args.bundle} from {args.friend}", list(summary), [tuple(summary.values())]))
+    return EXIT_OK
+
+
+def _add_pull(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pull",
+        help="pull a bundle from a friend, with a progress bar",
+        description="Run peer.pull_bundle(FRIEND, BUNDLE) in a database and show the transfer's "
+        "progress (peer.transfers) while it runs.",
+    )
+    _add_dbname(p)
+    p.add_argument("friend", help="the friend to pull from")
+    p.add_argument("bundle", help="the bundle's name")
+    p.add_argument("--no-checkout", action="store_true",
+                   help="only fetch: leave the bundle's head and tables as they are")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_pull)
+
+
 # --- parser ------------------------------------------------------------------
 
 def _add_dbname(p: argparse.ArgumentParser) -> None:
@@ -277,6 +354,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_signal,
     _add_lightpeers,
+    _add_pull,
 ]
 
 
