@@ -80,7 +80,8 @@ def keep_commits(db, name, documents):
 
 # --- transfers: what executors do for transfer.py ----------------------------------------------
 
-# What one objects answer holds at most before compression; the asker asks again for the rest.
+# What one objects answer holds at most before compression (less when the friend accepts less in
+# one frame); the asker asks again for the rest.
 SERVE_RAW_LIMIT = 4 * 1024 * 1024
 
 
@@ -111,7 +112,7 @@ def serve(db, args):
             value, size = [], 0
             for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
                                 [name, friend, granted, ids]):
-                if value and size + len(row["data"]) > SERVE_RAW_LIMIT:
+                if value and size + len(row["data"]) > args["limit"]:
                     break
                 value.append([bytes.fromhex(row["id"]), row["data"]])
                 size += len(row["data"])

@@ -28,7 +28,7 @@ import os
 import uuid
 
 from . import node as node_module
-from . import transport, wire
+from . import bundles, transport, wire
 from .calls import Unreachable
 from .errors import AquapeerError
 
@@ -223,7 +223,7 @@ class Transfers:
                                     sqlstate="42501")
             friend = rows[0]
             if frame["t"] == "bundle_get":
-                reply["data"] = await self._serve(friend, link.peer_id, frame["bundle"], frame["want"], frame["ids"])
+                reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"])
             else:
                 reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
         except AquapeerError as e:
@@ -234,10 +234,12 @@ class Transfers:
         if link.state == "connected":
             link.send(reply, transport.CONTROL)
 
-    async def _serve(self, friend, peer_id, bundle, want, ids, push=False):
+    async def _serve(self, friend, link, bundle, want, ids, push=False):
+        # An answer, compressed or not, must stay under what the friend accepts in one frame.
+        limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
-            "bundle": bundle, "friend": friend["name"], "granted": (peer_id, bundle) in self.push_grants,
-            "want": "push" if push else want, "ids": ids}}, SERVE_TIMEOUT_S)
+            "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
+            "want": "push" if push else want, "ids": ids, "limit": limit}}, SERVE_TIMEOUT_S)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})
         return reply["result"]
@@ -245,7 +247,7 @@ class Transfers:
     async def _pushed(self, link, friend, frame):
         """A friend pushes: check it may, pull from it, then only fast-forward our head."""
         bundle, head = frame["bundle"], frame["head"].hex()
-        await self._serve(friend, link.peer_id, bundle, "head", [], push=True)
+        await self._serve(friend, link, bundle, "head", [], push=True)
         pulled = await self.pull(self.node().friends.lookup(link.peer_id), bundle, str(uuid.uuid4()),
                                  "pushed to us", link)
         moved = await self._store("fast_forward", bundle=bundle, head=head)
