@@ -32,8 +32,6 @@ from . import bundles, transport, wire
 from .calls import Unreachable
 from .errors import AquapeerError
 
-log = logging.getLogger("aquapeer.transfer")
-
 OBJECTS_PER_REQUEST = 1000
 # Requests in flight per transfer: each holds an executor on both sides while it is served or kept.
 REQUESTS_IN_FLIGHT = 3
