@@ -463,15 +463,21 @@ begin
             using errcode = 'XX001', hint = 'The sender altered or damaged it; nothing of it was kept.';
     end if;
     update bundle.bundle set loose_since = coalesce(loose_since, now()) where name = bundle_name;
-    insert into bundle.object
-        select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
-        where bundle._kind(i.data) = 'blob' on conflict do nothing;
-    insert into bundle.pending
-        select bundle_name, i.id, bundle._kind(i.data), i.data from unnest(ids, datas) i(id, data)
-        where bundle._kind(i.data) <> 'blob' on conflict do nothing;
-    return query select * from bundle._lacking(bundle_name, array(
-        select c.child from unnest(datas) i(data) cross join lateral bundle._children(i.data) c(child)
-        where bundle._kind(i.data) <> 'blob'));
+    -- One statement: a node's children never come in the same batch as the node (they are
+    -- asked for after it is kept), so what it inserts need not be visible to _lacking.
+    return query
+        with received as materialized (
+            select i.id, bundle._kind(i.data) as kind, i.data from unnest(ids, datas) i(id, data)
+        ), blobs as (
+            insert into bundle.object select bundle_name, r.id, 'blob', r.data from received r
+            where r.kind = 'blob' on conflict do nothing
+        ), nodes as (
+            insert into bundle.pending select bundle_name, r.id, r.kind, r.data from received r
+            where r.kind <> 'blob' on conflict do nothing
+        )
+        select * from bundle._lacking(bundle_name, array(
+            select c.child from received r cross join lateral bundle._children(r.data) c(child)
+            where r.kind <> 'blob'));
 end
 $$;
 
