@@ -271,6 +271,8 @@ def test_kill_9_mid_pull_then_the_next_pull_sends_nothing_kept(testbed, signal_s
     assert 0 < kept < total_objects
     assert bob.scalar("select head from bundle.bundle where name = 'shop'") is None
     assert bob.scalar("select count(*) from public.widget") == 0
+    tb.wait_for(lambda: bob.scalar("select state from peer.transfers") == "failed", 60,
+                message="the broken transfer to show as failed")
 
     second = pull(bob)
     assert second["commits"] == 1 and second["fast_forward"] is True

@@ -71,6 +71,9 @@ class Worker:
         # What the worker acknowledges to friends must survive a crash,
         # whatever the database's default.
         db.query("set synchronous_commit = on")
+        # Transfers are driven by the worker: any still running lost theirs.
+        db.query("update peer.transfer set state = 'failed', error = 'the worker stopped during the transfer', "
+                 "finished_at = now(), updated_at = now() where state = 'running'")
         db.commit()
         pool_size, limit, idle_s = (config[0]["executor_pool_size"], config[0]["executor_limit"],
                                     config[0]["idle_s"])
