@@ -469,7 +469,9 @@ begin
         raise exception 'object % does not match its content (it hashes to %)', bad.id, bad.actual
             using errcode = 'XX001', hint = 'The sender altered or damaged it; nothing of it was kept.';
     end if;
-    update bundle.bundle set loose_since = coalesce(loose_since, now()) where name = bundle_name;
+    -- Only when not set yet: a new row version per call would pile up in a long transaction
+    -- (an import) and slow every lookup of the bundle, its foreign keys' included.
+    update bundle.bundle set loose_since = now() where name = bundle_name and loose_since is null;
     insert into bundle.object
         select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
         where bundle._kind(i.data) = 'blob' on conflict do nothing;
@@ -480,8 +482,11 @@ begin
         select distinct c.child from unnest(ids, datas) i(id, data)
         cross join lateral bundle._children(i.data) c(child)
         where bundle._kind(i.data) <> 'blob'
-          and not exists (select from bundle.object o where o.bundle = bundle_name and o.id = c.child)
-          and not exists (select from bundle.pending p where p.bundle = bundle_name and p.id = c.child);
+          -- A probe per child (scalar subqueries are never turned into joins): within one long
+          -- transaction the store has no statistics, and hashing all of it on each call made a
+          -- one-document-at-a-time import quadratic.
+          and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = c.child) is null
+          and (select p.id from bundle.pending p where p.bundle = bundle_name and p.id = c.child) is null;
 end
 $$;
 
