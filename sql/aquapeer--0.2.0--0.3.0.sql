@@ -752,6 +752,11 @@ begin
 end
 $$;
 
+comment on function bundle.export(text) is
+    'the bundle as a stream of JSON documents: header, objects, commits (docs/bundles.md, "Export format")';
+comment on function bundle.import(jsonb) is
+    'load one document of a bundle export, header first; returns new or known';
+
 revoke all on function bundle._describe(text), bundle._adopt(text, jsonb), bundle._reachable(text),
     bundle.export(text), bundle.import(jsonb), bundle._collect_garbage() from public;
 grant execute on function bundle.export(text), bundle.import(jsonb) to aquapeer_admin;
