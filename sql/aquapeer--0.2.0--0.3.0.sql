@@ -511,6 +511,9 @@ language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     missing text;
 begin
+    -- Garbage collection skips a bundle whose row is locked, so nothing checked here is
+    -- collected before this transaction ends.
+    perform from bundle.bundle b where b.name = bundle_name for key share;
     select l into missing from bundle._lacking(bundle_name, roots) l limit 1;
     if found then
         raise exception 'bundle "%" lacks object % of the commits received', bundle_name, missing
@@ -706,12 +709,11 @@ begin
             using errcode = '22023', hint = 'Import the documents of bundle.export in order, from its header on.';
     end if;
     if document->>'type' = 'object' then
-        if exists (select from bundle.object o where o.bundle = target and o.id = document->>'id')
-           or exists (select from bundle.pending p where p.bundle = target and p.id = document->>'id') then
-            return 'known';
-        end if;
+        known := exists (select from bundle.object o where o.bundle = target and o.id = document->>'id')
+                 or exists (select from bundle.pending p where p.bundle = target and p.id = document->>'id');
+        -- Checked against its id even when known: a tampered copy is an error, not a no-op.
         perform bundle._keep(target, array[document->>'id'], array[decode(document->>'data', 'base64')]);
-        return 'new';
+        return case when known then 'known' else 'new' end;
     end if;
     if coalesce(document->'commit'->>'tree', '') !~ '^[0-9a-f]{64}$' then
         raise exception 'not a commit document: %', left(document::text, 200) using errcode = '22023';
@@ -733,7 +735,8 @@ $$;
 
 -- Garbage collection, run by retention: in each bundle whose loose objects are older than
 -- peer.config.object_retention, drop the pending nodes and the objects no commit reaches.  A bundle
--- a transaction is keeping objects in right now (its row is locked) waits for the next run.
+-- a transaction is keeping objects in or promoting a tree of right now (its row is locked, by the
+-- foreign keys or bundle._promote) waits for the next run.
 create function bundle._collect_garbage() returns table (bundle_name text, pending bigint, objects bigint)
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 begin
