@@ -93,7 +93,7 @@ def object_ids(cluster):
     return cluster.sql("select id, kind from bundle.object where bundle = 'shop' order by id")
 
 
-def test_export_is_a_header_then_objects_children_first_then_commits_parents_first(pair):
+def test_export_is_a_header_then_objects_children_first_then_commits_parents_first(pair, tmp_path):
     alice, _ = pair
     documents = export(alice)
     header, rest = documents[0], documents[1:]
@@ -121,8 +121,8 @@ def test_export_is_a_header_then_objects_children_first_then_commits_parents_fir
     assert commits == [signed[c] for c, *_ in reversed(log(alice))]
     with pytest.raises(psycopg.errors.UndefinedObject, match='bundle "nope" does not exist'):
         export(alice, "nope")
-    out = cli("export", "--dbname", alice.dsn, "nope")
-    assert out.returncode == 1 and out.stdout == ""
+    out = cli("export", "--dbname", alice.dsn, "nope", tmp_path / "nope.jsonl")
+    assert out.returncode == 1 and out.stdout == "" and not (tmp_path / "nope.jsonl").exists()
     assert 'aquapeer export: bundle "nope" does not exist' in out.stderr and "Traceback" not in out.stderr
 
 

@@ -282,13 +282,16 @@ def _sql_error(err: Console, command: str, exc: Exception, context: str = "") ->
     """The server's message and hint, without a traceback."""
     diag = getattr(exc, "diag", None)
     message = getattr(diag, "message_primary", None) or str(exc).strip()
-    err.print(f"[bold red]aquapeer {command}:[/] {escape(message)}{escape(context)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]aquapeer {command}:[/] {escape(message)}{escape(context)}", highlight=False,
+              soft_wrap=True)
     if getattr(diag, "message_hint", None):
         err.print(f"hint: {escape(diag.message_hint)}", highlight=False, soft_wrap=True)
     return EXIT_ERROR
 
 
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    import os
+
     import psycopg
 
     err = Console(stderr=True)
@@ -316,14 +319,16 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
                     written += len(line.encode()) + 1
                     progress.update(task, completed=written, documents=sum(counts.values()))
         out.flush()
-    except psycopg.Error as exc:
-        return _sql_error(err, "export", exc)
-    except OSError as exc:
-        err.print(f"[bold red]aquapeer export:[/] {exc}")
-        return EXIT_ERROR
-    finally:
-        if not to_stdout:
+    except (psycopg.Error, OSError) as exc:
+        if not to_stdout:  # half a bundle would only fail to import later
             out.close()
+            os.unlink(args.file)
+        if isinstance(exc, psycopg.Error):
+            return _sql_error(err, "export", exc)
+        err.print(f"[bold red]aquapeer export:[/] {escape(str(exc))}")
+        return EXIT_ERROR
+    if not to_stdout:
+        out.close()
     # The summary goes to standard output unless that carries the bundle.
     (err if to_stdout else console).print(
         f"exported bundle {args.bundle}: {counts['object']} objects and {counts['commit']} commits, "
@@ -381,7 +386,8 @@ def _cmd_import(args: argparse.Namespace, console: Console) -> int:
     first = last = 0
     try:
         with _connect(args.dbname) as conn, progress:
-            conn.add_notice_handler(lambda d: err.print(f"NOTICE: {d.message_primary}", highlight=False, soft_wrap=True, markup=False))
+            conn.add_notice_handler(lambda d: err.print(f"NOTICE: {d.message_primary}", highlight=False,
+                                                        soft_wrap=True, markup=False))
             # One transaction: an import that fails leaves nothing behind.
             with conn.transaction():
                 for first, batch in _batches(src):
