@@ -686,8 +686,8 @@ declare
     our_head text;
 begin
     if document->>'type' = 'bundle' then
-        if document->>'format' is distinct from 'aquapeer-bundle/1' then
-            raise exception 'not a bundle export of format aquapeer-bundle/1: %', left(document::text, 200)
+        if document->>'format' is distinct from 'aquapeer-bundle/1' or jsonb_typeof(document->'name') is distinct from 'string' then
+            raise exception 'not the header of a bundle export of format aquapeer-bundle/1: %', left(document::text, 200)
                 using errcode = '22023', hint = 'It may come from a newer aquapeer; update this one.';
         end if;
         select b.head into our_head from bundle.bundle b where b.name = document->>'name';

@@ -251,8 +251,6 @@ def test_a_commit_whose_tree_or_parents_are_missing_is_refused(pair):
     objects = [d for d in documents if d["type"] == "object"]
     first, second = [d for d in documents if d["type"] == "commit"]
     with bob.connect() as conn:
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="came before the bundle's header"):
-            conn.execute("select bundle.import(%s)", [json.dumps(objects[0])])
         conn.execute("select bundle.import(%s)", [json.dumps(header)])
         with pytest.raises(psycopg.errors.DataCorrupted,
                            match=f"commit {first['id']} of bundle \"shop\" refers to objects the import did not bring"):
@@ -263,6 +261,23 @@ def test_a_commit_whose_tree_or_parents_are_missing_is_refused(pair):
                            match=f"commit {second['id']} has parents this database lacks: {first['id']}"):
             conn.execute("select bundle.import(%s)", [json.dumps(second)])
     assert store(bob)[2:] == (0, None)
+
+
+def test_what_is_not_a_bundle_export_is_refused(pair, tmp_path):
+    alice, bob = pair
+    header, first_object = export(alice)[:2]
+    with bob.connect() as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="came before the bundle's header"):
+            conn.execute("select bundle.import(%s)", [json.dumps(first_object)])
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not the header of a bundle export") as refused:
+            conn.execute("select bundle.import(%s)", [json.dumps(dict(header, format="aquapeer-bundle/2"))])
+        assert "newer aquapeer" in refused.value.diag.message_hint
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(header) + "\n" + json.dumps(first_object) + "\n{not json\n")
+    out = cli("import", "--dbname", bob.dsn, path)
+    assert out.returncode == 1 and "invalid input syntax for type json" in out.stderr
+    assert "(in lines 1-3); nothing was imported" in out.stderr
+    assert bob.scalar("select count(*) from bundle.bundle where name = 'shop'") == 0
 
 
 def test_adopt_lists_every_difference_at_once(pair):
