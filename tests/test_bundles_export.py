@@ -93,6 +93,30 @@ def object_ids(cluster):
     return cluster.sql("select id, kind from bundle.object where bundle = 'shop' order by id")
 
 
+def tree_objects(cluster, commits="select b.head from bundle.bundle b where b.name = 'shop'"):
+    """(id, kind, text) of the objects below the trees of the given commits of bundle shop."""
+    return cluster.sql(f"""
+        with recursive walk(id) as (
+            select c.tree from bundle.commit c where c.bundle = 'shop' and c.id in ({commits})
+            union
+            select ch.child from walk w join bundle.object o on o.bundle = 'shop' and o.id = w.id and o.kind <> 'blob'
+            cross join lateral bundle._children(o.data) ch(child)
+        )
+        select o.id, o.kind, convert_from(o.data, 'UTF8') from walk w
+        join bundle.object o on o.bundle = 'shop' and o.id = w.id order by 1""")
+
+
+def history_objects(cluster):
+    """(id, kind) of the commits of bundle shop and everything their trees reach."""
+    return sorted([(i, k) for i, k, _t in tree_objects(cluster, "select id from bundle.commit")]
+                  + cluster.sql("select id, kind from bundle.object where bundle = 'shop' and kind = 'commit'"))
+
+
+def head_blobs(cluster):
+    """The row blobs of the bundle's head commit."""
+    return sorted(text for _id, kind, text in tree_objects(cluster) if kind == "blob")
+
+
 def test_export_is_a_header_then_objects_children_first_then_commits_parents_first(pair, tmp_path):
     alice, _ = pair
     documents = export(alice)
@@ -124,30 +148,6 @@ def test_export_is_a_header_then_objects_children_first_then_commits_parents_fir
     out = cli("export", "--dbname", alice.dsn, "nope", tmp_path / "nope.jsonl")
     assert out.returncode == 1 and out.stdout == "" and not (tmp_path / "nope.jsonl").exists()
     assert 'aquapeer export: bundle "nope" does not exist' in out.stderr and "Traceback" not in out.stderr
-
-
-def tree_objects(cluster, commits="select b.head from bundle.bundle b where b.name = 'shop'"):
-    """(id, kind, text) of the objects below the trees of the given commits of bundle shop."""
-    return cluster.sql(f"""
-        with recursive walk(id) as (
-            select c.tree from bundle.commit c where c.bundle = 'shop' and c.id in ({commits})
-            union
-            select ch.child from walk w join bundle.object o on o.bundle = 'shop' and o.id = w.id and o.kind <> 'blob'
-            cross join lateral bundle._children(o.data) ch(child)
-        )
-        select o.id, o.kind, convert_from(o.data, 'UTF8') from walk w
-        join bundle.object o on o.bundle = 'shop' and o.id = w.id order by 1""")
-
-
-def history_objects(cluster):
-    """(id, kind) of the commits of bundle shop and everything their trees reach."""
-    return sorted([(i, k) for i, k, _t in tree_objects(cluster, "select id from bundle.commit")]
-                  + cluster.sql("select id, kind from bundle.object where bundle = 'shop' and kind = 'commit'"))
-
-
-def head_blobs(cluster):
-    """The row blobs of the bundle's head commit."""
-    return sorted(text for _id, kind, text in tree_objects(cluster) if kind == "blob")
 
 
 def test_a_bundle_moves_through_a_file_and_importing_twice_changes_nothing(pair, tmp_path):
