@@ -7,6 +7,13 @@
 create schema bundle;
 grant usage on schema bundle to aquapeer_admin;
 
+-- Settings (peer._config_single_row replaces a restored row whole, so it needs no change).
+alter table peer.config
+    add column object_retention interval not null default '7 days'
+        check (object_retention >= '0'::interval);
+comment on column peer.config.object_retention is
+    'objects no commit references (a pull or import that broke off) are deleted after this long';
+
 -- head: the newest commit of the bundle's branch; checked_out: the commit its tables were last
 -- made equal to (bundle.head_row holds its rows).  They differ after a friend pushed, until
 -- bundle.checkout.
@@ -15,8 +22,9 @@ create table bundle.bundle (
     head text,
     checked_out text,
     created_at timestamptz not null default now(),
-    -- Set when objects were received that no commit may ever reference (a pull that broke off);
-    -- retention then looks for unreferenced objects once this is older than object_retention.
+    -- When objects were last received (to within an hour) that no commit may ever reference (a
+    -- pull that broke off); retention looks for unreferenced objects once this is older than
+    -- object_retention.
     loose_since timestamptz
 );
 
@@ -462,7 +470,11 @@ begin
         raise exception 'object % does not match its content (it hashes to %)', bad.id, bad.actual
             using errcode = 'XX001', hint = 'The sender altered or damaged it; nothing of it was kept.';
     end if;
-    update bundle.bundle set loose_since = coalesce(loose_since, now()) where name = bundle_name;
+    -- At most hourly: retention must not collect what a running pull keeps, and a new row
+    -- version per call would pile up in a long transaction (an import) and slow every lookup of
+    -- the bundle, its foreign keys' included.
+    update bundle.bundle set loose_since = now()
+    where name = bundle_name and (loose_since is null or loose_since < now() - interval '1 hour');
     -- One statement: a node's children never come in the same batch as the node (they are
     -- asked for after it is kept), so what it inserts need not be visible to _lacking.
     return query
@@ -485,15 +497,20 @@ $$;
 -- nodes that it lacks in turn (what a pull that broke off still has to ask for).
 create function bundle._lacking(bundle_name text, ids text[]) returns setof text
 language sql stable set search_path = pg_catalog, pg_temp as $$
+    -- Probes by key ("limit 1", scalar subqueries): within one long transaction (an import) the
+    -- store has no statistics, and a join hashing all of it on each call would be quadratic.
     with recursive walk(id) as (
         select distinct i from unnest(ids) i
-        where not exists (select from bundle.object o where o.bundle = bundle_name and o.id = i)
+        where (select o.id from bundle.object o where o.bundle = bundle_name and o.id = i) is null
         union
-        select c.child from walk w join bundle.pending p on p.bundle = bundle_name and p.id = w.id
+        select c.child from walk w
+        cross join lateral (select p.data from bundle.pending p where p.bundle = bundle_name and p.id = w.id
+                            limit 1) p
         cross join lateral bundle._children(p.data) c(child)
-        where not exists (select from bundle.object o where o.bundle = bundle_name and o.id = c.child)
+        where (select o.id from bundle.object o where o.bundle = bundle_name and o.id = c.child) is null
     )
-    select w.id from walk w where not exists (select from bundle.pending p where p.bundle = bundle_name and p.id = w.id)
+    select w.id from walk w
+    where (select p.id from bundle.pending p where p.bundle = bundle_name and p.id = w.id) is null
 $$;
 
 -- Move the pending nodes below the given roots to bundle.object, once nothing below them is missing.
@@ -502,6 +519,9 @@ language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     missing text;
 begin
+    -- Garbage collection skips a bundle whose row is locked, so nothing checked here is
+    -- collected before this transaction ends.
+    perform from bundle.bundle b where b.name = bundle_name for key share;
     select l into missing from bundle._lacking(bundle_name, roots) l limit 1;
     if found then
         raise exception 'bundle "%" lacks object % of the commits received', bundle_name, missing
@@ -674,3 +694,222 @@ grant execute on function peer._check_bundle_served(text, text, boolean, boolean
     peer._serve_bundle_commits(text, text, boolean, text[]), peer._serve_bundle_objects(text, text, boolean, text[]) to public;
 grant execute on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
     peer.pull_bundle(text, text, boolean), peer.push_bundle(text, text) to aquapeer_admin;
+
+-- Describe, adopt, export, import -------------------------------------------------------------
+
+-- A bundle's tracked tables as another database needs them to take the bundle in (the header of
+-- bundle.export, and what a pull's server sends): relation as regclass prints it qualified, the
+-- primary key columns in key order, every column with its type, by relation name.
+create function bundle._describe(bundle_name text) returns jsonb
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    select coalesce(jsonb_agg(jsonb_build_object(
+               'relation', t.relation::text,
+               'key_columns', to_jsonb(t.key_columns),
+               'columns', (select jsonb_agg(jsonb_build_array(a.attname, format_type(a.atttypid, a.atttypmod))
+                                            order by a.attnum)
+                           from pg_attribute a where a.attrelid = t.relation and a.attnum > 0 and not a.attisdropped))
+           order by n.nspname, c.relname), '[]')
+    from bundle._bundle(bundle_name) b
+    join bundle.tracked t on t.bundle = b.name
+    join pg_class c on c.oid = t.relation join pg_namespace n on n.oid = c.relnamespace
+$$;
+
+-- Take in a bundle described elsewhere (bundle._describe there): create it if missing and track
+-- its tables here, once each exists with the same primary key and every described column with the
+-- same type.  Local columns it does not describe must be nullable or have a default, since
+-- checking out inserts rows without them.  All differences are reported at once.
+create function bundle._adopt(bundle_name text, tables jsonb) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    differences text[];
+begin
+    if jsonb_typeof(tables) is distinct from 'array' or exists (
+        select from jsonb_array_elements(tables) e
+        where jsonb_typeof(e->'relation') is distinct from 'string' or jsonb_typeof(e->'key_columns') is distinct from 'array'
+           or jsonb_typeof(e->'columns') is distinct from 'array'
+           or cardinality(parse_ident(e->>'relation')) <> 2) then
+        raise exception 'not a description of bundle "%"''s tables: %', bundle_name, left(tables::text, 200)
+            using errcode = '22023',
+                  hint = 'Give what bundle._describe returns: [{"relation": "schema.table", "key_columns": [...], "columns": [[name, type], ...]}, ...].';
+    end if;
+    with theirs as (
+        select e->>'relation' as relation, e->'columns' as columns,
+               array(select jsonb_array_elements_text(e->'key_columns')) as key_columns,
+               (select c.oid from pg_class c where c.oid = to_regclass(e->>'relation') and c.relkind in ('r', 'p')) as here
+        from jsonb_array_elements(tables) e
+    ), problems as (
+        select t.relation, 0 as rank, '' as col, format('%s: no such table here', t.relation) as problem
+        from theirs t where t.here is null
+        union all
+        select t.relation, 1, '', format('%s: primary key (%s) there, %s here', t.relation, array_to_string(t.key_columns, ', '),
+                                         coalesce('(' || array_to_string(k.key_columns, ', ') || ')', 'none'))
+        from theirs t cross join lateral (
+            select array_agg(a.attname::text order by i.n) as key_columns
+            from pg_index x cross join unnest(x.indkey) with ordinality i(attnum, n)
+            join pg_attribute a on a.attrelid = x.indrelid and a.attnum = i.attnum
+            where x.indrelid = t.here and x.indisprimary) k
+        where t.here is not null and k.key_columns is distinct from t.key_columns
+        union all
+        select t.relation, 2, coalesce(j.name, j.our_name),
+               case when j.our_name is null then format('%s.%s: %s there, missing here', t.relation, j.name, j.type)
+                    when j.name is null then format('%s.%s: not there, and not null without a default here',
+                                                    t.relation, j.our_name)
+                    else format('%s.%s: %s there, %s here', t.relation, j.name, j.type, j.our_type) end
+        from theirs t cross join lateral (
+            select c.name, c.type, o.name as our_name, o.type as our_type, o.optional
+            from (select x->>0 as name, x->>1 as type from jsonb_array_elements(t.columns) x) c
+            full join (select a.attname::text as name, format_type(a.atttypid, a.atttypmod) as type,
+                              not a.attnotnull or a.atthasdef as optional
+                       from pg_attribute a where a.attrelid = t.here and a.attnum > 0 and not a.attisdropped) o
+                 on o.name = c.name) j
+        where t.here is not null
+          and (j.our_name is null or (j.name is null and not j.optional) or (j.name is not null and j.type <> j.our_type))
+    )
+    select array_agg(problem order by relation, rank, col) into differences from problems;
+    if differences is not null then
+        raise exception 'the tables here do not match bundle "%": %', bundle_name, array_to_string(differences, '; ')
+            using errcode = '42804',
+                  hint = 'Create or alter the tables here to match: the same primary key and every column with the same '
+                         'type (columns only this side has must be nullable or have a default); then try again.';
+    end if;
+    if not exists (select from bundle.bundle b where b.name = bundle_name) then
+        perform bundle.create(bundle_name);
+    end if;
+    perform bundle.track(bundle_name, to_regclass(e->>'relation'))
+    from jsonb_array_elements(tables) e
+    where not exists (select from bundle.tracked k where k.bundle = bundle_name and k.relation = to_regclass(e->>'relation'));
+end
+$$;
+
+-- The ids of the objects the bundle's commits reach, with their depth below a root (0: roots,
+-- then table nodes, fan nodes, buckets, blobs): a walk over the stored tree nodes' children.
+create function bundle._reachable(bundle_name text) returns table (id text, depth integer)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with recursive walk(id, depth) as (
+        select distinct c.tree, 0 from bundle.commit c where c.bundle = bundle_name
+        union
+        select ch.child, w.depth + 1 from walk w
+        join bundle.object o on o.bundle = bundle_name and o.id = w.id and o.kind <> 'blob'
+        cross join lateral bundle._children(o.data) ch(child)
+    )
+    select id, depth from walk
+$$;
+
+-- The bundle as a stream of JSON documents (docs/bundles.md, "Export format"): the header, the
+-- objects children first, the commits parents first.  One query, so one snapshot; called in a
+-- select list it is read row by row, so no part of it has to fit in memory at once.  (The parts
+-- come in the order of the union's branches.)
+create function bundle.export(bundle_name text) returns setof jsonb
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    select jsonb_build_object('type', 'bundle', 'format', 'aquapeer-bundle/1', 'name', b.name, 'head', b.head,
+                              'tables', bundle._describe(b.name))
+    from bundle._bundle(bundle_name) b
+    union all
+    (select jsonb_build_object('type', 'object', 'id', o.id, 'data', translate(encode(o.data, 'base64'), E'\n', ''))
+     from bundle._reachable(bundle_name) r join bundle.object o on o.bundle = bundle_name and o.id = r.id
+     order by r.depth desc, r.id)
+    union all
+    -- Parents first: by the longest way down from a commit nobody has as a parent, deepest first.
+    (with recursive up(id, depth) as (
+         select t.id, 0 from (select c.id from bundle.commit c where c.bundle = bundle_name
+                              except select unnest(c.parents) from bundle.commit c where c.bundle = bundle_name) t
+         union
+         select p.parent, u.depth + 1 from up u
+         join bundle.commit c on c.bundle = bundle_name and c.id = u.id
+         cross join unnest(c.parents) p(parent)
+     )
+     select c.document from (select u.id, max(u.depth) as depth from up u group by u.id) u
+     join bundle.commit c on c.bundle = bundle_name and c.id = u.id
+     order by u.depth desc, c.id)
+$$;
+
+-- Load one document of bundle.export's stream; returns 'new' when it added something here, else
+-- 'known'.  The header names the bundle the later documents belong to (kept for the session in
+-- the setting bundle.importing, undone with the transaction); a bundle that has no head here gets
+-- the exported head once that commit is kept; bundle.checkout then applies it to the tables.
+create function bundle.import(document jsonb) returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    state jsonb := nullif(current_setting('bundle.importing', true), '')::jsonb;
+    target text := state->>'bundle';
+    known boolean;
+    our_head text;
+begin
+    if document->>'type' = 'bundle' then
+        if document->>'format' is distinct from 'aquapeer-bundle/1' or jsonb_typeof(document->'name') is distinct from 'string' then
+            raise exception 'not the header of a bundle export of format aquapeer-bundle/1: %', left(document::text, 200)
+                using errcode = '22023', hint = 'It may come from a newer aquapeer; update this one.';
+        end if;
+        select b.head into our_head from bundle.bundle b where b.name = document->>'name';
+        known := found;
+        perform bundle._adopt(document->>'name', document->'tables');
+        if our_head is not null and our_head is distinct from document->>'head' then
+            raise notice 'bundle "%" exists here: its head stays at % (the import''s is %)', document->>'name', our_head,
+                coalesce(document->>'head', 'none')
+                using hint = 'The imported commits are kept; merge or check them out to use them.';
+        end if;
+        perform set_config('bundle.importing', jsonb_build_object(
+            'bundle', document->>'name', 'head', case when our_head is null then document->'head' end)::text, false);
+        return case when known then 'known' else 'new' end;
+    end if;
+    if target is null or document->>'type' not in ('object', 'commit') then
+        raise exception '%', case when document->>'type' in ('object', 'commit')
+                                  then 'a bundle document came before the bundle''s header'
+                                  else format('not a bundle document: %s', left(document::text, 200)) end
+            using errcode = '22023', hint = 'Import the documents of bundle.export in order, from its header on.';
+    end if;
+    if document->>'type' = 'object' then
+        known := exists (select from bundle.object o where o.bundle = target and o.id = document->>'id')
+                 or exists (select from bundle.pending p where p.bundle = target and p.id = document->>'id');
+        -- Checked against its id even when known: a tampered copy is an error, not a no-op.
+        perform bundle._keep(target, array[document->>'id'], array[decode(document->>'data', 'base64')]);
+        return case when known then 'known' else 'new' end;
+    end if;
+    if coalesce(document->'commit'->>'tree', '') !~ '^[0-9a-f]{64}$' then
+        raise exception 'not a commit document: %', left(document::text, 200) using errcode = '22023';
+    end if;
+    begin
+        perform bundle._promote(target, array[document->'commit'->>'tree']);
+    exception when data_corrupted then
+        raise exception 'commit % of bundle "%" refers to objects the import did not bring', document->>'id', target
+            using errcode = 'XX001', detail = sqlerrm,
+                  hint = 'The export is incomplete or out of order (objects come before the commits); export it again.';
+    end;
+    known := bundle._keep_commits(target, jsonb_build_array(document)) = 0;
+    if state->>'head' = document->>'id' then
+        update bundle.bundle b set head = document->>'id' where b.name = target and b.head is null;
+    end if;
+    return case when known then 'known' else 'new' end;
+end
+$$;
+
+-- Garbage collection, run by retention: in each bundle whose loose objects are older than
+-- peer.config.object_retention, drop the pending nodes and the objects no commit reaches.  A bundle
+-- a transaction is keeping objects in or promoting a tree of right now (its row is locked, by the
+-- foreign keys or bundle._promote) waits for the next run.
+create function bundle._collect_garbage() returns table (bundle_name text, pending bigint, objects bigint)
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    for bundle_name in
+        select b.name from bundle.bundle b, peer.config c where b.loose_since < now() - c.object_retention
+        order by b.name for update of b skip locked
+    loop
+        delete from bundle.pending p where p.bundle = bundle_name;
+        get diagnostics pending = row_count;
+        delete from bundle.object o where o.bundle = bundle_name and o.kind <> 'commit'
+            and not exists (select from bundle._reachable(bundle_name) r where r.id = o.id);
+        get diagnostics objects = row_count;
+        update bundle.bundle b set loose_since = null where b.name = bundle_name;
+        return next;
+    end loop;
+end
+$$;
+
+comment on function bundle.export(text) is
+    'the bundle as a stream of JSON documents: header, objects, commits (docs/bundles.md, "Export format")';
+comment on function bundle.import(jsonb) is
+    'load one document of a bundle export, header first; returns new or known';
+
+revoke all on function bundle._describe(text), bundle._adopt(text, jsonb), bundle._reachable(text),
+    bundle.export(text), bundle.import(jsonb), bundle._collect_garbage() from public;
+grant execute on function bundle.export(text), bundle.import(jsonb) to aquapeer_admin;
