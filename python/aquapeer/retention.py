@@ -54,6 +54,8 @@ PRUNE = [
     """delete from peer.outbox_message m using peer.config c
        where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
           or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
+    # Transfers show in peer.transfers for a day after they end; keep them a week for questions.
+    """delete from peer.transfer where finished_at < pg_catalog.now() - interval '7 days'""",
 ]
 
 # Objects a pull or an import kept that no commit came to reference, once they are older than
