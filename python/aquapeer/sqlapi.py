@@ -14,7 +14,7 @@ import time
 
 import plpy
 
-from . import bundles, control, executor, friends, identity, worker
+from . import bundle_merge, bundles, control, executor, friends, identity, worker
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -261,3 +261,8 @@ def bundle_commit(name, message):
 @sql_errors
 def bundle_keep_commits(name, documents):
     return bundles.keep_commits(_db, name, json.loads(documents))
+
+
+@sql_errors
+def bundle_integrate(name, theirs, checkout):
+    return json.dumps(bundle_merge.integrate(_db, name, theirs, checkout))
