@@ -456,12 +456,11 @@ $$;
 -- What an object is, from its first line (a blob is a JSON object, so never starts so).
 create function bundle._kind(data bytea) returns text
 language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
-    select case substr(data, 1, 18)
-        when convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
-        else case substr(data, 1, 15)
-            when convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
-            when convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
-            else 'blob' end end
+    select case
+        when substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
+        when substr(data, 1, 15) = convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
+        when substr(data, 1, 16) = convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
+        else 'blob' end
 $$;
 
 -- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,

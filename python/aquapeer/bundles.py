@@ -63,7 +63,7 @@ def keep_commits(db, name, documents):
         new = commits.verify(document)
         received[new.id] = (new, document)
     known = {r["id"] for r in db.query(
-        "select id from bundle.commit where bundle = $1 and id = any ($2::text[])",
+        "select id from bundle.commit where bundle = $1 and id in (select pg_catalog.jsonb_array_elements_text($2::jsonb))",
         [name, sorted({p for new, _ in received.values() for p in new.parents} | set(received))])}
     kept = 0
     waiting = {cid: pair for cid, pair in received.items() if cid not in known}
