@@ -549,8 +549,10 @@ revoke all on function bundle._children(bytea), bundle._kind(bytea), bundle._kee
 
 -- The entries of a tree node: what each line after the header names (a root's
 -- '<schema>.<table>', a fan node's index, a bucket's key hash) and the id it ends with.
+-- (rows 10: with the default of 1000, a tree walk looks huge to the planner, which then spends
+-- longer JIT-compiling it than running it.)
 create function bundle._entries(data bytea) returns table (name text, id text)
-language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
+language sql immutable strict parallel safe rows 10 set search_path = pg_catalog, pg_temp as $$
     select left(l, -65), right(l, 64) from string_to_table(convert_from(data, 'UTF8'), E'\n') with ordinality t(l, n)
     where n > 1 and l <> ''
 $$;
@@ -558,7 +560,7 @@ $$;
 -- The entries of two nodes that differ, side by side (a missing or null node has none).
 create function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text)
-language sql stable set search_path = pg_catalog, pg_temp as $$
+language sql stable rows 10 set search_path = pg_catalog, pg_temp as $$
     select coalesce(a.name, b.name), a.id, b.id
     from (select e.* from bundle.object o cross join bundle._entries(o.data) e
           where o.bundle = bundle_name and o.id = a_node) a
