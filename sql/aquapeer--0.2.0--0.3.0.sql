@@ -549,10 +549,12 @@ revoke all on function bundle._children(bytea), bundle._kind(bytea), bundle._kee
 
 -- The entries of a tree node: what each line after the header names (a root's
 -- '<schema>.<table>', a fan node's index, a bucket's key hash) and the id it ends with.
--- (rows 10: with the default of 1000, a tree walk looks huge to the planner, which then spends
--- longer JIT-compiling it than running it.)
+-- It and bundle._node_diff have no SET clause so that the planner inlines them into a tree walk
+-- (half the time of calling them per node); their callers fix search_path.  rows 10: with the
+-- default of 1000 a walk looks huge to the planner, which then spends longer JIT-compiling it
+-- than running it.
 create function bundle._entries(data bytea) returns table (name text, id text)
-language sql immutable strict parallel safe rows 10 set search_path = pg_catalog, pg_temp as $$
+language sql immutable parallel safe rows 10 as $$
     select left(l, -65), right(l, 64) from string_to_table(convert_from(data, 'UTF8'), E'\n') with ordinality t(l, n)
     where n > 1 and l <> ''
 $$;
@@ -560,7 +562,7 @@ $$;
 -- The entries of two nodes that differ, side by side (a missing or null node has none).
 create function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text)
-language sql stable rows 10 set search_path = pg_catalog, pg_temp as $$
+language sql stable rows 10 as $$
     select coalesce(a.name, b.name), a.id, b.id
     from (select e.* from bundle.object o cross join bundle._entries(o.data) e
           where o.bundle = bundle_name and o.id = a_node) a
@@ -890,11 +892,17 @@ begin
         select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
         where a.key_hash is not null and a.blob_id is not null
         on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
-    for t in select n.relation, array(select distinct left(a.key_hash, 4) from pg_temp.bundle_apply a
-                                      where a.relation = n.relation and a.key_hash is not null) as buckets
-             from bundle._tracked_names(bundle_name) n loop
-        if cardinality(t.buckets) > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
-                                                     and h.relation = t.relation and h.path = '') then
+    for t in select n.relation, count(a.key_hash) as moved,
+                    coalesce(array_agg(distinct left(a.key_hash, 4)) filter (where a.key_hash is not null), '{}') as buckets
+             from bundle._tracked_names(bundle_name) n left join pg_temp.bundle_apply a on a.relation = n.relation
+             group by n.relation loop
+        -- Many rows: fresh statistics and every bucket in one pass, as bundle._stage does (with
+        -- stale statistics, rebuilding 65,536 buckets one by one took minutes).
+        if t.moved > 10000 then
+            analyze bundle.head_row;
+            perform bundle._rebuild(bundle_name, t.relation, null);
+        elsif t.moved > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
+                                         and h.relation = t.relation and h.path = '') then
             perform bundle._rebuild(bundle_name, t.relation, t.buckets);
         end if;
     end loop;
