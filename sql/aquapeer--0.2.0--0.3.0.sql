@@ -1054,6 +1054,10 @@ begin
     select k.key_columns into key_columns from bundle.tracked k where k.bundle = bundle_name and k.relation = c.relation;
     if c.column_name is null then
         -- The whole row: the chosen row as JSON (column -> text), or null for none.
+        if chosen is not null and bundle._key(chosen::jsonb, key_columns) is distinct from c.key then
+            raise exception 'the row given has the key %, not the conflict''s key %', bundle._key(chosen::jsonb, key_columns), c.key
+                using errcode = '22023', hint = 'Give the whole row as JSON (column -> text) with the same key, or null to delete it.';
+        end if;
         perform bundle._apply_begin();
         insert into pg_temp.bundle_apply (relation, key, fields) values (c.relation, c.key, chosen::jsonb);
         perform bundle._apply(bundle_name, 'resolve a conflict');

@@ -200,6 +200,9 @@ def test_delete_against_update_is_a_conflict_of_the_whole_row(shop):
     assert tables(bob)[1] == [("w1", 1, "Y"), ("w1", 2, "b")]
     resolve = "select bundle.resolve('b', 's.part', %s::jsonb, null, %s)"
     bob.sql(resolve, '["w1", "1"]', "theirs")  # their delete
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match='has the key \\["w9", "1"\\]'):
+        bob.sql("select bundle.resolve('b', 's.part', '[\"w2\", \"1\"]', null, 'value', "
+                "'{\"widget\": \"w9\", \"n\": \"1\"}')")
     bob.sql(resolve, '["w2", "1"]', "theirs")  # their update brings the row back
     assert tables(bob)[1] == [("w1", 2, "b"), ("w2", 1, "Z")]
     merged = bob.scalar("select bundle.commit('b', 'm')")
