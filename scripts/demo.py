@@ -278,7 +278,7 @@ class Demo:
             summary = json.loads(bob.scalar("select peer.pull_bundle('alice', 'widgets')::text"))
             console.print(f"  merge: fast-forward {summary['fast_forward']}, conflicts {summary['conflicts']}")
             console.print(self.table("bob: bundle.conflicts", {
-                "bob": self.query(bob, 'select relation, key, "column", base, ours, theirs from bundle.conflicts')}))
+                "bob": self.query(bob, 'select relation, key, column_name, base, ours, theirs from bundle.conflicts')}))
             bob.sql("""select bundle.resolve('widgets', 'public.widget', '["7"]', 'price', 'theirs')""")
             bob.sql("select bundle.commit('widgets', 'merge alice''s widgets')")
             console.print(self.table("bob: widget 7 after the merge", {

@@ -252,8 +252,19 @@ returns table (relation regclass, key jsonb, change text)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     t bundle.tracked;
+    merging record;
 begin
     perform bundle._bundle(bundle_name);
+    -- A merge in progress (bundle.merge, bundle.conflicts are defined with the merge below): said
+    -- in a notice, and each row with unresolved conflicts listed once as 'conflict'.
+    select m.theirs, (select count(*) from bundle.conflicts c where c.bundle = m.bundle) as conflicts into merging
+    from bundle.merge m where m.bundle = bundle_name;
+    if found then
+        raise notice 'bundle "%": merge of commit % in progress, % unresolved conflict(s)', bundle_name, merging.theirs,
+            merging.conflicts using hint = case when merging.conflicts > 0
+                then 'Resolve them with bundle.resolve (see bundle.conflicts), then bundle.commit; or bundle.merge_abort.'
+                else 'bundle.commit makes the merge commit; bundle.merge_abort gives the merge up.' end;
+    end if;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
         return query
             with now_rows as (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)),
@@ -265,8 +276,12 @@ begin
                    case when h.key is null then 'added' when n.key is null then 'deleted' else 'modified' end
             from now_rows n full join head h on h.key = n.key
             where n.blob_id is distinct from h.blob
+              and not exists (select from bundle.conflicts c where c.bundle = bundle_name and c.relation = t.relation
+                              and c.key = coalesce(n.key, h.key))
             order by 2;
     end loop;
+    return query select distinct c.relation, c.key, 'conflict' from bundle.conflicts c
+        where c.bundle = bundle_name order by 1, 2;
 end
 $$;
 
@@ -913,3 +928,560 @@ comment on function bundle.import(jsonb) is
 revoke all on function bundle._describe(text), bundle._adopt(text, jsonb), bundle._reachable(text),
     bundle.export(text), bundle.import(jsonb), bundle._collect_garbage() from public;
 grant execute on function bundle.export(text), bundle.import(jsonb) to aquapeer_admin;
+
+-- Reading trees, checkout, diff, rescan, merge ------------------------------------------------
+
+-- The entries of a tree node: what each line after the header names (a root's
+-- '<schema>.<table>', a fan node's index, a bucket's key hash) and the id it ends with.
+-- It and bundle._node_diff have no SET clause so that the planner inlines them into a tree walk
+-- (half the time of calling them per node); their callers fix search_path.  rows 10: with the
+-- default of 1000 a walk looks huge to the planner, which then spends longer JIT-compiling it
+-- than running it.
+create function bundle._entries(data bytea) returns table (name text, id text)
+language sql immutable parallel safe rows 10 as $$
+    select left(l, -65), right(l, 64) from string_to_table(convert_from(data, 'UTF8'), E'\n') with ordinality t(l, n)
+    where n > 1 and l <> ''
+$$;
+
+-- The entries of two nodes that differ, side by side (a missing or null node has none).
+create function bundle._node_diff(bundle_name text, a_node text, b_node text)
+returns table (name text, a_id text, b_id text)
+language sql stable rows 10 as $$
+    select coalesce(a.name, b.name), a.id, b.id
+    from (select e.* from bundle.object o cross join bundle._entries(o.data) e
+          where o.bundle = bundle_name and o.id = a_node) a
+    full join (select e.* from bundle.object o cross join bundle._entries(o.data) e
+               where o.bundle = bundle_name and o.id = b_node) b on b.name = a.name
+    where a.id is distinct from b.id
+$$;
+
+-- The rows whose blobs differ between two trees (a null root is the empty tree).  It descends
+-- only into nodes whose ids differ: root, table node, fan node, bucket.
+create function bundle._tree_diff(bundle_name text, a_root text, b_root text)
+returns table (relation_name text, key_hash text, a_blob text, b_blob text)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select t.name, k.name, k.a_id, k.b_id
+    from bundle._node_diff(bundle_name, a_root, b_root) t
+    cross join lateral bundle._node_diff(bundle_name, t.a_id, t.b_id) f
+    cross join lateral bundle._node_diff(bundle_name, f.a_id, f.b_id) u
+    cross join lateral bundle._node_diff(bundle_name, u.a_id, u.b_id) k
+$$;
+
+-- Every row of a tree.
+create function bundle._tree_rows(bundle_name text, root text)
+returns table (relation_name text, key_hash text, blob_id text)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select d.relation_name, d.key_hash, d.b_blob from bundle._tree_diff(bundle_name, null, root) d
+$$;
+
+-- The tracked tables under the names a root gives them.
+create function bundle._tracked_names(bundle_name text)
+returns table (relation_name text, relation regclass, filter text, key_columns name[])
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select format('%s.%s', n.nspname, c.relname), k.relation, k.filter, k.key_columns
+    from bundle.tracked k join pg_class c on c.oid = k.relation join pg_namespace n on n.oid = c.relnamespace
+    where k.bundle = bundle_name
+$$;
+
+-- A commit's root (null for null: the empty tree).
+create function bundle._tree(bundle_name text, commit_id text) returns text
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+declare
+    root text;
+begin
+    if commit_id is null then
+        return null;
+    end if;
+    select c.tree into root from bundle.commit c where c.bundle = bundle_name and c.id = commit_id;
+    if not found then
+        raise exception 'bundle "%" has no commit %', bundle_name, commit_id using errcode = '42704',
+            hint = 'See select * from bundle.log(name).';
+    end if;
+    return root;
+end
+$$;
+
+-- Refuse a tree with rows of tables the bundle does not track here.
+create function bundle._check_root(bundle_name text, root text) returns void
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+declare
+    missing text;
+begin
+    select e.name into missing from bundle.object o cross join bundle._entries(o.data) e
+    where o.bundle = bundle_name and o.id = root
+      and e.name not in (select n.relation_name from bundle._tracked_names(bundle_name) n)
+    order by 1 limit 1;
+    if found then
+        raise exception 'bundle "%" has rows of table %, which it does not track in this database', bundle_name, missing
+            using errcode = '55000',
+            hint = format('Create the table if need be and track it: select bundle.track(%L, %L), then try again.',
+                          bundle_name, missing);
+    end if;
+end
+$$;
+
+-- A row's key (as bundle.changed_key and bundle.head_row hold it) from its fields.
+create function bundle._key(fields jsonb, key_columns name[]) returns jsonb
+language sql immutable strict parallel safe set search_path = pg_catalog, pg_temp as $$
+    select jsonb_agg(fields -> k::text order by n) from unnest(key_columns) with ordinality u(k, n)
+$$;
+
+-- The key columns' values, typed, from the key (a jsonb array) that the expression source yields.
+create function bundle._key_values(relation regclass, key_columns name[], source text) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select string_agg(format('(%s->>%s)::%s', source, u.n - 1, format_type(a.atttypid, a.atttypmod)), ', ' order by u.n)
+    from unnest(key_columns) with ordinality u(k, n)
+    join pg_attribute a on a.attrelid = relation and a.attname = u.k
+$$;
+
+create function bundle.diff(bundle_name text, from_commit text, to_commit text default null)
+returns table (relation regclass, key jsonb, column_name text, old text, new text)
+language sql stable security definer set search_path = pg_catalog, pg_temp as $$
+    with changed as (
+        select n.relation, n.key_columns,
+               (select convert_from(o.data, 'UTF8')::jsonb from bundle.object o
+                where o.bundle = bundle_name and o.id = d.a_blob) as old_fields,
+               (select convert_from(o.data, 'UTF8')::jsonb from bundle.object o
+                where o.bundle = bundle_name and o.id = d.b_blob) as new_fields
+        from bundle._tree_diff(bundle_name, bundle._tree(bundle_name, from_commit),
+                               bundle._tree(bundle_name, coalesce(to_commit, (select b.head from bundle._bundle(bundle_name) b)))) d
+        join bundle._tracked_names(bundle_name) n using (relation_name)
+    )
+    select c.relation, bundle._key(coalesce(c.new_fields, c.old_fields), c.key_columns), f.column_name,
+           c.old_fields ->> f.column_name, c.new_fields ->> f.column_name
+    from changed c
+    cross join lateral jsonb_object_keys(coalesce(c.old_fields, '{}') || coalesce(c.new_fields, '{}')) f(column_name)
+    where c.old_fields ->> f.column_name is distinct from c.new_fields ->> f.column_name
+    order by c.relation::text, 2, 3
+$$;
+comment on function bundle.diff(text, text, text) is
+    'the fields that differ between two commits (from null: the empty bundle; to null: the head)';
+
+-- A merge in progress (bundle.commit then makes a commit with the parents ours and theirs)
+-- and its conflicts, which keep our value in the table until bundle.resolve.
+create table bundle.merge (
+    bundle text primary key references bundle.bundle on delete cascade,
+    theirs text not null,
+    ours text not null,
+    base text,
+    started_at timestamptz not null default now()
+);
+
+-- column_name null: the whole row (deleted on one side, changed on the other); base, ours and
+-- theirs are then the rows as JSON, null where there is none.
+create table bundle.conflicts (
+    bundle text not null references bundle.merge on delete cascade,
+    relation regclass not null,
+    key jsonb not null,
+    column_name text,
+    base text,
+    ours text,
+    theirs text
+);
+create unique index on bundle.conflicts (bundle, relation, key, coalesce(column_name, ''));
+
+revoke all on bundle.merge, bundle.conflicts from public;
+grant select on bundle.merge, bundle.conflicts to aquapeer_admin;
+select pg_catalog.pg_extension_config_dump('bundle.merge', '');
+select pg_catalog.pg_extension_config_dump('bundle.conflicts', '');
+
+-- Refuse to write a bundle's tables over uncommitted changes or a merge in progress.
+create function bundle._refuse_uncommitted(bundle_name text, advice text) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    theirs text;
+    n bigint;
+begin
+    select m.theirs into theirs from bundle.merge m where m.bundle = bundle_name;
+    if found then
+        raise exception 'bundle "%" has a merge of commit % in progress', bundle_name, theirs using errcode = '55000',
+            hint = 'Finish it (bundle.resolve each conflict, then bundle.commit) or give it up: select bundle.merge_abort(name).';
+    end if;
+    select count(*) into n from bundle.status(bundle_name);
+    if n > 0 then
+        raise exception 'bundle "%" has % uncommitted change(s) in its tables', bundle_name, n using errcode = '55000',
+            hint = 'See select * from bundle.status(name). ' || advice;
+    end if;
+end
+$$;
+
+-- The rows to write to a bundle's tables (bundle._apply): fields null deletes the row.  key_hash
+-- and blob_id are set for rows whose head row moves with them (a checkout).
+create function bundle._apply_begin() returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    if to_regclass('pg_temp.bundle_apply') is null then
+        create temporary table bundle_apply (relation regclass not null, key jsonb not null, fields jsonb,
+                                             key_hash text, blob_id text) on commit drop;
+    end if;
+    truncate pg_temp.bundle_apply;
+end
+$$;
+
+-- The given tables in foreign-key order (rank: how many of them each refers to, directly or
+-- not), and for each, a non-deferrable foreign key of it that is part of a cycle, if any.
+-- Deferrable foreign keys do not count: they are deferred while the rows are written.
+create function bundle._fk_order(relations regclass[])
+returns table (relation regclass, rank bigint, cycle_constraint text)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with recursive edge as (
+        select c.conrelid as child, c.confrelid as parent, format('%I on %s', c.conname, c.conrelid::regclass) as name
+        from pg_constraint c
+        where c.contype = 'f' and not c.condeferrable and c.conrelid <> c.confrelid
+          and c.conrelid = any (relations::oid[]) and c.confrelid = any (relations::oid[])
+    ), reach(child, ancestor) as (
+        select e.child, e.parent from edge e
+        union
+        select r.child, e.parent from reach r join edge e on e.child = r.ancestor
+    )
+    select r, (select count(*) from reach x where x.child = r),
+           (select min(e.name) from edge e where e.child = r
+            and exists (select from reach x where x.child = e.parent and x.ancestor = e.child))
+    from unnest(relations) r
+$$;
+
+-- Write pg_temp.bundle_apply's rows to the bundle's tables: one statement per table and
+-- operation; inserts and updates parents first, then deletes children first, so every row
+-- written refers only to rows that are there (a table referring to itself is written in one
+-- statement, and foreign keys are checked at its end).  Triggers fire as usual.  Sequences
+-- owned by the tables' columns are moved past the highest value.  doing names the operation
+-- in errors.
+create function bundle._apply(bundle_name text, doing text) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex'
+as $$
+declare
+    changed regclass[] := array(select distinct a.relation from pg_temp.bundle_apply a);
+    cycle text;
+    deferred text;
+    t record;
+    message text;
+    detail text;
+    state text;
+begin
+    select o.cycle_constraint into cycle from bundle._fk_order(changed) o
+    where o.cycle_constraint is not null order by o.relation::text limit 1;
+    if cycle is not null then
+        raise exception 'cannot % in bundle "%": foreign key % is part of a cycle of tables and is not deferrable',
+            doing, bundle_name, cycle using errcode = '55000',
+            hint = 'Make it deferrable (ALTER TABLE ... ALTER CONSTRAINT ... DEFERRABLE); it is then checked after all rows are written.';
+    end if;
+    -- Deferrable constraints checked at once by default: checked after all rows are written.
+    select string_agg(format('%I.%I', n.nspname, c.conname), ', ') into deferred
+    from pg_constraint c join pg_namespace n on n.oid = c.connamespace
+    where c.condeferrable and not c.condeferred
+      and (c.conrelid = any (changed::oid[]) or c.confrelid = any (changed::oid[]));
+    begin
+        if deferred is not null then
+            execute 'set constraints ' || deferred || ' deferred';
+        end if;
+        for t in select o.relation, k.key_columns from bundle._fk_order(changed) o
+                 join bundle.tracked k on k.bundle = bundle_name and k.relation = o.relation
+                 order by o.rank, o.relation::text loop
+            execute (
+                select format('insert into %s as t (%s) overriding system value select %s from pg_temp.bundle_apply a '
+                              'where a.relation = %s::regclass and a.fields is not null on conflict (%s) do %s',
+                              t.relation, string_agg(format('%I', a.attname), ', ' order by a.attnum),
+                              string_agg(format('(a.fields->>%L)::%s', a.attname, format_type(a.atttypid, a.atttypmod)),
+                                         ', ' order by a.attnum),
+                              t.relation::oid,
+                              (select string_agg(format('%I', k), ', ') from unnest(t.key_columns) k),
+                              coalesce('update set ' || string_agg(format('%I = excluded.%I', a.attname, a.attname), ', '
+                                                                   order by a.attnum) filter (where a.attname <> all (t.key_columns)),
+                                       'nothing'))
+                from pg_attribute a
+                where a.attrelid = t.relation and a.attnum > 0 and not a.attisdropped and a.attgenerated = '');
+        end loop;
+        for t in select o.relation, k.key_columns, k.filter from bundle._fk_order(changed) o
+                 join bundle.tracked k on k.bundle = bundle_name and k.relation = o.relation
+                 order by o.rank desc, o.relation::text desc loop
+            execute format('delete from only %s t where (%s) and (%s) in (select %s from pg_temp.bundle_apply a '
+                           'where a.relation = %s::regclass and a.fields is null)',
+                           t.relation, coalesce(t.filter, 'true'),
+                           (select string_agg(format('t.%I', k), ', ') from unnest(t.key_columns) k),
+                           bundle._key_values(t.relation, t.key_columns, 'a.key'), t.relation::oid);
+        end loop;
+        if deferred is not null then
+            execute 'set constraints ' || deferred || ' immediate';
+        end if;
+    exception when integrity_constraint_violation then
+        get stacked diagnostics message = message_text, detail = pg_exception_detail, state = returned_sqlstate;
+        raise exception 'cannot % in bundle "%": %', doing, bundle_name, message using errcode = state, detail = detail,
+            hint = 'The rows do not satisfy a constraint of this database, so nothing was changed. '
+                   'Change the local rows or the constraint, then try again.';
+    end;
+    -- Sequences owned by the tables' columns (serial and identity): past the highest value, never back.
+    for t in select d.objid::regclass as seq, a.attname, a.attrelid::regclass as relation
+             from pg_depend d join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
+             where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
+               and d.deptype in ('a', 'i') and d.refobjid = any (changed::oid[])
+               and exists (select from pg_class s where s.oid = d.objid and s.relkind = 'S') loop
+        execute format('select pg_catalog.setval(%L, x.m) from (select max(t.%I)::bigint as m from only %s t) x, %s s '
+                       'where x.m > s.last_value or (x.m = s.last_value and not s.is_called)',
+                       t.seq, t.attname, t.relation, t.seq);
+    end loop;
+end
+$$;
+
+create function bundle.checkout(bundle_name text, commit_id text default null, force boolean default false)
+returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    b bundle.bundle;
+    target text;
+    target_root text;
+    t record;
+    wrong text;
+begin
+    perform bundle._bundle(bundle_name);
+    select * into b from bundle.bundle where name = bundle_name for update;
+    target := coalesce(commit_id, b.head);
+    if target is null then
+        raise exception 'bundle "%" has no commit to check out', bundle_name using errcode = '55000',
+            hint = 'Commit its rows first: select bundle.commit(name, message).';
+    end if;
+    target_root := bundle._tree(bundle_name, target);
+    perform bundle._check_root(bundle_name, target_root);
+    if force then
+        delete from bundle.merge m where m.bundle = bundle_name;  -- given up, with its conflicts
+    else
+        perform bundle._refuse_uncommitted(bundle_name, 'Commit them, or pass force => true to overwrite them.');
+    end if;
+    perform bundle._apply_begin();
+    -- The rows that differ between the commit checked out and the target; head_row moves with them.
+    insert into pg_temp.bundle_apply
+        select n.relation, coalesce(h.key, bundle._key(r.fields, n.key_columns)), r.fields, d.key_hash, d.b_blob
+        from bundle._tree_diff(bundle_name, bundle._tree(bundle_name, b.checked_out), target_root) d
+        join bundle._tracked_names(bundle_name) n using (relation_name)
+        left join bundle.head_row h on h.bundle = bundle_name and h.relation = n.relation and h.key_hash = d.key_hash
+        left join lateral (select convert_from(o.data, 'UTF8')::jsonb from bundle.object o
+                           where o.bundle = bundle_name and o.id = d.b_blob) r(fields) on true;
+    if force then
+        -- The other rows changed since: back to the head rows (the target has them unchanged).
+        insert into pg_temp.bundle_apply (relation, key, fields)
+            select c.relation, c.key, convert_from(o.data, 'UTF8')::jsonb
+            from bundle.changed_key c
+            left join bundle.head_row h on h.bundle = c.bundle and h.relation = c.relation
+                 and h.key_hash = encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')
+            left join bundle.object o on o.bundle = c.bundle and o.id = h.blob
+            where c.bundle = bundle_name
+              and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
+    end if;
+    perform bundle._apply(bundle_name, format('check out commit %s', target));
+    delete from bundle.head_row h using pg_temp.bundle_apply a
+        where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash and a.blob_id is null;
+    insert into bundle.head_row
+        select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
+        where a.key_hash is not null and a.blob_id is not null
+        on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
+    for t in select n.relation, count(a.key_hash) as moved,
+                    coalesce(array_agg(distinct left(a.key_hash, 4)) filter (where a.key_hash is not null), '{}') as buckets
+             from bundle._tracked_names(bundle_name) n left join pg_temp.bundle_apply a on a.relation = n.relation
+             group by n.relation loop
+        -- Many rows: fresh statistics and every bucket in one pass, as bundle._stage does (with
+        -- stale statistics, rebuilding 65,536 buckets one by one took minutes).
+        if t.moved > 10000 then
+            analyze bundle.head_row;
+            perform bundle._rebuild(bundle_name, t.relation, null);
+        elsif t.moved > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
+                                         and h.relation = t.relation and h.path = '') then
+            perform bundle._rebuild(bundle_name, t.relation, t.buckets);
+        end if;
+    end loop;
+    -- The head tree must now be the target's, table by table (a table it lacks is empty).
+    select n.relation_name into wrong from bundle._tracked_names(bundle_name) n
+    left join bundle.head_node h on h.bundle = bundle_name and h.relation = n.relation and h.path = ''
+    left join (select e.* from bundle.object o cross join bundle._entries(o.data) e
+               where o.bundle = bundle_name and o.id = target_root) e on e.name = n.relation_name
+    where h.id is distinct from coalesce(e.id, encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
+    limit 1;
+    if found then
+        raise exception 'bundle "%": the rows kept for % do not match commit % after the checkout', bundle_name, wrong, target
+            using errcode = 'XX000', hint = 'Nothing was changed. This is a bug in aquapeer; please report it.';
+    end if;
+    update bundle.bundle set checked_out = target where name = bundle_name;
+    if target is distinct from b.head then
+        raise notice 'the tables of bundle "%" now hold commit %, not its head %', bundle_name, target, b.head
+            using hint = 'bundle.commit is refused until the head is checked out again: select bundle.checkout(name).';
+    end if;
+    return target;
+end
+$$;
+comment on function bundle.checkout(text, text, boolean) is
+    'make the bundle''s tables equal to a commit (default: the head); force => true overwrites uncommitted changes';
+
+-- Catch writes that bypassed the capture triggers: every tracked row against the head rows.
+create function bundle.rescan(bundle_name text) returns bigint
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    t bundle.tracked;
+    n bigint;
+    total bigint := 0;
+begin
+    perform bundle._bundle(bundle_name);
+    for t in select * from bundle.tracked k where k.bundle = bundle_name loop
+        insert into bundle.changed_key
+            select bundle_name, t.relation, coalesce(r.key, h.key)
+            from bundle._row_hashes(t.relation, t.filter, t.key_columns, null) r
+            full join (select h.key, h.key_hash, h.blob from bundle.head_row h
+                       where h.bundle = bundle_name and h.relation = t.relation) h on h.key_hash = r.key_hash
+            where r.blob_id is distinct from h.blob
+            on conflict do nothing;
+        get diagnostics n = row_count;
+        total := total + n;
+    end loop;
+    return total;
+end
+$$;
+comment on function bundle.rescan(text) is
+    'find rows written without the capture triggers (e.g. session_replication_role = replica); returns how many keys it newly recorded';
+
+-- The commits a commit descends from, itself included.
+create function bundle._ancestors(bundle_name text, commit_id text) returns setof text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with recursive walk(id) as (
+        select commit_id where commit_id is not null
+        union
+        select p.id from walk w join bundle.commit c on c.bundle = bundle_name and c.id = w.id
+        cross join unnest(c.parents) p(id)
+    )
+    select id from walk
+$$;
+
+-- The newest common ancestor of two commits (null: none, the empty tree is the base).
+create function bundle._merge_base(bundle_name text, a text, b text) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select c.id from bundle._ancestors(bundle_name, a) x(id)
+    join bundle._ancestors(bundle_name, b) y(id) on y.id = x.id
+    join bundle.commit c on c.bundle = bundle_name and c.id = x.id
+    order by c.committed_at desc, c.id limit 1
+$$;
+
+-- Start a merge: the rows only theirs changed since the base go to pg_temp.bundle_apply (which
+-- it begins); the rows both sides changed differently are returned, with their fields at the
+-- base, ours and theirs (null: no row), for the field merge.
+create function bundle._merge_rows(bundle_name text, base_commit text, our_commit text, their_commit text)
+returns table (relation regclass, key jsonb, base_fields jsonb, our_fields jsonb, their_fields jsonb)
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    base_root text := bundle._tree(bundle_name, base_commit);
+begin
+    perform bundle._check_root(bundle_name, bundle._tree(bundle_name, their_commit));
+    perform bundle._apply_begin();
+    return query
+    with ours as (select * from bundle._tree_diff(bundle_name, base_root, bundle._tree(bundle_name, our_commit))),
+    theirs as (select * from bundle._tree_diff(bundle_name, base_root, bundle._tree(bundle_name, their_commit))),
+    plan as (
+        select n.relation, n.key_columns, o.relation_name is not null as both_changed,
+               t.a_blob as base_blob, o.b_blob as our_blob, t.b_blob as their_blob
+        from theirs t join bundle._tracked_names(bundle_name) n on n.relation_name = t.relation_name
+        left join ours o on o.relation_name = t.relation_name and o.key_hash = t.key_hash
+        where o.relation_name is null or o.b_blob is distinct from t.b_blob
+    ), loaded as (
+        select p.relation, p.key_columns, p.both_changed,
+               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
+                where x.bundle = bundle_name and x.id = p.base_blob) as b_fields,
+               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
+                where x.bundle = bundle_name and x.id = p.our_blob) as o_fields,
+               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
+                where x.bundle = bundle_name and x.id = p.their_blob) as t_fields
+        from plan p
+    ), only_theirs as (
+        insert into pg_temp.bundle_apply (relation, key, fields)
+        select l.relation, bundle._key(coalesce(l.t_fields, l.b_fields), l.key_columns), l.t_fields
+        from loaded l where not l.both_changed
+    )
+    select l.relation, bundle._key(coalesce(l.t_fields, l.o_fields, l.b_fields), l.key_columns),
+           l.b_fields, l.o_fields, l.t_fields
+    from loaded l where l.both_changed;
+end
+$$;
+
+-- Bring a commit kept from elsewhere (all its objects in bundle.object) into the bundle:
+-- fast-forward, up to date, or (with checkout) a three-way merge.  See docs/bundles.md.
+create function bundle._integrate(bundle_name text, theirs text, checkout boolean) returns jsonb
+language plpython3u set search_path = pg_catalog, pg_temp as $$
+if "aquapeer" not in GD:
+    plpy.execute("select peer._bootstrap()")
+return GD["aquapeer"].bundle_integrate(bundle_name, theirs, checkout)
+$$;
+
+create function bundle.resolve(bundle_name text, relation regclass, key jsonb, column_name text, choice text,
+                               value text default null)
+returns bigint
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex'
+as $$
+declare
+    c bundle.conflicts;
+    chosen text;
+    key_columns name[];
+begin
+    perform bundle._bundle(bundle_name);
+    select * into c from bundle.conflicts k where k.bundle = bundle_name and k.relation = resolve.relation
+        and k.key = resolve.key and k.column_name is not distinct from resolve.column_name;
+    if not found then
+        raise exception 'bundle "%" has no unresolved conflict in % at key % %', bundle_name, relation, key,
+            coalesce('column ' || column_name, '(whole row)') using errcode = '42704',
+            hint = format('See select * from bundle.conflicts where bundle = %L (a whole-row conflict has column_name null).', bundle_name);
+    end if;
+    if choice is null or choice not in ('ours', 'theirs', 'value') then
+        raise exception 'a conflict is resolved by ''ours'', ''theirs'' or ''value'', not %', coalesce(quote_literal(choice), 'null')
+            using errcode = '22023';
+    end if;
+    chosen := case choice when 'ours' then c.ours when 'theirs' then c.theirs else value end;
+    select k.key_columns into key_columns from bundle.tracked k where k.bundle = bundle_name and k.relation = c.relation;
+    if c.column_name is null then
+        -- The whole row: the chosen row as JSON (column -> text), or null for none.
+        if chosen is not null and bundle._key(chosen::jsonb, key_columns) is distinct from c.key then
+            raise exception 'the row given has the key %, not the conflict''s key %', bundle._key(chosen::jsonb, key_columns), c.key
+                using errcode = '22023', hint = 'Give the whole row as JSON (column -> text) with the same key, or null to delete it.';
+        end if;
+        perform bundle._apply_begin();
+        insert into pg_temp.bundle_apply (relation, key, fields) values (c.relation, c.key, chosen::jsonb);
+        perform bundle._apply(bundle_name, 'resolve a conflict');
+    else
+        execute format('update only %s t set %I = $1::%s where (%s) = (%s)', c.relation, c.column_name,
+                       (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                        where a.attrelid = c.relation and a.attname = c.column_name and not a.attisdropped),
+                       (select string_agg(format('t.%I', k), ', ') from unnest(key_columns) k),
+                       bundle._key_values(c.relation, key_columns, '$2'))
+            using chosen, c.key;
+    end if;
+    delete from bundle.conflicts k where k.bundle = bundle_name and k.relation = c.relation and k.key = c.key
+        and k.column_name is not distinct from c.column_name;
+    return (select count(*) from bundle.conflicts k where k.bundle = bundle_name);
+end
+$$;
+comment on function bundle.resolve(text, regclass, jsonb, text, text, text) is
+    'resolve a merge conflict with ''ours'', ''theirs'' or ''value'' (a whole row''s value: the row as JSON); returns the conflicts left';
+
+create function bundle.merge_abort(bundle_name text) returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    b bundle.bundle := bundle._bundle(bundle_name);
+begin
+    if not exists (select from bundle.merge m where m.bundle = bundle_name) then
+        raise exception 'bundle "%" has no merge in progress', bundle_name using errcode = '55000';
+    end if;
+    -- A forced checkout of the commit the merge started from gives the merge up.
+    return bundle.checkout(bundle_name, b.checked_out, true);
+end
+$$;
+comment on function bundle.merge_abort(text) is 'give up the merge in progress: the tables return to the head';
+
+revoke all on function bundle._entries(bytea), bundle._node_diff(text, text, text), bundle._tree_diff(text, text, text),
+    bundle._tree_rows(text, text), bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
+    bundle._key(jsonb, name[]), bundle._key_values(regclass, name[], text), bundle.diff(text, text, text),
+    bundle._refuse_uncommitted(text, text), bundle._apply_begin(), bundle._fk_order(regclass[]),
+    bundle._apply(text, text), bundle.checkout(text, text, boolean), bundle.rescan(text),
+    bundle._ancestors(text, text), bundle._merge_base(text, text, text), bundle._merge_rows(text, text, text, text),
+    bundle._integrate(text, text, boolean), bundle.resolve(text, regclass, jsonb, text, text, text),
+    bundle.merge_abort(text) from public;
+grant execute on function bundle.diff(text, text, text), bundle.checkout(text, text, boolean), bundle.rescan(text),
+    bundle.resolve(text, regclass, jsonb, text, text, text), bundle.merge_abort(text) to aquapeer_admin;

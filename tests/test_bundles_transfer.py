@@ -211,7 +211,7 @@ def test_both_sides_changed_merges_fields_and_records_conflicts(shop):
     assert summary["fast_forward"] is False and summary["conflicts"] == 2 and summary["merging"] is True
     assert summary["head"] == ours
     assert bob.sql("select name, price from public.widget where id = 10") == [("alice name", 2)]
-    conflicts = bob.sql("select relation::text, key, \"column\", ours, theirs from bundle.conflicts order by key::text")
+    conflicts = bob.sql("select relation::text, key, column_name, ours, theirs from bundle.conflicts order by key::text")
     assert [(c[0], c[1], c[2]) for c in conflicts] == [("public.widget", ["11"], "price"), ("public.widget", ["12"], None)]
     bob.sql("select bundle.resolve('shop', 'public.widget', '[\"11\"]', 'price', 'theirs')")
     bob.sql("select bundle.resolve('shop', 'public.widget', '[\"12\"]', null, 'ours')")

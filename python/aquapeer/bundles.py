@@ -15,24 +15,37 @@ def _texts(n):
 
 
 def commit(db, name, message):
-    """Commit what changed in the bundle's tables since its head; the new commit's id."""
+    """Commit what changed in the bundle's tables since its head; the new commit's id.  During a
+    merge (bundle._integrate), once no conflict is left, the commit has two parents: the head
+    and the commit merged; it ends the merge."""
     bundle = db.query("select head, checked_out from bundle._bundle($1)", [name])[0]
     if bundle["head"] != bundle["checked_out"]:
-        raise AquapeerError(f'bundle "{name}" has a newer head than its tables were checked out from '
-                            "(a friend pushed to it)", sqlstate="55000",
-                            hint="Check it out first: select bundle.checkout(name), with force => true "
+        raise AquapeerError(f'bundle "{name}" has tables checked out from commit {bundle["checked_out"]}, '
+                            f'not from its head {bundle["head"]} (an older commit was checked out, or a friend pushed)',
+                            sqlstate="55000",
+                            hint="Check the head out first: select bundle.checkout(name), with force => true "
                                  "to give up the changes made since.")
     head = bundle["head"]
+    merging = db.query("select m.theirs, (select count(*) from bundle.conflicts c where c.bundle = m.bundle) as conflicts "
+                       "from bundle.merge m where m.bundle = $1", [name])
+    if merging and merging[0]["conflicts"]:
+        raise AquapeerError(f'bundle "{name}" has {merging[0]["conflicts"]} unresolved conflict(s) from the merge of '
+                            f'commit {merging[0]["theirs"]}', sqlstate="55000",
+                            hint="Resolve each (see select * from bundle.conflicts): select bundle.resolve(name, relation, "
+                                 "key, column_name, 'ours' | 'theirs' | 'value', value); or give the merge up with "
+                                 "bundle.merge_abort(name).")
     staged = db.query("select root, rows_changed from bundle._stage($1)", [name])[0]
-    if staged["rows_changed"] == 0:
+    if staged["rows_changed"] == 0 and not merging:
         raise AquapeerError(f'nothing to commit in bundle "{name}": its rows are as its head has them',
                             sqlstate="55000", hint="See select * from bundle.status(name).")
+    parents = ([head] if head else []) + ([merging[0]["theirs"]] if merging else [])
     me = friends.load_identity(db)
-    new = commits.Commit(parents=[head] if head else [], tree=staged["root"], author=me.peer_id,
+    new = commits.Commit(parents=parents, tree=staged["root"], author=me.peer_id,
                          message=message or "", time=commits.utc_time(datetime.datetime.now(datetime.timezone.utc)),
                          rows_changed=staged["rows_changed"])
     _store(db, name, new, commits.sign(me, new))
     db.query("update bundle.bundle set head = $2, checked_out = $2 where name = $1", [name, new.id])
+    db.query("delete from bundle.merge where bundle = $1", [name])
     return new.id
 
 

@@ -52,6 +52,14 @@ def _sqlstate(error):
     return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
 
 
+def _spidata(error, index, name):
+    """The detail (1) or hint (2) of a plpy.SPIError: PL/Python keeps them in spidata only."""
+    spidata = getattr(error, "spidata", None)
+    if spidata and len(spidata) > index:
+        return spidata[index]
+    return getattr(error, name, None)
+
+
 def _pg_value(value):
     return json.dumps(value) if isinstance(value, (dict, list)) and not _binary_list(value) else value
 
@@ -74,7 +82,7 @@ class PlpyDatabase:
             return list(self.plpy.execute(plan, [_pg_value(a) for a in args]))
         except self.plpy.SPIError as e:
             raise DatabaseError(str(e.args[0]) if e.args else str(e), sqlstate=_sqlstate(e),
-                                detail=getattr(e, "detail", None), hint=getattr(e, "hint", None)) from None
+                                detail=_spidata(e, 1, "detail"), hint=_spidata(e, 2, "hint")) from None
 
     def scalar(self, sql, args=()):
         rows = self.query(sql, args)

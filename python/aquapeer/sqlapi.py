@@ -15,7 +15,7 @@ import uuid
 
 import plpy
 
-from . import bundles, control, executor, friends, identity, worker
+from . import bundle_merge, bundles, control, executor, friends, identity, worker
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -295,3 +295,8 @@ def pull_bundle(friend, name, checkout):
 def push_bundle(friend, name):
     with _client() as client:
         return json.dumps(bundles.push(_db, client, friend, name))
+
+
+@sql_errors
+def bundle_integrate(name, theirs, checkout):
+    return json.dumps(bundle_merge.integrate(_db, name, theirs, checkout))
