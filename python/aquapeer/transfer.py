@@ -170,9 +170,12 @@ class Transfers:
                         work.extend(found)
                         changed.notify_all()
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(REQUESTS_IN_FLIGHT):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(REQUESTS_IN_FLIGHT):
+                    group.create_task(worker())
+        except ExceptionGroup as failed:  # the first failure says what went wrong
+            raise failed.exceptions[0] from None
 
     async def push(self, friend, bundle):
         """Have the friend take our commits of the bundle; refused unless that fast-forwards it."""
