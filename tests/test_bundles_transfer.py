@@ -243,10 +243,10 @@ LARGE = 60000
 
 @pytest.mark.parametrize("victim", ["puller", "server"])
 @pytest.mark.testbed(n=2, names=["alice", "bob"], extra_conf={"synchronous_commit": "on"})
-def test_kill_9_mid_pull_then_the_next_pull_sends_nothing_kept(testbed, signal_server, victim):
+def test_kill_9_mid_pull_then_the_next_pull_sends_nothing_kept(testbed, module_signal_server, victim):
     alice, bob = testbed.alice, testbed.bob
     for cluster in (alice, bob):
-        tb.join_signaling(cluster, signal_server.url)
+        tb.join_signaling(cluster, module_signal_server.url)
         cluster.sql(TABLES)
     tb.befriend(alice, "alice", bob, "bob")
     alice.sql("insert into public.maker values (1, 'acme'), (2, 'globex'), (3, 'initech')")
