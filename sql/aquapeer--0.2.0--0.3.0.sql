@@ -309,13 +309,14 @@ $$;
 -- new object; returns the new root id and how many rows changed.  Set-based per table:
 -- only the changed keys, their buckets, and the fan nodes above them are touched.  The
 -- settings are those of bundle._row_hashes (the statements hash rows); work_mem lets a
--- whole table's changes and the sorts of its buckets stay in memory.
+-- whole table's changes and the sorts of its buckets stay in memory; no JIT, which the
+-- planner's guesses at key-hash ranges trigger on small commits (150 ms to compile).
 create function bundle._stage(bundle_name text, out root text, out rows_changed bigint)
 language plpgsql
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
 set extra_float_digits = 1 set bytea_output = 'hex'
-set work_mem = '256MB'
+set work_mem = '256MB' set jit = off
 as $$
 declare
     t bundle.tracked;
@@ -390,6 +391,8 @@ begin
         )
         insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
             from body;
+        -- Tens of thousands of new nodes: plans made for an empty head_node would scan it per path.
+        analyze bundle.head_node;
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
                                      array(select distinct left(b, 2) from unnest(buckets) b));
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
@@ -409,10 +412,14 @@ begin
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    delete from bundle.head_node n using unnest(buckets) p(prefix)
-        where n.bundle = bundle_name and n.relation = _rebuild.relation and n.path = p.prefix
-        and not exists (select from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
-                        and h.key_hash >= n.path and h.key_hash < n.path || 'g');
+    -- (The emptiness test is driven by the given prefixes, each a range probe, whatever the
+    -- planner believes of head_node's size.)
+    delete from bundle.head_node n
+        where n.bundle = bundle_name and n.relation = _rebuild.relation
+        and n.path in (select p.prefix from unnest(buckets) p(prefix)
+                       where not exists (select from bundle.head_row h where h.bundle = bundle_name
+                                         and h.relation = _rebuild.relation
+                                         and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'));
     -- fan nodes: the buckets under each two-digit prefix
     perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
     -- the table's node: its fan nodes
@@ -442,11 +449,13 @@ begin
         from body where path = '' or data <> convert_to('aquapeer-fan/1' || E'\n', 'UTF8')
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- an empty fan node below the table's is left out
-    delete from bundle.head_node n using unnest(paths) p(path)
-        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation and n.path = p.path and n.path <> ''
-        and not exists (select from bundle.head_node c where c.bundle = bundle_name
-                        and c.relation = _rebuild_fans.relation and c.path > n.path and c.path < n.path || 'g'
-                        and left(c.path, -2) = n.path);
+    delete from bundle.head_node n
+        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+        and n.path in (select p.path from unnest(paths) p(path)
+                       where p.path <> ''
+                       and not exists (select from bundle.head_node c where c.bundle = bundle_name
+                                       and c.relation = _rebuild_fans.relation and c.path > p.path
+                                       and c.path < p.path || 'g' and left(c.path, -2) = p.path));
 end
 $$;
 
