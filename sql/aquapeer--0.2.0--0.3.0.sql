@@ -131,8 +131,8 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
 $$;
 
 -- Whether a bundle compares a tracked table as a whole: changed_key holds the JSON null key for
--- it (a real key is an array) from bundle.track until the next commit, so neither track nor the
--- capture triggers need to write one row per key of a table the bundle has not got yet.
+-- it (a real key is an array) from bundle.track until the next commit, so track need not write
+-- one row per key of a table the bundle has not got yet.
 create function bundle._whole(bundle_name text, relation regclass) returns boolean
 language sql stable set search_path = pg_catalog, pg_temp as $$
     select exists (select from bundle.changed_key c
@@ -188,17 +188,16 @@ declare
     key_expression text := (select string_agg(format('t.%I::text', k), ', ' order by n)
                             from unnest(TG_ARGV) with ordinality u(k, n));
 begin
-    -- For every bundle tracking the table, unless it compares the whole table anyway.
+    -- For every bundle tracking the table (also one comparing it whole: a commit running
+    -- meanwhile may not see this write, and must leave its key for the next one).
     if TG_OP in ('INSERT', 'UPDATE') then
         execute format('insert into bundle.changed_key select b.bundle, %s::regclass, jsonb_build_array(%s) '
-                       'from new_rows t, bundle.tracked b where b.relation = %s::regclass '
-                       'and not bundle._whole(b.bundle, b.relation) on conflict do nothing',
+                       'from new_rows t, bundle.tracked b where b.relation = %s::regclass on conflict do nothing',
                        TG_RELID, key_expression, TG_RELID);
     end if;
     if TG_OP in ('UPDATE', 'DELETE') then
         execute format('insert into bundle.changed_key select b.bundle, %s::regclass, jsonb_build_array(%s) '
-                       'from old_rows t, bundle.tracked b where b.relation = %s::regclass '
-                       'and not bundle._whole(b.bundle, b.relation) on conflict do nothing',
+                       'from old_rows t, bundle.tracked b where b.relation = %s::regclass on conflict do nothing',
                        TG_RELID, key_expression, TG_RELID);
     end if;
     return null;
@@ -327,7 +326,9 @@ begin
     rows_changed := 0;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
         -- One statement: the changed rows, their blobs, and head_row's rows added, modified
-        -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.
+        -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.  The
+        -- keys it read are forgotten under the same snapshot, so a key written by a transaction
+        -- it did not see stays for the next commit.
         execute format(
             'with c as materialized (%s), '
             'blobs as (insert into bundle.object select %L, c.blob_id, ''blob'', convert_to(c.blob, ''UTF8'') from c '
@@ -337,11 +338,12 @@ begin
             'modified as (update bundle.head_row h set blob = c.blob_id from c where c.blob is not null '
             '             and c.head_blob is not null and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
             'deleted as (delete from bundle.head_row h using c where c.blob is null '
-            '            and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash) '
+            '            and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
+            'done as (delete from bundle.changed_key k where k.bundle = %L and k.relation = %s) '
             'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
             '                                  from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
             bundle._changes_query(bundle_name, t), bundle_name, bundle_name, t.relation::oid,
-            bundle_name, t.relation::oid, bundle_name, t.relation::oid)
+            bundle_name, t.relation::oid, bundle_name, t.relation::oid, bundle_name, t.relation::oid)
             into n, buckets;
         rows_changed := rows_changed + n;
         if n > 0 then
@@ -366,7 +368,6 @@ begin
     where k.bundle = bundle_name;
     root := encode(sha256(root_data), 'hex');
     insert into bundle.object values (bundle_name, root, 'root', root_data) on conflict do nothing;
-    delete from bundle.changed_key c where c.bundle = bundle_name;
 end
 $$;
 
