@@ -328,13 +328,15 @@ begin
         -- One statement: the changed rows, their blobs, and head_row's rows added, modified
         -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.  The
         -- keys it read are forgotten under the same snapshot, so a key written by a transaction
-        -- it did not see stays for the next commit.
+        -- it did not see stays for the next commit.  New rows go into the indexes in their order
+        -- (hex sorts alike in every collation): many then fill pages one after the other rather
+        -- than splitting pages all over indexes larger than shared_buffers.
         execute format(
             'with c as materialized (%s), '
             'blobs as (insert into bundle.object select %L, c.blob_id, ''blob'', convert_to(c.blob, ''UTF8'') from c '
-            '          where c.blob is not null on conflict do nothing), '
+            '          where c.blob is not null order by c.blob_id collate "C" on conflict do nothing), '
             'added as (insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from c '
-            '          where c.head_blob is null), '
+            '          where c.head_blob is null order by c.key_hash collate "C"), '
             'modified as (update bundle.head_row h set blob = c.blob_id from c where c.blob is not null '
             '             and c.head_blob is not null and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
             'deleted as (delete from bundle.head_row h using c where c.blob is null '
@@ -379,8 +381,6 @@ language plpgsql set search_path = pg_catalog, pg_temp as $$
 begin
     if buckets is null then
         delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation;
-        buckets := array(select distinct left(h.key_hash, 4) from bundle.head_row h
-                         where h.bundle = bundle_name and h.relation = _rebuild.relation);
         with body as (
             select left(h.key_hash, 4) as prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
                        h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
@@ -395,7 +395,8 @@ begin
         -- Tens of thousands of new nodes: plans made for an empty head_node would scan it per path.
         analyze bundle.head_node;
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
-                                     array(select distinct left(b, 2) from unnest(buckets) b));
+                                     array(select distinct left(n.path, 2) from bundle.head_node n
+                                           where n.bundle = bundle_name and n.relation = _rebuild.relation));
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
         return;
     end if;
