@@ -41,13 +41,15 @@ create table bundle.tracked (
 create table bundle.head_row (
     bundle text not null references bundle.bundle on delete cascade,
     relation regclass not null,
-    key_hash text not null,
+    -- "C": hex digits sort the same in every collation, and comparing bytes is cheaper.
+    key_hash text collate "C" not null,
     key jsonb not null,
     blob text not null,
     primary key (bundle, relation, key_hash)
 );
 
 -- Keys written since each bundle's head, recorded by the capture triggers of tracked tables.
+-- The JSON null key stands for every key of the table (bundle._whole).
 create table bundle.changed_key (
     bundle text not null references bundle.bundle on delete cascade,
     relation regclass not null,
@@ -56,12 +58,13 @@ create table bundle.changed_key (
 );
 
 -- Immutable, content-addressed objects (docs/bundles.md): blobs, buckets, fan nodes, roots, commits.
+-- (The id checks avoid a {64} repetition: PostgreSQL's regex engine matches it slowly.)
 -- Each bundle has its own store, so a friend a bundle is shared with can ask for objects of that
 -- bundle only.  An object is here only with everything below it: a tree node's children, a commit's
 -- tree and parents.
 create table bundle.object (
     bundle text not null references bundle.bundle on delete cascade,
-    id text not null check (id ~ '^[0-9a-f]{64}$'),
+    id text not null check (id ~ '^[0-9a-f]+$' and length(id) = 64),
     kind text not null check (kind in ('blob', 'bucket', 'fan', 'root', 'commit')),
     data bytea not null,
     primary key (bundle, id)
@@ -73,7 +76,7 @@ create table bundle.object (
 -- have nothing below them, go to bundle.object at once.)
 create table bundle.pending (
     bundle text not null references bundle.bundle on delete cascade,
-    id text not null check (id ~ '^[0-9a-f]{64}$'),
+    id text not null check (id ~ '^[0-9a-f]+$' and length(id) = 64),
     kind text not null check (kind in ('bucket', 'fan', 'root')),
     data bytea not null,
     primary key (bundle, id)
@@ -118,33 +121,46 @@ select pg_catalog.pg_extension_config_dump('bundle.pending', '');
 select pg_catalog.pg_extension_config_dump('bundle.head_node', '');
 
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
--- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).
+-- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).  The blob,
+-- jsonb_strip_nulls(jsonb_build_object(column, text, ...))::text, is written out directly, which
+-- spares building and printing a jsonb value per row: the columns in jsonb's key order (shorter
+-- names first, then bytewise), each value escaped by to_json as jsonb prints it, NULL columns
+-- left out by array_to_string (an array, unlike a function's arguments, has no limit of 100).
 create function bundle._rows_query(relation regclass, filter text, key_columns name[], narrowing text)
 returns text
 language sql stable set search_path = pg_catalog, pg_temp as $$
     select format(
-        'select jsonb_build_array(%s) as key, jsonb_strip_nulls(jsonb_build_object(%s))::text as blob '
+        'select jsonb_build_array(%s) as key, ''{'' || array_to_string(array[%s], '', '') || ''}'' as blob '
         'from only %s t where (%s) and (%s)',
         (select string_agg(format('t.%I::text', k), ', ' order by n) from unnest(key_columns) with ordinality u(k, n)),
-        (select string_agg(format('%L, t.%I::text', a.attname, a.attname), ', ' order by a.attnum)
+        (select string_agg(format('%L || to_json(t.%I::text)::text', to_json(a.attname::text)::text || ': ', a.attname),
+                           ', ' order by octet_length(a.attname), a.attname::text collate "C")
          from pg_attribute a where a.attrelid = relation and a.attnum > 0 and not a.attisdropped),
         relation, coalesce(filter, 'true'), coalesce(narrowing, 'true'))
 $$;
 
--- (key, key hash, blob, blob id) of a tracked table's rows: all of them, or those whose keys
--- bundle.changed_key holds for the bundle changed_in.  One statement per table, never one per row.
-create function bundle._row_hashes(relation regclass, filter text, key_columns name[], changed_in text)
-returns table (key jsonb, key_hash text, blob text, blob_id text)
-language plpgsql stable
-set search_path = pg_catalog, pg_temp
-set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex'
-as $$
-begin
-    return query execute format(
-        'select r.key, encode(sha256(convert_to(r.key::text, ''UTF8'')), ''hex''), r.blob, '
-        'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') from %s',
-        case when changed_in is null then format('(%s) r', bundle._rows_query(relation, filter, key_columns, null))
+-- Whether a bundle compares a tracked table as a whole: changed_key holds the JSON null key for
+-- it (a real key is an array) from bundle.track until the next commit, so track need not write
+-- one row per key of a table the bundle has not got yet.
+create function bundle._whole(bundle_name text, relation regclass) returns boolean
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select exists (select from bundle.changed_key c
+                   where c.bundle = bundle_name and c.relation = _whole.relation and c.key = 'null')
+$$;
+
+-- The statement that yields (key, key hash, blob, blob id) of a tracked table's rows: all of them,
+-- or those whose keys bundle.changed_key holds for the bundle changed_in (all of them again when
+-- it compares the table as a whole).  One statement per table, never one per row.
+create function bundle._row_hashes_query(relation regclass, filter text, key_columns name[], changed_in text)
+returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    -- "offset 0" keeps the blob one column of the subquery: flattened, each use of it would
+    -- compute it again.
+    select format(
+        'select r.key, encode(sha256(convert_to(r.key::text, ''UTF8'')), ''hex'') as key_hash, r.blob, '
+        'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') as blob_id from %s',
+        case when changed_in is null or bundle._whole(changed_in, relation)
+             then format('(%s offset 0) r', bundle._rows_query(relation, filter, key_columns, null))
         -- The changed keys, each looked up through the primary key ("limit 1" keeps it a probe
         -- per key whatever the planner thinks of the tables' sizes).
         else format('bundle.changed_key c cross join lateral (%s limit 1) r where c.bundle = %L and c.relation = %s::regclass',
@@ -153,7 +169,20 @@ begin
                                                   format_type(a.atttypid, a.atttypmod)), ' and ' order by n)
                          from unnest(key_columns) with ordinality u(k, n)
                          join pg_attribute a on a.attrelid = relation and a.attname = u.k)),
-                    changed_in, relation::oid) end);
+                    changed_in, relation::oid) end)
+$$;
+
+-- (key, key hash, blob, blob id) of a tracked table's rows (bundle._row_hashes_query), under the
+-- settings that make a column's text the same on any server and in any session.
+create function bundle._row_hashes(relation regclass, filter text, key_columns name[], changed_in text)
+returns table (key jsonb, key_hash text, blob text, blob_id text)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex'
+as $$
+begin
+    return query execute bundle._row_hashes_query(relation, filter, key_columns, changed_in);
 end
 $$;
 
@@ -168,7 +197,8 @@ declare
     key_expression text := (select string_agg(format('t.%I::text', k), ', ' order by n)
                             from unnest(TG_ARGV) with ordinality u(k, n));
 begin
-    -- For every bundle tracking the table.
+    -- For every bundle tracking the table (also one comparing it whole: a commit running
+    -- meanwhile may not see this write, and must leave its key for the next one).
     if TG_OP in ('INSERT', 'UPDATE') then
         execute format('insert into bundle.changed_key select b.bundle, %s::regclass, jsonb_build_array(%s) '
                        'from new_rows t, bundle.tracked b where b.relation = %s::regclass on conflict do nothing',
@@ -238,18 +268,38 @@ begin
                        'for each statement execute function bundle._capture(%s)',
                        trigger_name || '_del', relation, array_to_string(array(select quote_literal(c) from unnest(key_columns) c), ', '));
     end if;
-    -- Everything there now is new to the bundle.
-    insert into bundle.changed_key
-        select bundle_name, relation, r.key from bundle._row_hashes(relation, filter, key_columns, null) r
-        on conflict do nothing;
+    -- Everything there now is new to the bundle: the next status or commit compares the whole table.
+    insert into bundle.changed_key values (bundle_name, relation, 'null');
 exception when unique_violation then
     raise exception 'bundle "%" already tracks %', bundle_name, relation using errcode = '42710';
 end
 $$;
 
+-- The statement that yields the rows of a tracked table that differ from the bundle's head rows:
+-- (key, key hash, blob and blob id now, head_blob), blob null for a row deleted since and head_blob
+-- null for a row added since.  Only the changed keys are looked at, through the primary key and
+-- head_row's key hashes, unless the bundle compares the whole table.
+create function bundle._changes_query(bundle_name text, t bundle.tracked) returns text
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select format(
+        'select coalesce(n.key, h.key) as key, coalesce(n.key_hash, h.key_hash) as key_hash, n.blob, n.blob_id, '
+        'h.blob as head_blob from (%s) n '
+        'full join (select h.key, h.key_hash, h.blob from bundle.head_row h where h.bundle = %L and h.relation = %s %s) h '
+        'on h.key_hash = n.key_hash where n.blob_id is distinct from h.blob',
+        bundle._row_hashes_query(t.relation, t.filter, t.key_columns, bundle_name), bundle_name, t.relation::oid,
+        case when not bundle._whole(bundle_name, t.relation) then format(
+            'and h.key_hash in (select encode(sha256(convert_to(c.key::text, ''UTF8'')), ''hex'') '
+            'from bundle.changed_key c where c.bundle = %L and c.relation = %s)', bundle_name, t.relation::oid) end)
+$$;
+
+-- The settings are those of bundle._row_hashes: the statements hash rows.
 create function bundle.status(bundle_name text)
 returns table (relation regclass, key jsonb, change text)
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex'
+as $$
 declare
     t bundle.tracked;
     merging record;
@@ -266,19 +316,12 @@ begin
                 else 'bundle.commit makes the merge commit; bundle.merge_abort gives the merge up.' end;
     end if;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
-        return query
-            with now_rows as (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)),
-                 head as (select h.key, h.blob from bundle.head_row h
-                          where h.bundle = bundle_name and h.relation = t.relation
-                            and h.key_hash in (select encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex') from bundle.changed_key c
-                                          where c.bundle = bundle_name and c.relation = t.relation))
-            select t.relation, coalesce(n.key, h.key),
-                   case when h.key is null then 'added' when n.key is null then 'deleted' else 'modified' end
-            from now_rows n full join head h on h.key = n.key
-            where n.blob_id is distinct from h.blob
-              and not exists (select from bundle.conflicts c where c.bundle = bundle_name and c.relation = t.relation
-                              and c.key = coalesce(n.key, h.key))
-            order by 2;
+        return query execute format(
+            'select %s::regclass, c.key, case when c.head_blob is null then ''added'' '
+            'when c.blob is null then ''deleted'' else ''modified'' end from (%s) c '
+            'where not exists (select from bundle.conflicts f where f.bundle = %L and f.relation = %s '
+            'and f.key = c.key) order by 2',
+            t.relation::oid, bundle._changes_query(bundle_name, t), bundle_name, t.relation::oid);
     end loop;
     return query select distinct c.relation, c.key, 'conflict' from bundle.conflicts c
         where c.bundle = bundle_name order by 1, 2;
@@ -287,45 +330,55 @@ $$;
 
 -- Move a bundle's head rows and head tree to what its tables hold now, keeping every
 -- new object; returns the new root id and how many rows changed.  Set-based per table:
--- only the changed keys, their buckets, and the fan nodes above them are touched.
+-- only the changed keys, their buckets, and the fan nodes above them are touched.  The
+-- settings are those of bundle._row_hashes (the statements hash rows); work_mem lets a
+-- whole table's changes and the sorts of its buckets stay in memory; no JIT, which the
+-- planner's guesses at key-hash ranges trigger on small commits (150 ms to compile).
 create function bundle._stage(bundle_name text, out root text, out rows_changed bigint)
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex'
+set work_mem = '256MB' set jit = off
+as $$
 declare
     t bundle.tracked;
     n bigint;
+    buckets text[];
     root_data bytea;
 begin
     rows_changed := 0;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
-        create temporary table if not exists bundle_changes
-            (key jsonb, key_hash text, blob text, blob_id text, gone boolean) on commit drop;
-        truncate bundle_changes;
-        insert into bundle_changes
-            select coalesce(n.key, h.key), coalesce(n.key_hash, h.key_hash), n.blob, n.blob_id, n.key is null
-            from (select * from bundle._row_hashes(t.relation, t.filter, t.key_columns, bundle_name)) n
-            full join (select h.key, h.key_hash, h.blob from bundle.head_row h
-                       where h.bundle = bundle_name and h.relation = t.relation
-                         and h.key_hash in (select encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex') from bundle.changed_key c
-                                       where c.bundle = bundle_name and c.relation = t.relation)) h on h.key = n.key
-            where n.blob_id is distinct from h.blob;
-        get diagnostics n = row_count;
+        -- One statement: the changed rows, their blobs, and head_row's rows added, modified
+        -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.  The
+        -- keys it read are forgotten under the same snapshot, so a key written by a transaction
+        -- it did not see stays for the next commit.  New rows go into the indexes in their order
+        -- (hex sorts alike in every collation): many then fill pages one after the other rather
+        -- than splitting pages all over indexes larger than shared_buffers.
+        execute format(
+            'with c as materialized (%s), '
+            'blobs as (insert into bundle.object select %L, c.blob_id, ''blob'', convert_to(c.blob, ''UTF8'') from c '
+            '          where c.blob is not null order by c.blob_id collate "C" on conflict do nothing), '
+            'added as (insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from c '
+            '          where c.head_blob is null order by c.key_hash collate "C"), '
+            'modified as (update bundle.head_row h set blob = c.blob_id from c where c.blob is not null '
+            '             and c.head_blob is not null and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
+            'deleted as (delete from bundle.head_row h using c where c.blob is null '
+            '            and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
+            'done as (delete from bundle.changed_key k where k.bundle = %L and k.relation = %s) '
+            'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
+            '                                  from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
+            bundle._changes_query(bundle_name, t), bundle_name, bundle_name, t.relation::oid,
+            bundle_name, t.relation::oid, bundle_name, t.relation::oid, bundle_name, t.relation::oid)
+            into n, buckets;
         rows_changed := rows_changed + n;
         if n > 0 then
-            insert into bundle.object select bundle_name, blob_id, 'blob', convert_to(blob, 'UTF8') from bundle_changes
-                where not gone on conflict do nothing;
-            delete from bundle.head_row h using bundle_changes c
-                where h.bundle = bundle_name and h.relation = t.relation and h.key_hash = c.key_hash and c.gone;
-            insert into bundle.head_row select bundle_name, t.relation, c.key_hash, c.key, c.blob_id
-                from bundle_changes c where not c.gone
-                on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
             -- Buckets, then fan nodes, then the table's node: each rebuilt from its children.
             -- Many changes: fresh statistics, and every bucket in one pass.
-            if n > 10000 then
+            if buckets is null then
                 analyze bundle.head_row;
             end if;
-            perform bundle._rebuild(bundle_name, t.relation,
-                                    case when n <= 10000 then
-                                        array(select distinct left(c.key_hash, 4) from bundle_changes c) end);
+            perform bundle._rebuild(bundle_name, t.relation, buckets);
         end if;
         if not exists (select from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation
                        and h.path = '') then
@@ -341,7 +394,6 @@ begin
     where k.bundle = bundle_name;
     root := encode(sha256(root_data), 'hex');
     insert into bundle.object values (bundle_name, root, 'root', root_data) on conflict do nothing;
-    delete from bundle.changed_key c where c.bundle = bundle_name;
 end
 $$;
 
@@ -353,8 +405,6 @@ language plpgsql set search_path = pg_catalog, pg_temp as $$
 begin
     if buckets is null then
         delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation;
-        buckets := array(select distinct left(h.key_hash, 4) from bundle.head_row h
-                         where h.bundle = bundle_name and h.relation = _rebuild.relation);
         with body as (
             select left(h.key_hash, 4) as prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
                        h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
@@ -366,8 +416,11 @@ begin
         )
         insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
             from body;
+        -- Tens of thousands of new nodes: plans made for an empty head_node would scan it per path.
+        analyze bundle.head_node;
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
-                                     array(select distinct left(b, 2) from unnest(buckets) b));
+                                     array(select distinct left(n.path, 2) from bundle.head_node n
+                                           where n.bundle = bundle_name and n.relation = _rebuild.relation));
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
         return;
     end if;
@@ -385,10 +438,14 @@ begin
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    delete from bundle.head_node n using unnest(buckets) p(prefix)
-        where n.bundle = bundle_name and n.relation = _rebuild.relation and n.path = p.prefix
-        and not exists (select from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
-                        and h.key_hash >= n.path and h.key_hash < n.path || 'g');
+    -- (The emptiness test is driven by the given prefixes, each a range probe, whatever the
+    -- planner believes of head_node's size.)
+    delete from bundle.head_node n
+        where n.bundle = bundle_name and n.relation = _rebuild.relation
+        and n.path in (select p.prefix from unnest(buckets) p(prefix)
+                       where not exists (select from bundle.head_row h where h.bundle = bundle_name
+                                         and h.relation = _rebuild.relation
+                                         and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'));
     -- fan nodes: the buckets under each two-digit prefix
     perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
     -- the table's node: its fan nodes
@@ -406,8 +463,10 @@ begin
                    substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', '' order by n.path), ''),
                    'UTF8') as data
         from unnest(paths) p(path)
+        -- The range finds a few paths' children through the index; the equality lets many
+        -- paths' children be found by hashing (without it, a merge join on lengths is quadratic).
         left join bundle.head_node n on n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-             and n.path > p.path and n.path < p.path || 'g' and length(n.path) = length(p.path) + 2
+             and n.path > p.path and n.path < p.path || 'g' and left(n.path, -2) = p.path
         group by p.path
     ), kept as (
         insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
@@ -416,11 +475,13 @@ begin
         from body where path = '' or data <> convert_to('aquapeer-fan/1' || E'\n', 'UTF8')
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- an empty fan node below the table's is left out
-    delete from bundle.head_node n using unnest(paths) p(path)
-        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation and n.path = p.path and n.path <> ''
-        and not exists (select from bundle.head_node c where c.bundle = bundle_name
-                        and c.relation = _rebuild_fans.relation and c.path > n.path and c.path < n.path || 'g'
-                        and length(c.path) = length(n.path) + 2);
+    delete from bundle.head_node n
+        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+        and n.path in (select p.path from unnest(paths) p(path)
+                       where p.path <> ''
+                       and not exists (select from bundle.head_node c where c.bundle = bundle_name
+                                       and c.relation = _rebuild_fans.relation and c.path > p.path
+                                       and c.path < p.path || 'g' and left(c.path, -2) = p.path));
 end
 $$;
 
@@ -448,7 +509,8 @@ $$;
 
 revoke all on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text),
     bundle.commit(text, text), bundle.log(text), bundle._stage(text), bundle._rebuild(text, regclass, text[]),
-    bundle._rebuild_fans(text, regclass, text[]) from public;
+    bundle._rebuild_fans(text, regclass, text[]), bundle._whole(text, regclass),
+    bundle._changes_query(text, bundle.tracked) from public;
 grant execute on function bundle.create(text), bundle.track(text, regclass, text), bundle.status(text),
     bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
 
