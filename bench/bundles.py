@@ -22,15 +22,20 @@ With --rounds N everything runs N times (a fresh bundle each round) and the
 table shows each figure's best round (noise on a shared machine only adds
 time); --json prints every round's figures as one line of JSON.
 
-Adding parts: each part is a function part(bed, args, figures) in PARTS,
-run in order on the same test bed; a part that fails is reported and the next
-one still runs.  The pull parts (peer.pull_bundle into an empty second
-cluster against `pg_dump -t widget | psql` between the same two clusters, and
---changed rows committed and pulled incrementally end to end) belong after
-"aquapeer": bed.add('bob'), create_widget_table(bob), tb.join_signaling and
-tb.befriend as in bench/messaging.py, bundle.share_bundle; change_rows() and
-timed() serve them too; their figures go in figures[<part>] and their rows in
-report().
+Between two clusters, alice and bob, friends through a local signaling
+server:
+
+- native reference: `pg_dump -t widget` of alice piped into `psql` on bob (a
+  database of its own);
+- aquapeer: peer.pull_bundle of the whole bundle into bob's empty widget
+  table (target: at least 0.35 times the rows per second of pg_dump | psql),
+  with the bytes on the wire and the compression ratio (the objects' bytes
+  over the bytes received);
+- --changed rows changed, committed and pulled, end to end (target: under
+  2 s).
+
+Each part is a function part(bed, args, figures) in PARTS, run in order on
+the same test bed; a part that fails is reported and the next one still runs.
 """
 
 import argparse
@@ -51,6 +56,8 @@ console = Console(width=150)
 
 COMMIT_VS_WRITE_TARGET = 3.0     # first commit / (CTAS + primary key), at most
 ONE_ROW_COMMIT_TARGET_S = 1.0
+PULL_VS_DUMP_TARGET = 0.35       # pull rows/s / (pg_dump | psql) rows/s, at least
+INCREMENTAL_TARGET_S = 2.0
 STORAGE_TABLES = ("object", "head_row", "head_node", "changed_key", "commit")
 
 WIDGET_TABLE = """create table public.widget (id int primary key, name text, price numeric, tags text[],
@@ -165,14 +172,65 @@ def aquapeer(bed, args, figures):
     figures["sizes"] = sizes(alice)
 
 
+def dump_into_bob(bed, args, figures):
+    """pg_dump -t widget of alice piped into psql on bob, into a database of its own."""
+    alice, bob = bed.alice, bed.bob
+    bob.sql("drop database if exists dumped")
+    bob.sql("create database dumped")
+    source, target = alice.conninfo(), bob.conninfo("dumped")
+    bindir = tb.pg_bindir()
+    dump = [os.path.join(bindir, "pg_dump"), "-h", str(source["host"]), "-p", str(source["port"]),
+            "-U", str(source["user"]), "-t", "public.widget", str(source["dbname"])]
+    restore = [os.path.join(bindir, "psql"), "-q", "-v", "ON_ERROR_STOP=1", "-h", str(target["host"]),
+               "-p", str(target["port"]), "-U", str(target["user"]), str(target["dbname"])]
+
+    def pipe():
+        dumper = subprocess.Popen(dump, stdout=subprocess.PIPE)
+        restored = subprocess.run(restore, stdin=dumper.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        dumper.stdout.close()
+        if dumper.wait() != 0 or restored.returncode != 0:
+            raise RuntimeError(f"pg_dump | psql failed: {restored.stderr.decode(errors='replace')}")
+    _, figures["dump_restore_s"] = timed(pipe)
+    bob.sql("drop database dumped")
+
+
+def pull(bed, args, figures):
+    """peer.pull_bundle of the whole bundle into bob's empty table, then --changed rows end to end."""
+    alice, bob = bed.alice, bed.bob
+    alice.sql("select peer.share_bundle('widget', 'bob')")
+    with bob.connect() as conn:
+        summary, figures["pull_s"] = timed(lambda: json.loads(conn.execute(
+            "select peer.pull_bundle('alice', 'widget')::text").fetchone()[0]))
+    if bob.scalar("select count(*) from public.widget") != args.rows:
+        raise RuntimeError(f"bob has {bob.scalar('select count(*) from public.widget')} widgets after the pull")
+    figures["pull_bytes"] = summary["bytes"]
+    figures["pull_objects"] = summary["objects"]
+    figures["pull_object_bytes"] = bob.scalar("select sum(length(data)) from bundle.object "
+                                              "where bundle = 'widget' and kind <> 'commit'")
+
+    def change_commit_pull():
+        figures["incremental_changed"] = change_rows(alice, args.changed, args.rows)
+        alice.sql("select bundle.commit('widget', 'changed again')")
+        return json.loads(bob.scalar("select peer.pull_bundle('alice', 'widget')::text"))
+    summary, figures["incremental_s"] = timed(change_commit_pull)
+    figures["incremental_bytes"] = summary["bytes"]
+    if summary["blobs"] != figures["incremental_changed"]:
+        raise RuntimeError(f"the incremental pull fetched {summary['blobs']} rows, not "
+                           f"{figures['incremental_changed']}")
+
+
 def clean_up(bed, args, figures):
     """Drop the bundle and compact its tables, so that the next round starts as the first did."""
-    bed.alice.sql("delete from bundle.bundle where name = 'widget'")
-    bed.alice.sql("vacuum full bundle.object, bundle.head_row, bundle.head_node, bundle.changed_key, bundle.commit")
-    bed.alice.sql("checkpoint")
+    for cluster in bed:
+        cluster.sql("delete from bundle.bundle where name = 'widget'")
+        cluster.sql("vacuum full bundle.object, bundle.head_row, bundle.head_node, bundle.changed_key, "
+                    "bundle.commit, bundle.pending")
+        cluster.sql("checkpoint")
+    bed.bob.sql("truncate public.widget")
 
 
-PARTS = (("native", native), ("aquapeer", aquapeer), ("clean up", clean_up))
+PARTS = (("native", native), ("aquapeer", aquapeer), ("pg_dump | psql", dump_into_bob), ("pull", pull),
+         ("clean up", clean_up))
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -239,12 +297,38 @@ def report(args, rounds, errors):
         table.caption = "bundle.object holds every commit's objects: blobs, buckets, fan nodes, roots, commits"
         console.print(table)
 
+    dump_restore, pull_s = best(rounds, "dump_restore_s"), best(rounds, "pull_s")
+    incremental = best(rounds, "incremental_s")
+    ratio_pull = None if not pull_s or not dump_restore else dump_restore / pull_s
+    table = Table(title="between two clusters")
+    for column in ("what", "aquapeer", "s", "rows/s", "native reference", "s", "rows/s", "aquapeer/native",
+                   "target", ""):
+        table.add_column(column)
+    table.add_row("whole bundle into an empty table", "peer.pull_bundle", fmt(pull_s),
+                  fmt(per_s(args.rows, pull_s), 0), "pg_dump -t widget | psql", fmt(dump_restore),
+                  fmt(per_s(args.rows, dump_restore), 0), fmt(ratio_pull), f"≥ {PULL_VS_DUMP_TARGET:g}×",
+                  verdict(None if ratio_pull is None else ratio_pull >= PULL_VS_DUMP_TARGET))
+    if last.get("pull_bytes"):
+        table.add_row("", "on the wire", f"{last['pull_bytes'] / 2**20:,.1f} MB", "",
+                      "objects kept", f"{last['pull_object_bytes'] / 2**20:,.1f} MB", "",
+                      f"compressed {last['pull_object_bytes'] / last['pull_bytes']:.1f}×", "", "")
+    table.add_row(f"{last.get('incremental_changed', args.changed):,} changed rows",
+                  "commit + peer.pull_bundle", fmt(incremental, 3), "", "", "", "", "",
+                  f"< {INCREMENTAL_TARGET_S:g} s",
+                  verdict(None if incremental is None else incremental < INCREMENTAL_TARGET_S))
+    if last.get("incremental_bytes") is not None:
+        table.add_row("", "on the wire", f"{last['incremental_bytes'] / 2**10:,.1f} KB", "", "", "", "", "", "", "")
+    console.print(table)
+
     for part, message in errors.items():
         console.print(f"[bold red]failed: {part}:[/] {message}")
     return {"rows": args.rows, "changed": args.changed, "rounds": rounds,
             "first_commit_vs_write": ratio_write, "first_commit_vs_pg_dump": ratio_dump,
+            "pull_vs_dump_restore": ratio_pull,
             "targets": {"first_commit": None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET,
-                        "one_row_commit": None if one is None else one < ONE_ROW_COMMIT_TARGET_S},
+                        "one_row_commit": None if one is None else one < ONE_ROW_COMMIT_TARGET_S,
+                        "pull": None if ratio_pull is None else ratio_pull >= PULL_VS_DUMP_TARGET,
+                        "incremental": None if incremental is None else incremental < INCREMENTAL_TARGET_S},
             "errors": errors or None}
 
 
@@ -263,21 +347,28 @@ def main():
     conf = dict(c.split("=", 1) for c in args.conf)
 
     rounds, errors = [], {}
-    with tb.Testbed(1, names=["alice"], extra_conf=conf) as bed:
-        bed.alice.sql("create extension aquapeer cascade")
-        _, loaded_s = timed(lambda: load_widgets(bed.alice, args.rows))
-        console.print(f"loaded {args.rows:,} widgets in {loaded_s:.1f} s: "
-                      f"{bed.alice.scalar('select pg_size_pretty(pg_table_size(%s))', 'public.widget')} "
-                      f"(table without indexes); server settings beyond the test bed's: {conf or 'none'}")
-        for n in range(args.rounds):
-            figures = {}
-            rounds.append(figures)
-            for name, part in PARTS:
-                try:
-                    part(bed, args, figures)
-                except Exception as e:  # noqa: BLE001 - reported with the other figures
-                    errors[f"round {n + 1}, {name}"] = f"{e!r}"
-                    console.print(traceback.format_exc())
+    signal_server = tb.SignalServer().start()
+    try:
+        with tb.Testbed(2, names=["alice", "bob"], extra_conf=conf) as bed:
+            for cluster in bed:
+                tb.join_signaling(cluster, signal_server.url)
+            tb.befriend(bed.alice, "alice", bed.bob, "bob")
+            create_widget_table(bed.bob)
+            _, loaded_s = timed(lambda: load_widgets(bed.alice, args.rows))
+            console.print(f"loaded {args.rows:,} widgets in {loaded_s:.1f} s: "
+                          f"{bed.alice.scalar('select pg_size_pretty(pg_table_size(%s))', 'public.widget')} "
+                          f"(table without indexes); server settings beyond the test bed's: {conf or 'none'}")
+            for n in range(args.rounds):
+                figures = {}
+                rounds.append(figures)
+                for name, part in PARTS:
+                    try:
+                        part(bed, args, figures)
+                    except Exception as e:  # noqa: BLE001 - reported with the other figures
+                        errors[f"round {n + 1}, {name}"] = f"{e!r}"
+                        console.print(traceback.format_exc())
+    finally:
+        signal_server.stop()
 
     summary = report(args, rounds, errors)
     if args.json:
