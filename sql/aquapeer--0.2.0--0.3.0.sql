@@ -1030,6 +1030,24 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
 $$;
 
 -- Every row of a tree.
+-- The nodes of a tree by table and path, as bundle.head_node keeps them: '' a table's node, two
+-- hex digits a fan node, four a bucket.
+create function bundle._tree_nodes(bundle_name text, root text)
+returns table (relation_name text, path text, id text)
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with tables as (
+        select d.name, d.b_id as id from bundle._node_diff(bundle_name, null, root) d
+    ), fans as (
+        select t.name, f.name as path, f.b_id as id from tables t
+        cross join lateral bundle._node_diff(bundle_name, null, t.id) f
+    )
+    select name, '', id from tables
+    union all
+    select name, path, id from fans
+    union all
+    select f.name, f.path || u.name, u.b_id from fans f cross join lateral bundle._node_diff(bundle_name, null, f.id) u
+$$;
+
 create function bundle._tree_rows(bundle_name text, root text)
 returns table (relation_name text, key_hash text, blob_id text)
 language sql stable set search_path = pg_catalog, pg_temp as $$
@@ -1338,15 +1356,31 @@ begin
         select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
         where a.key_hash is not null and a.blob_id is not null
         on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
-    for t in select n.relation, count(a.key_hash) as moved,
+    -- The capture triggers recorded every key written.  Those rows now match the target unless a
+    -- user trigger changed them on the way in, so only tables with user triggers keep the keys for
+    -- bundle.status to compare.  Without force, the check for uncommitted changes has compared
+    -- the rest, so a whole-table comparison pending since bundle.track is done too.
+    delete from bundle.changed_key c
+    where c.bundle = bundle_name
+      and ((not force and c.key = 'null'::jsonb)
+           or exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key))
+      and not exists (select from pg_trigger g where g.tgrelid = c.relation and not g.tgisinternal
+                      and g.tgname not like 'aquapeer\_bundle\_capture\_%' and g.tgenabled <> 'D');
+    for t in select n.relation, n.relation_name, count(a.key_hash) as moved,
                     coalesce(array_agg(distinct left(a.key_hash, 4)) filter (where a.key_hash is not null), '{}') as buckets
              from bundle._tracked_names(bundle_name) n left join pg_temp.bundle_apply a on a.relation = n.relation
-             group by n.relation loop
-        -- Many rows: fresh statistics and every bucket in one pass, as bundle._stage does (with
-        -- stale statistics, rebuilding 65,536 buckets one by one took minutes).
+             group by n.relation, n.relation_name loop
+        -- Many rows: the target's nodes as they are (rebuilding up to 65,536 buckets costs seconds),
+        -- and fresh statistics for what comes next.
         if t.moved > 10000 then
             analyze bundle.head_row;
-            perform bundle._rebuild(bundle_name, t.relation, null);
+            delete from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation;
+            insert into bundle.head_node
+                select bundle_name, t.relation, n.path, n.id from bundle._tree_nodes(bundle_name, target_root) n
+                where n.relation_name = t.relation_name;
+            insert into bundle.head_node  -- a table the target lacks is empty
+                values (bundle_name, t.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
+                on conflict do nothing;
         elsif t.moved > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
                                          and h.relation = t.relation and h.path = '') then
             perform bundle._rebuild(bundle_name, t.relation, t.buckets);
@@ -1538,7 +1572,7 @@ $$;
 comment on function bundle.merge_abort(text) is 'give up the merge in progress: the tables return to the head';
 
 revoke all on function bundle._entries(bytea), bundle._node_diff(text, text, text), bundle._tree_diff(text, text, text),
-    bundle._tree_rows(text, text), bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
+    bundle._tree_nodes(text, text), bundle._tree_rows(text, text), bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
     bundle._key(jsonb, name[]), bundle._key_values(regclass, name[], text), bundle.diff(text, text, text),
     bundle._refuse_uncommitted(text, text), bundle._apply_begin(), bundle._fk_order(regclass[]),
     bundle._apply(text, text), bundle.checkout(text, text, boolean), bundle.rescan(text),
