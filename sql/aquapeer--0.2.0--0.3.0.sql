@@ -1030,6 +1030,14 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
 $$;
 
 -- Every row of a tree.
+-- Whether a table has triggers of its own beyond the capture triggers, which may change what a
+-- checkout writes.
+create function bundle._has_user_triggers(relation regclass) returns boolean
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select exists (select from pg_trigger g where g.tgrelid = relation and not g.tgisinternal
+                   and g.tgname not like 'aquapeer\_bundle\_capture\_%' and g.tgenabled <> 'D')
+$$;
+
 -- The nodes of a tree by table and path, as bundle.head_node keeps them: '' a table's node, two
 -- hex digits a fan node, four a bucket.
 create function bundle._tree_nodes(bundle_name text, root text)
@@ -1360,12 +1368,15 @@ begin
     -- user trigger changed them on the way in, so only tables with user triggers keep the keys for
     -- bundle.status to compare.  Without force, the check for uncommitted changes has compared
     -- the rest, so a whole-table comparison pending since bundle.track is done too.
-    delete from bundle.changed_key c
-    where c.bundle = bundle_name
-      and ((not force and c.key = 'null'::jsonb)
-           or exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key))
-      and not exists (select from pg_trigger g where g.tgrelid = c.relation and not g.tgisinternal
-                      and g.tgname not like 'aquapeer\_bundle\_capture\_%' and g.tgenabled <> 'D');
+    analyze pg_temp.bundle_apply;
+    delete from bundle.changed_key c using pg_temp.bundle_apply a
+    where c.bundle = bundle_name and c.relation = a.relation and c.key = a.key
+      and a.relation in (select k.relation from bundle.tracked k
+                         where k.bundle = bundle_name and not bundle._has_user_triggers(k.relation));
+    if not force then
+        delete from bundle.changed_key c
+        where c.bundle = bundle_name and c.key = 'null'::jsonb and not bundle._has_user_triggers(c.relation);
+    end if;
     for t in select n.relation, n.relation_name, count(a.key_hash) as moved,
                     coalesce(array_agg(distinct left(a.key_hash, 4)) filter (where a.key_hash is not null), '{}') as buckets
              from bundle._tracked_names(bundle_name) n left join pg_temp.bundle_apply a on a.relation = n.relation
@@ -1572,7 +1583,8 @@ $$;
 comment on function bundle.merge_abort(text) is 'give up the merge in progress: the tables return to the head';
 
 revoke all on function bundle._entries(bytea), bundle._node_diff(text, text, text), bundle._tree_diff(text, text, text),
-    bundle._tree_nodes(text, text), bundle._tree_rows(text, text), bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
+    bundle._has_user_triggers(regclass), bundle._tree_nodes(text, text), bundle._tree_rows(text, text),
+    bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
     bundle._key(jsonb, name[]), bundle._key_values(regclass, name[], text), bundle.diff(text, text, text),
     bundle._refuse_uncommitted(text, text), bundle._apply_begin(), bundle._fk_order(regclass[]),
     bundle._apply(text, text), bundle.checkout(text, text, boolean), bundle.rescan(text),
