@@ -1392,6 +1392,7 @@ begin
             insert into bundle.head_node  -- a table the target lacks is empty
                 values (bundle_name, t.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
                 on conflict do nothing;
+            analyze bundle.head_node;  -- the next small checkout's plans depend on it
         elsif t.moved > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
                                          and h.relation = t.relation and h.path = '') then
             perform bundle._rebuild(bundle_name, t.relation, t.buckets);

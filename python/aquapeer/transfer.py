@@ -32,7 +32,7 @@ from . import bundles, transport, wire
 from .calls import Unreachable
 from .errors import AquapeerError
 
-OBJECTS_PER_REQUEST = 2000
+OBJECTS_PER_REQUEST = 5000
 # Requests in flight per transfer: each holds an executor on both sides while it is served or kept.
 REQUESTS_IN_FLIGHT = 2
 REQUEST_TIMEOUT_S = 120.0
