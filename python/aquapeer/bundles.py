@@ -98,42 +98,28 @@ def keep_commits(db, name, documents):
 SERVE_RAW_LIMIT = 4 * 1024 * 1024
 
 
-def _answer(db, work):
-    """work()'s result in an executor reply, committed; or the error, rolled back."""
-    try:
-        result = work()
-        db.commit()
-        return {"ok": True, "result": result}
-    except AquapeerError as e:
-        db.rollback()
-        return {"ok": False, "error": e.as_dict()}
-
-
 def serve(db, args):
     """A friend's bundle_get, in an executor connected as the friend's role: the packed body."""
     name, friend, granted = args["bundle"], args["friend"], bool(args["granted"])
     want, ids = args["want"], [i.hex() for i in args["ids"]]
-
-    def work():
-        if want == "head":
-            value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
-        elif want == "commits":
-            value = [json.loads(r["d"]) for r in db.query(
-                "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
-                [name, friend, granted, ids])]
-        elif want == "objects":
-            value, size = [], 0
-            for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
-                                [name, friend, granted, ids]):
-                if value and size + len(row["data"]) > args["limit"]:
-                    break
-                value.append([bytes.fromhex(row["id"]), row["data"]])
-                size += len(row["data"])
-        else:  # push: may this friend push to the bundle?
-            db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
-            value = True
-        return wire.pack_body(value)
-    return _answer(db, work)
+    if want == "head":
+        value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
+    elif want == "commits":
+        value = [json.loads(r["d"]) for r in db.query(
+            "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
+            [name, friend, granted, ids])]
+    elif want == "objects":
+        value, size = [], 0
+        for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
+                            [name, friend, granted, ids]):
+            if value and size + len(row["data"]) > args["limit"]:
+                break
+            value.append([bytes.fromhex(row["id"]), row["data"]])
+            size += len(row["data"])
+    else:  # push: may this friend push to the bundle?
+        db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
+        value = True
+    return wire.pack_body(value)
 
 
 def _objects(body):
@@ -151,48 +137,45 @@ def _progress(db, transfer, **counts):
 
 
 def store(db, args):
-    """A step of a transfer's local side, in an executor connected as the worker's role; each
-    step commits, so what was kept stays kept whatever happens to the transfer later."""
+    """A step of a transfer's local side, in an executor connected as the worker's role (which
+    commits each step, so what was kept stays kept whatever happens to the transfer later)."""
     step, name = args["step"], args["bundle"]
-
-    def work():
-        if step == "prepare":  # the bundle must exist before its objects can be kept
-            db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
-            return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
-                                              f"limit {wire.MAX_ITEMS}", [name])]
-        if step == "head":
-            return db.scalar("select head from bundle._bundle($1)", [name])
-        if step == "start":
-            db.query("insert into peer.transfer (id, friend, bundle, direction, rows_total) "
-                     "values ($1::uuid, $2, $3, $4, $5)",
-                     [args["transfer"], args["friend"], name, args["direction"], args["rows_total"]])
-            return None
-        if step == "lacking":
-            return [r["l"] for r in db.query("select l from bundle._lacking($1, " + _texts(2) + ") l", [name, args["ids"]])]
-        if step == "keep":
-            ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
-            lacking = [r["l"] for r in db.query("select l from bundle._keep($1, " + _texts(2) + ", $3) l",
-                                                [name, ids, datas])]
-            blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
-            _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
-            asked = set(args["asked"])
-            return {"lacking": lacking, "unanswered": sorted(asked - set(ids))}
-        if step == "finish":
-            db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
-            kept = keep_commits(db, name, args["documents"])
-            db.query("update peer.transfer set state = 'done', commits = $2, finished_at = now(), updated_at = now() "
-                     "where id = $1::uuid", [args["transfer"], kept])
-            return kept
-        if step == "end":
-            db.query("update peer.transfer set state = $2, error = $3, finished_at = now(), updated_at = now() "
-                     "where id = $1::uuid and state = 'running'", [args["transfer"], args["state"], args["error"]])
-            return None
-        if step == "fast_forward":  # a friend's push: only ever forward, never touching the tables
-            return json.loads(db.scalar("select bundle._integrate($1, $2, false)::text", [name, args["head"]]))
-        if step == "contains":  # is commit the head or one of its ancestors here?
-            return db.scalar("select exists (select from bundle.log($1) where commit_id = $2)", [name, args["commit"]])
-        raise AquapeerError(f"unknown transfer step {step!r}")
-    return _answer(db, work)
+    if step == "prepare":  # the bundle must exist before its objects can be kept
+        db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
+        return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
+                                          f"limit {wire.MAX_ITEMS}", [name])]
+    if step == "head":
+        return db.scalar("select head from bundle._bundle($1)", [name])
+    if step == "start":
+        db.query("insert into peer.transfer (id, friend, bundle, direction, rows_total) "
+                 "values ($1::uuid, $2, $3, $4, $5)",
+                 [args["transfer"], args["friend"], name, args["direction"], args["rows_total"]])
+        return None
+    if step == "lacking":
+        return [r["l"] for r in db.query("select l from bundle._lacking($1, " + _texts(2) + ") l", [name, args["ids"]])]
+    if step == "keep":
+        ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
+        lacking = [r["l"] for r in db.query("select l from bundle._keep($1, " + _texts(2) + ", $3) l",
+                                            [name, ids, datas])]
+        blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
+        _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
+        asked = set(args["asked"])
+        return {"lacking": lacking, "unanswered": sorted(asked - set(ids))}
+    if step == "finish":
+        db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
+        kept = keep_commits(db, name, args["documents"])
+        db.query("update peer.transfer set state = 'done', commits = $2, finished_at = now(), updated_at = now() "
+                 "where id = $1::uuid", [args["transfer"], kept])
+        return kept
+    if step == "end":
+        db.query("update peer.transfer set state = $2, error = $3, finished_at = now(), updated_at = now() "
+                 "where id = $1::uuid and state = 'running'", [args["transfer"], args["state"], args["error"]])
+        return None
+    if step == "fast_forward":  # a friend's push: only ever forward, never touching the tables
+        return json.loads(db.scalar("select bundle._integrate($1, $2, false)::text", [name, args["head"]]))
+    if step == "contains":  # is commit the head or one of its ancestors here?
+        return db.scalar("select exists (select from bundle.log($1) where commit_id = $2)", [name, args["commit"]])
+    raise AquapeerError(f"unknown transfer step {step!r}")
 
 
 # --- pulling and pushing: the caller's side ----------------------------------------------------
