@@ -194,3 +194,4 @@ bench: prepare
 	'$(VENV)/bin/python' bench/bench_worker.py $(BENCH_ARGS)
 	'$(VENV)/bin/python' bench/connect.py $(CONNECT_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/messaging.py $(MESSAGING_BENCH_ARGS)
+	'$(VENV)/bin/python' bench/bundles.py $(BUNDLES_BENCH_ARGS)

@@ -17,14 +17,20 @@ Steps (each a method of Demo, run in the order of Demo.STEPS):
   9. peer.connections on both sides
  10. messages both ways (peer.send, peer.inbox, peer.outbox), one refused
  11. alice calls a function bob exposed (peer.call), and one he did not
+ 12. alice commits a bundle of 50,000 rows and shares it with bob
+ 13. bob pulls it with `aquapeer pull` (a progress bar), then alice's next commit
+ 14. both change the bundle; bob's pull merges, with one conflict he resolves
 and finally everything is torn down (also on error or Ctrl-C).
-To extend the demo (bundles), add a method and its name to STEPS.
+To extend the demo, add a method and its name to STEPS.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,7 +56,8 @@ class Demo:
     #: the steps, in order; the ones in EXTENSION_STEPS need aquapeer
     STEPS = ["show_clusters", "create_extension", "wait_workers_running",
              "show_worker_status", "ping_workers", "join_signaling", "befriend", "connect",
-             "show_connections", "send_messages", "remote_call"]
+             "show_connections", "send_messages", "remote_call", "bundle_commit", "bundle_pull",
+             "bundle_merge"]
     EXTENSION_STEPS = set(STEPS) - {"show_clusters"}
 
     def __init__(self, bed: tb.Testbed, args: argparse.Namespace):
@@ -227,6 +234,55 @@ class Demo:
                 alice.sql("select peer.call('bob', 'public.secret_of', '{}')")
             except Exception as exc:  # the refusal is the point
                 console.print(f"  a function bob did not expose: [yellow]{str(exc).splitlines()[0]}[/]")
+
+    WIDGETS = """create table public.widget (id int primary key, name text, price numeric, tags text[],
+                                                meta jsonb, updated timestamptz)"""
+
+    def bundle_commit(self):
+        with self.step("alice: bundle.create('widgets'), bundle.track, bundle.commit; peer.share_bundle with bob"):
+            alice, bob = self.bed.alice, self.bed.bob
+            for cluster in (alice, bob):
+                cluster.sql(self.WIDGETS)
+            alice.sql("""insert into public.widget select n, 'widget ' || n, n * 0.25, array['red', 'size-' || n % 5],
+                                 jsonb_build_object('batch', n / 1000), now() from generate_series(1, 50000) n""")
+            alice.sql("select bundle.create('widgets'); select bundle.track('widgets', 'public.widget')")
+            t0 = time.monotonic()
+            commit = alice.scalar("select bundle.commit('widgets', 'the first 50,000 widgets')")
+            console.print(f"  commit {commit[:12]}… of 50,000 rows in {time.monotonic() - t0:.2f} s")
+            alice.sql("select peer.share_bundle('widgets', 'bob')")
+
+    def bundle_pull(self):
+        with self.step("bob: aquapeer pull alice widgets  (= select peer.pull_bundle('alice', 'widgets'))"):
+            alice, bob = self.bed.alice, self.bed.bob
+            cli = Path(os.environ.get("AQUAPEER_BINDIR") or "/usr/local/bin") / "aquapeer"
+            done = subprocess.run([str(cli), "pull", "--dbname", bob.dsn, "alice", "widgets"], timeout=300)
+            if done.returncode != 0:
+                raise StepFailed("aquapeer pull")
+            alice.sql("update public.widget set price = price * 1.1 where id <= 1000")
+            alice.sql("select bundle.commit('widgets', 'prices up 10% for the first 1,000')")
+            t0 = time.monotonic()
+            summary = json.loads(bob.scalar("select peer.pull_bundle('alice', 'widgets')::text"))
+            console.print(f"  the next commit: {summary['blobs']} rows, {summary['bytes']:,} bytes on the wire, "
+                          f"fast-forward {summary['fast_forward']}, {time.monotonic() - t0:.2f} s")
+            console.print(self.table("bundle.log('widgets')", {
+                c.name: self.query(c, "select left(commit_id, 12) as commit, message, rows_changed "
+                                      "from bundle.log('widgets')") for c in self.bed}))
+
+    def bundle_merge(self):
+        with self.step("both change widget 7; bob pulls: a three-way merge, one conflict, resolved"):
+            alice, bob = self.bed.alice, self.bed.bob
+            alice.sql("update public.widget set name = 'alice''s widget', price = 1 where id = 7")
+            alice.sql("select bundle.commit('widgets', 'alice renames and reprices widget 7')")
+            bob.sql("update public.widget set price = 2, tags = '{blue}' where id = 7")
+            bob.sql("select bundle.commit('widgets', 'bob reprices and retags widget 7')")
+            summary = json.loads(bob.scalar("select peer.pull_bundle('alice', 'widgets')::text"))
+            console.print(f"  merge: fast-forward {summary['fast_forward']}, conflicts {summary['conflicts']}")
+            console.print(self.table("bob: bundle.conflicts", {
+                "bob": self.query(bob, 'select relation, key, column_name, base, ours, theirs from bundle.conflicts')}))
+            bob.sql("""select bundle.resolve('widgets', 'public.widget', '["7"]', 'price', 'theirs')""")
+            bob.sql("select bundle.commit('widgets', 'merge alice''s widgets')")
+            console.print(self.table("bob: widget 7 after the merge", {
+                "bob": self.query(bob, "select name, price, tags from public.widget where id = 7")}))
 
     def run(self) -> None:
         for name in self.STEPS:

@@ -127,3 +127,25 @@ def test_rate_limit_allows_a_burst_then_the_rate():
     assert limit.allow() and not limit.allow()
     now[0] += 100
     assert sum(limit.allow() for _ in range(20)) == 5
+
+
+def test_bundle_frames_are_checked_like_every_other():
+    get = {"t": "bundle_get", "id": b"i" * 16, "bundle": "shop", "want": "objects", "ids": [b"x" * 32]}
+    assert wire.decode(msgpack.packb(get, use_bin_type=True)) == get
+    for field, bad in (("want", "everything"), ("ids", [b"short"]), ("bundle", ""), ("ids", [b"x" * 32] * 10001)):
+        with pytest.raises(wire.WireError, match=f"bundle_get frame with a missing or invalid '{field}'"):
+            wire.validate({**get, field: bad})
+    data = {"t": "bundle_data", "id": b"i" * 16, "ok": True, "data": wire.pack_body([1, "two"]), "error": None}
+    assert wire.unpack_body(wire.validate(data)["data"], 1000) == [1, "two"]
+
+
+def test_a_bundle_body_may_not_inflate_beyond_the_limit():
+    body = wire.pack_body("x" * 100_000)
+    assert len(body) < 1000  # compressed
+    assert wire.unpack_body(body, 200_000) == "x" * 100_000
+    with pytest.raises(wire.WireError, match="inflates beyond 50000 bytes"):
+        wire.unpack_body(body, 50_000)
+    with pytest.raises(wire.WireError, match="undecodable bundle_data body"):
+        wire.unpack_body(b"not zlib", 1000)
+    with pytest.raises(wire.WireError, match="cut short"):
+        wire.unpack_body(body[:-5], 200_000)

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aquapeer import __version__
@@ -260,6 +261,253 @@ def _add_lightpeers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lightpeers)
 
 
+# --- pull --------------------------------------------------------------------
+
+PULL_PROGRESS = ("select rows_done, rows_total, bytes_done, state from peer.transfer "
+                 "where friend = %s and bundle = %s and started_at >= %s order by started_at desc limit 1")
+
+
+def _cmd_pull(args: argparse.Namespace, console: Console) -> int:
+    """peer.pull_bundle in one session while another shows peer.transfers as a progress bar."""
+    import threading
+
+    import psycopg
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    outcome: dict[str, Any] = {}
+    try:
+        puller, watcher = _connect(args.dbname), _connect(args.dbname)
+    except psycopg.Error as exc:
+        err.print(f"[bold red]aquapeer pull:[/] {str(exc).strip()}")
+        return EXIT_ERROR
+    started = watcher.execute("select now()").fetchone()[0]
+
+    def run() -> None:
+        try:
+            outcome["summary"] = puller.execute(
+                "select peer.pull_bundle(%s, %s, checkout => %s)",
+                (args.friend, args.bundle, not args.no_checkout)).fetchone()[0]
+        except psycopg.Error as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    columns = (TextColumn(f"pulling {args.bundle} from {args.friend}"), BarColumn(),
+               TextColumn("{task.completed:,.0f}/{task.fields[total_text]} rows"), DownloadColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("pull", total=None, total_text="?")
+            while thread.is_alive():
+                thread.join(0.25)
+                row = watcher.execute(PULL_PROGRESS, (args.friend, args.bundle, started)).fetchone()
+                if row:
+                    progress.update(task, completed=row[0], total=row[1] or None,
+                                    total_text=f"{row[1]:,}" if row[1] else "?")
+    except KeyboardInterrupt:
+        puller.cancel_safe()
+        thread.join()
+    finally:
+        watcher.close()
+    puller.close()
+    if "error" in outcome:
+        err.print(f"[bold red]aquapeer pull:[/] {str(outcome['error']).strip()}")
+        return EXIT_ERROR
+    summary = outcome["summary"]
+    if args.json:
+        console.print_json(json.dumps(summary))
+    else:
+        console.print(_table(f"pulled {args.bundle} from {args.friend}", list(summary), [tuple(summary.values())]))
+    return EXIT_OK
+
+
+def _add_pull(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pull",
+        help="pull a bundle from a friend, with a progress bar",
+        description="Run peer.pull_bundle(FRIEND, BUNDLE) in a database and show the transfer's "
+        "progress (peer.transfers) while it runs.",
+    )
+    _add_dbname(p)
+    p.add_argument("friend", help="the friend to pull from")
+    p.add_argument("bundle", help="the bundle's name")
+    p.add_argument("--no-checkout", action="store_true",
+                   help="only fetch: leave the bundle's head and tables as they are")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_pull)
+
+
+# --- export / import -----------------------------------------------------------
+
+IMPORT_BATCH_LINES = 500
+IMPORT_BATCH_BYTES = 4 << 20
+
+
+def _progress(err: Console, description: str, total: int | None):
+    """A progress bar on stderr, only when stderr is a terminal; completed counts bytes."""
+    from rich.progress import (BarColumn, FileSizeColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.fields[documents]} documents"), FileSizeColumn(),
+                        TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+    return progress, progress.add_task(description, total=total, documents=0)
+
+
+def _sql_error(err: Console, command: str, exc: Exception, context: str = "") -> int:
+    """The server's message and hint, without a traceback."""
+    diag = getattr(exc, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(exc).strip()
+    err.print(f"[bold red]aquapeer {command}:[/] {escape(message)}{escape(context)}", highlight=False,
+              soft_wrap=True)
+    if getattr(diag, "message_hint", None):
+        err.print(f"hint: {escape(diag.message_hint)}", highlight=False, soft_wrap=True)
+    return EXIT_ERROR
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    import os
+
+    import psycopg
+
+    err = Console(stderr=True)
+    to_stdout = args.file in (None, "-")
+    counts = {"bundle": 0, "object": 0, "commit": 0}
+    written, head = 0, None
+    try:
+        out = sys.stdout if to_stdout else open(args.file, "w", encoding="utf-8")
+    except OSError as exc:
+        err.print(f"[bold red]aquapeer export:[/] {exc}")
+        return EXIT_ERROR
+    progress, task = _progress(err, f"exporting {args.bundle}", None)
+    try:
+        with _connect(args.dbname) as conn, conn.transaction(), progress:
+            # A server-side cursor over bundle.export called in the select list: read in
+            # chunks as the server produces them, never the whole bundle at once.
+            with conn.cursor(name="aquapeer_export") as cur:
+                cur.itersize = 1000
+                cur.execute("select d->>'type', d::text from (select bundle.export(%s) as d) e", [args.bundle])
+                for kind, line in cur:
+                    if kind == "bundle":
+                        head = json.loads(line)["head"]
+                    out.write(line + "\n")
+                    counts[kind] += 1
+                    written += len(line.encode()) + 1
+                    progress.update(task, completed=written, documents=sum(counts.values()))
+        out.flush()
+    except (psycopg.Error, OSError) as exc:
+        if not to_stdout:  # half a bundle would only fail to import later
+            out.close()
+            os.unlink(args.file)
+        if isinstance(exc, psycopg.Error):
+            return _sql_error(err, "export", exc)
+        err.print(f"[bold red]aquapeer export:[/] {escape(str(exc))}")
+        return EXIT_ERROR
+    if not to_stdout:
+        out.close()
+    # The summary goes to standard output unless that carries the bundle.
+    (err if to_stdout else console).print(
+        f"exported bundle {args.bundle}: {counts['object']} objects and {counts['commit']} commits, "
+        f"{written} bytes, head {head or 'none'}" + ("" if to_stdout else f", to {args.file}"),
+        highlight=False, soft_wrap=True, markup=False)
+    return EXIT_OK
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a bundle (its commits and objects) to a file",
+        description="Write bundle.export(BUNDLE) to FILE, one JSON document per line "
+        "(docs/bundles.md, \"Export format\"): the header, every object, every commit. "
+        "Read it back with `aquapeer import`.",
+    )
+    _add_dbname(p)
+    p.add_argument("bundle", metavar="BUNDLE", help="the bundle's name")
+    p.add_argument("file", metavar="FILE", nargs="?", default=None,
+                   help="where to write (default, or -: standard output)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _batches(lines):
+    """(first line number, [line, ...]) in batches of a bounded number of lines and bytes."""
+    batch, size, first = [], 0, 1
+    for number, line in enumerate(lines, 1):
+        if not batch:
+            first = number
+        batch.append(line)
+        size += len(line)
+        if len(batch) >= IMPORT_BATCH_LINES or size >= IMPORT_BATCH_BYTES:
+            yield first, batch
+            batch, size = [], 0
+    if batch:
+        yield first, batch
+
+
+def _cmd_import(args: argparse.Namespace, console: Console) -> int:
+    import os
+
+    import psycopg
+
+    err = Console(stderr=True)
+    counts = {"bundle": 0, "object": 0, "commit": 0}
+    new = known = done = 0
+    name = None
+    try:
+        src = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as exc:
+        err.print(f"[bold red]aquapeer import:[/] {exc}")
+        return EXIT_ERROR
+    total = None if args.file == "-" else os.fstat(src.fileno()).st_size
+    progress, task = _progress(err, f"importing {args.file}", total)
+    first = last = 0
+    try:
+        with _connect(args.dbname) as conn, progress:
+            conn.add_notice_handler(lambda d: err.print(f"NOTICE: {d.message_primary}", highlight=False,
+                                                        soft_wrap=True, markup=False))
+            # One transaction: an import that fails leaves nothing behind.
+            with conn.transaction():
+                for first, batch in _batches(src):
+                    last = first + len(batch) - 1
+                    texts = [line.decode("utf-8") for line in batch if line.strip()]
+                    for kind, outcome in conn.execute(
+                            "select d->>'type', bundle.import(d) from unnest(%s::jsonb[]) d", [texts]):
+                        counts[kind] += 1
+                        new, known = new + (outcome == "new"), known + (outcome == "known")
+                    if name is None and texts:
+                        name = json.loads(texts[0]).get("name")
+                    done += sum(len(line) for line in batch)
+                    progress.update(task, completed=done, documents=sum(counts.values()))
+            head = conn.execute("select head from bundle.bundle where name = %s", [name]).fetchone()
+    except psycopg.Error as exc:
+        where = f" (in lines {first}-{last})" if last else ""
+        return _sql_error(err, "import", exc, f"{where}; nothing was imported")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        err.print(f"[bold red]aquapeer import:[/] {escape(str(exc))}; nothing was imported")
+        return EXIT_ERROR
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+    console.print(f"imported bundle {name}: {counts['object']} objects and {counts['commit']} commits "
+                  f"({new} documents new, {known} already here), head {head[0] if head and head[0] else 'none'}",
+                  highlight=False, soft_wrap=True, markup=False)
+    return EXIT_OK
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import",
+        help="load a bundle written by `aquapeer export`",
+        description="Load FILE (one JSON document per line, from `aquapeer export` or "
+        "bundle.export) with bundle.import, in one transaction: all of it or, on an error, "
+        "nothing. A bundle new here gets the exported head; an existing bundle keeps its "
+        "head. The tables are not touched: bundle.checkout applies the head to them.",
+    )
+    _add_dbname(p)
+    p.add_argument("file", metavar="FILE", help="the file to read (-: standard input)")
+    p.set_defaults(func=_cmd_import)
+
+
 # --- parser ------------------------------------------------------------------
 
 def _add_dbname(p: argparse.ArgumentParser) -> None:
@@ -277,6 +525,9 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_status,
     _add_signal,
     _add_lightpeers,
+    _add_pull,
+    _add_export,
+    _add_import,
 ]
 
 

@@ -20,9 +20,16 @@ def _pg_type(value):
         return "double precision"
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "bytea"
+    if _binary_list(value):
+        return "bytea[]"
     if isinstance(value, (dict, list)):
         return "jsonb"
     return "text"
+
+
+def _binary_list(value):
+    """A list of bytes goes as bytea[] (JSON cannot hold it); other lists go as jsonb."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, bytes) for v in value)
 
 
 def current_database(db):
@@ -45,8 +52,16 @@ def _sqlstate(error):
     return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
 
 
+def _spidata(error, index, name):
+    """The detail (1) or hint (2) of a plpy.SPIError: PL/Python keeps them in spidata only."""
+    spidata = getattr(error, "spidata", None)
+    if spidata and len(spidata) > index:
+        return spidata[index]
+    return getattr(error, name, None)
+
+
 def _pg_value(value):
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
+    return json.dumps(value) if isinstance(value, (dict, list)) and not _binary_list(value) else value
 
 
 class PlpyDatabase:
@@ -67,7 +82,7 @@ class PlpyDatabase:
             return list(self.plpy.execute(plan, [_pg_value(a) for a in args]))
         except self.plpy.SPIError as e:
             raise DatabaseError(str(e.args[0]) if e.args else str(e), sqlstate=_sqlstate(e),
-                                detail=getattr(e, "detail", None), hint=getattr(e, "hint", None)) from None
+                                detail=_spidata(e, 1, "detail"), hint=_spidata(e, 2, "hint")) from None
 
     def scalar(self, sql, args=()):
         rows = self.query(sql, args)

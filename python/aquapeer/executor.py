@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 
-from . import control, retention
+from . import bundles, control, retention
 from .db import current_database
 from .errors import AquapeerError, DatabaseError
 
@@ -179,19 +179,26 @@ def _qualified_function(db, function_oid):
     return name
 
 
-def _bounded(db, timeout_ms, work):
-    """work() in its own transaction under a statement timeout: its result, or the error."""
+def _answer(db, work):
+    """work() in its own transaction: its result, committed, or the error, rolled back."""
     try:
-        db.query("select peer._arm_statement_timeout($1::integer)", [max(1, int(timeout_ms))])
-        try:
-            result = work()
-        finally:
-            db.query("select peer._arm_statement_timeout(0)")
+        result = work()
         db.commit()
         return {"ok": True, "result": result}
-    except DatabaseError as e:
+    except AquapeerError as e:
         db.rollback()
         return {"ok": False, "error": e.as_dict()}
+
+
+def _bounded(db, timeout_ms, work):
+    """_answer(work) under a statement timeout."""
+    def armed():
+        db.query("select peer._arm_statement_timeout($1::integer)", [max(1, int(timeout_ms))])
+        try:
+            return work()
+        finally:
+            db.query("select peer._arm_statement_timeout(0)")
+    return _answer(db, armed)
 
 
 def handle_call(db, args):
@@ -210,14 +217,12 @@ def handle_message(db, args):
 
 
 def handle_retention(db, args):
-    try:
-        return {"ok": True, "result": retention.run(db)}
-    except DatabaseError as e:
-        db.rollback()
-        return {"ok": False, "error": e.as_dict()}
+    return _answer(db, lambda: retention.run(db))
 
 
-HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention}
+HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention,
+            "bundle_serve": lambda db, args: _answer(db, lambda: bundles.serve(db, args)),
+            "bundle_store": lambda db, args: _answer(db, lambda: bundles.store(db, args))}
 
 
 def _recv_exactly(sock, n):

@@ -1,4 +1,5 @@
-"""What the outbox keeps, and for how long: expiry and pruning.
+"""What the outbox and the bundles' object stores keep, and for how long: expiry, pruning and
+garbage collection.
 
 Run by an executor connected as the worker's role every 5 minutes (the
 worker asks; messaging.run_retention), never on the network worker's loop:
@@ -53,14 +54,21 @@ PRUNE = [
     """delete from peer.outbox_message m using peer.config c
        where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
           or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
+    # Transfers show in peer.transfers for a day after they end; keep them a week for questions.
+    """delete from peer.transfer where finished_at < pg_catalog.now() - interval '7 days'""",
 ]
+
+# Objects a pull or an import kept that no commit came to reference, once they are older than
+# peer.config.object_retention (a walk over the bundle's trees, in SQL).
+COLLECT = "select * from bundle._collect_garbage()"
 
 
 def run(db):
-    """Expire what waited too long or is too much, prune what was acknowledged long ago;
-    return [{friend, n, reason}] for what expired."""
+    """Expire what waited too long or is too much, prune what was acknowledged long ago, collect
+    unreferenced bundle objects; return [{friend, n, reason}] for what expired."""
     expired = [dict(r) for query in (EXPIRE_OLD, EXPIRE_LARGE) for r in db.query(query)]
     for statement in PRUNE:
         db.query(statement)
+    db.query(COLLECT)
     db.commit()
     return expired

@@ -11,10 +11,11 @@ import logging
 import sys
 import threading
 import time
+import uuid
 
 import plpy
 
-from . import control, executor, friends, identity, worker
+from . import bundle_merge, bundles, control, executor, friends, identity, worker
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -249,3 +250,53 @@ def retry_message(message_id):
     with _client() as client:
         return client.request("retry", {"id": message_id}, timeout=executor.START_TIMEOUT_S + executor.ANSWER_GRACE_S
                               + _db.scalar("select extract(epoch from handler_timeout)::float8 from peer.config"))
+
+
+# --- bundles -------------------------------------------------------------------------
+
+@sql_errors
+def bundle_commit(name, message):
+    return bundles.commit(_db, name, message)
+
+
+@sql_errors
+def bundle_keep_commits(name, documents):
+    return bundles.keep_commits(_db, name, json.loads(documents))
+
+
+# How often a long pull tells its caller how far it got.
+PROGRESS_NOTICE_S = 5.0
+
+
+def _transfer_client(transfer):
+    """A control client whose waits also raise a NOTICE with the transfer's progress now and then."""
+    last = [time.monotonic()]
+
+    def check():
+        _check_interrupts()
+        if time.monotonic() - last[0] >= PROGRESS_NOTICE_S:
+            last[0] = time.monotonic()
+            done = bundles.transfer_progress(_db, transfer)
+            if done["bytes_done"]:
+                total = f" of {done['rows_total']}" if done["rows_total"] else ""
+                plpy.notice(f"aquapeer: {done['rows_done']}{total} rows, {done['objects_done']} objects, "
+                            f"{done['bytes_done'] / 1e6:.1f} MB received")
+    return control.ControlClient(*current_database(_db), check_interrupts=check)
+
+
+@sql_errors
+def pull_bundle(friend, name, checkout):
+    transfer = str(uuid.uuid4())
+    with _transfer_client(transfer) as client:
+        return json.dumps(bundles.pull(_db, client, friend, name, checkout, transfer))
+
+
+@sql_errors
+def push_bundle(friend, name):
+    with _client() as client:
+        return json.dumps(bundles.push(_db, client, friend, name))
+
+
+@sql_errors
+def bundle_integrate(name, theirs, checkout):
+    return json.dumps(bundle_merge.integrate(_db, name, theirs, checkout))

@@ -24,16 +24,29 @@ call       id (16 bytes), fn (str), arg (JSON text), timeout_ms (int)
 result     id, ok (bool), result (JSON text or nil), error {message, sqlstate} or nil
 cancel     id
 =========  ================================================================
+
+Version 2 adds bundle transfers (a link of version 1 refuses them):
+
+===========  ==============================================================
+bundle_get   id (16 bytes), bundle, want ("head", "commits" or "objects"),
+             ids [32-byte ids]: for commits those the asker has, for
+             objects those it wants
+bundle_push  id, bundle, head (32-byte id): take my commits up to head
+bundle_data  id, ok, data (zlib-compressed msgpack, see transfer.py) or nil,
+             error {message, sqlstate} or nil
+===========  ==============================================================
 """
 
 import math
 import time
+import zlib
 
 import msgpack
 
 from .errors import AquapeerError
 
-PROTOCOL_MIN = PROTOCOL_MAX = 1
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 2
+BUNDLES_PROTOCOL = 2
 # Under 64 KiB, the smallest message a data channel must accept (RFC 8841).
 FRAGMENT_BYTES = 60 * 1024
 # The largest data-channel message a peer sends: a fragment and its framing.
@@ -42,6 +55,7 @@ MAX_TOPIC = 255
 MAX_NAME = 255
 MAX_REASON = 1000
 MAX_ITEMS = 10000
+BUNDLE_WANTS = ("head", "commits", "objects")
 
 
 class WireError(AquapeerError):
@@ -91,6 +105,14 @@ def _rejection(v):
     return isinstance(v, list) and len(v) == 2 and _seq(v[0]) and _text(MAX_REASON)(v[1])
 
 
+def _object_id(v):
+    return isinstance(v, bytes) and len(v) == 32
+
+
+def _bundle_name(v):
+    return _text(63)(v) and v != ""
+
+
 def _list_of(check, limit=MAX_ITEMS):
     return lambda v: isinstance(v, list) and len(v) <= limit and all(check(x) for x in v)
 
@@ -116,6 +138,11 @@ SCHEMAS = {
     "result": {"id": _uid, "ok": lambda v: isinstance(v, bool), "result": _opt(lambda v: isinstance(v, str)),
                "error": _opt(_error)},
     "cancel": {"id": _uid},
+    "bundle_get": {"id": _uid, "bundle": _bundle_name, "want": lambda v: v in BUNDLE_WANTS,
+                   "ids": _list_of(_object_id)},
+    "bundle_push": {"id": _uid, "bundle": _bundle_name, "head": _object_id},
+    "bundle_data": {"id": _uid, "ok": lambda v: isinstance(v, bool), "data": _opt(lambda v: isinstance(v, bytes)),
+                    "error": _opt(_error)},
 }
 
 
@@ -202,3 +229,26 @@ class RateLimit:
             return False
         self.tokens -= cost
         return True
+
+
+# --- bundle_data bodies ---------------------------------------------------------------------
+
+BODY_COMPRESSION_LEVEL = 1  # rows of text shrink several times even so, at little CPU
+BODY_LIMIT = 64 * 1024 * 1024  # what a body may inflate to
+
+
+def pack_body(value):
+    """A bundle_data body: msgpack, compressed (bundles are mostly text)."""
+    return zlib.compress(msgpack.packb(value, use_bin_type=True), BODY_COMPRESSION_LEVEL)
+
+
+def unpack_body(data, limit):
+    """A bundle_data body back, refusing one that inflates beyond limit bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, limit)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise WireError(f"a bundle_data body that inflates beyond {limit} bytes, or is cut short")
+        return msgpack.unpackb(raw, raw=False)
+    except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as e:
+        raise WireError(f"an undecodable bundle_data body ({type(e).__name__})") from None

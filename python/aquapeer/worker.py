@@ -25,6 +25,7 @@ from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
 from .messaging import Messaging
 from .node import PeerNode
+from .transfer import Transfers
 
 STOP_POLL_S = 0.25
 LAG_TICK_S = 0.1
@@ -70,6 +71,9 @@ class Worker:
         # What the worker acknowledges to friends must survive a crash,
         # whatever the database's default.
         db.query("set synchronous_commit = on")
+        # Transfers are driven by the worker: any still running lost theirs.
+        db.query("update peer.transfer set state = 'failed', error = 'the worker stopped during the transfer', "
+                 "finished_at = now(), updated_at = now() where state = 'running'")
         db.commit()
         pool_size, limit, idle_s = (config[0]["executor_pool_size"], config[0]["executor_limit"],
                                     config[0]["idle_s"])
@@ -81,10 +85,12 @@ class Worker:
         self.node = None
         self.messaging = Messaging(db, self.executors, lambda: self.node)
         self.calls = Calls(db, self.executors, lambda: self.node)
+        self.transfers = Transfers(db, self.executors, lambda: self.node, self.retention_role)
         self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec,
                     "connect": self.op_connect, "disconnect": self.op_disconnect,
                     "connections": self.op_connections, "reload": self.op_reload,
-                    "call": self.op_call, "retry": self.op_retry}
+                    "call": self.op_call, "retry": self.op_retry,
+                    "bundle_head": self.op_bundle_head, "pull": self.op_pull, "push": self.op_push}
 
     # --- the peer node ------------------------------------------------------
 
@@ -130,7 +136,8 @@ class Worker:
     def on_frame(self, link, frame):
         """Frames for messaging and calls; anything else a friend sends is refused."""
         try:
-            handled = self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)
+            handled = (self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)
+                       or self.transfers.on_frame(link, frame))
         except AquapeerError as e:  # a well-formed frame whose content the database refuses
             self.db.rollback()
             link.refuse(f"{frame['t']} frame refused: {e.message}")
@@ -266,6 +273,17 @@ class Worker:
         friend = self._accepted_friend(args["name"])
         return await self.calls.call(friend, args["function"], args["arg"], float(args["timeout"]))
 
+    async def op_bundle_head(self, args):
+        """The friend's head of a bundle and its tables; the bundle made to exist here."""
+        return await self.transfers.head(self._accepted_friend(args["name"]), args["bundle"])
+
+    async def op_pull(self, args):
+        """peer.pull_bundle's fetch: keep what the friend has of the bundle and we lack."""
+        return await self.transfers.pull(self._accepted_friend(args["name"]), args["bundle"], args["transfer"])
+
+    async def op_push(self, args):
+        return await self.transfers.push(self._accepted_friend(args["name"]), args["bundle"])
+
     async def op_retry(self, args):
         """peer.retry_message: run a message's handler again, now."""
         return await self.messaging.retry(args["id"])
@@ -342,6 +360,7 @@ class Worker:
             server.close()
             self.messaging.close()
             self.calls.close()
+            self.transfers.close()
             await self.stop_node()
             self.executors.close()
             for task in tasks:

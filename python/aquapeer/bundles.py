@@ -1,0 +1,225 @@
+"""Bundles in the database: committing what changed, and keeping commits received from
+elsewhere (the SQL in schema bundle does the set-based work; this module signs and verifies).
+See docs/bundles.md."""
+
+import datetime
+import json
+
+from . import commits, friends, wire
+from .errors import AquapeerError
+
+
+def _texts(n):
+    """Parameter n, a JSON array of texts (as the adapter sends lists), as text[]."""
+    return f"array(select pg_catalog.jsonb_array_elements_text(${n}::jsonb))"
+
+
+def commit(db, name, message):
+    """Commit what changed in the bundle's tables since its head; the new commit's id.  During a
+    merge (bundle._integrate), once no conflict is left, the commit has two parents: the head
+    and the commit merged; it ends the merge."""
+    bundle = db.query("select head, checked_out from bundle._bundle($1)", [name])[0]
+    if bundle["head"] != bundle["checked_out"]:
+        raise AquapeerError(f'bundle "{name}" has tables checked out from commit {bundle["checked_out"]}, '
+                            f'not from its head {bundle["head"]} (an older commit was checked out, or a friend pushed)',
+                            sqlstate="55000",
+                            hint="Check the head out first: select bundle.checkout(name), with force => true "
+                                 "to give up the changes made since.")
+    head = bundle["head"]
+    merging = db.query("select m.theirs, (select count(*) from bundle.conflicts c where c.bundle = m.bundle) as conflicts "
+                       "from bundle.merge m where m.bundle = $1", [name])
+    if merging and merging[0]["conflicts"]:
+        raise AquapeerError(f'bundle "{name}" has {merging[0]["conflicts"]} unresolved conflict(s) from the merge of '
+                            f'commit {merging[0]["theirs"]}', sqlstate="55000",
+                            hint="Resolve each (see select * from bundle.conflicts): select bundle.resolve(name, relation, "
+                                 "key, column_name, 'ours' | 'theirs' | 'value', value); or give the merge up with "
+                                 "bundle.merge_abort(name).")
+    staged = db.query("select root, rows_changed from bundle._stage($1)", [name])[0]
+    if staged["rows_changed"] == 0 and not merging:
+        raise AquapeerError(f'nothing to commit in bundle "{name}": its rows are as its head has them',
+                            sqlstate="55000", hint="See select * from bundle.status(name).")
+    parents = ([head] if head else []) + ([merging[0]["theirs"]] if merging else [])
+    me = friends.load_identity(db)
+    new = commits.Commit(parents=parents, tree=staged["root"], author=me.peer_id,
+                         message=message or "", time=commits.utc_time(datetime.datetime.now(datetime.timezone.utc)),
+                         rows_changed=staged["rows_changed"])
+    _store(db, name, new, commits.sign(me, new))
+    db.query("update bundle.bundle set head = $2, checked_out = $2 where name = $1", [name, new.id])
+    db.query("delete from bundle.merge where bundle = $1", [name])
+    return new.id
+
+
+def _store(db, name, new, document):
+    db.query("insert into bundle.object values ($1, $2, 'commit', $3) on conflict do nothing",
+             [name, new.id, new.encode()])
+    db.query("insert into bundle.commit values ($1, $2, " + _texts(3) + ", "
+             "$4, $5, $6, $7::timestamptz, $8, $9::jsonb) on conflict do nothing",
+             [name, new.id, json.dumps(list(new.parents)), new.tree, new.author, new.message, new.time,
+              new.rows_changed, json.dumps(document)])
+
+
+def keep_commits(db, name, documents):
+    """Verify signed commit documents received for a bundle and keep them, parents first; each
+    commit's tree must already be kept (bundle._promote).  How many were new."""
+    if not isinstance(documents, list):
+        raise commits.CommitError("commit documents come as a JSON array")
+    received = {}
+    for document in documents:
+        new = commits.verify(document)
+        received[new.id] = (new, document)
+    known = {r["id"] for r in db.query(
+        "select id from bundle.commit where bundle = $1 and id = any (" + _texts(2) + ")",
+        [name, sorted({p for new, _ in received.values() for p in new.parents} | set(received))])}
+    kept = 0
+    waiting = {cid: pair for cid, pair in received.items() if cid not in known}
+    while waiting:
+        ready = [cid for cid, (new, _) in waiting.items() if all(p in known for p in new.parents)]
+        if not ready:
+            cid, (new, _) = min(waiting.items())
+            lacking = sorted(p for p in new.parents if p not in known and p not in waiting)
+            raise commits.CommitError(f"commit {cid} has parents this database lacks: {', '.join(lacking) or 'a cycle'}",
+                                      hint="The sender must send a commit's parents with it (pull again).")
+        for cid in sorted(ready):
+            new, document = waiting.pop(cid)
+            if not db.scalar("select exists (select from bundle.object where bundle = $1 and id = $2 and kind = 'root')",
+                             [name, new.tree]):
+                raise commits.CommitError(f"commit {cid} refers to tree {new.tree}, which bundle \"{name}\" lacks",
+                                          hint="Its objects must be kept before it (pull again).")
+            _store(db, name, new, document)
+            known.add(cid)
+            kept += 1
+    return kept
+
+
+# --- transfers: what executors do for transfer.py ----------------------------------------------
+
+# What one objects answer holds at most before compression (less when the friend accepts less in
+# one frame); the asker asks again for the rest.
+SERVE_RAW_LIMIT = 4 * 1024 * 1024
+
+
+def serve(db, args):
+    """A friend's bundle_get, in an executor connected as the friend's role: the packed body."""
+    name, friend, granted = args["bundle"], args["friend"], bool(args["granted"])
+    want, ids = args["want"], [i.hex() for i in args["ids"]]
+    if want == "head":
+        value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
+    elif want == "commits":
+        value = [json.loads(r["d"]) for r in db.query(
+            "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
+            [name, friend, granted, ids])]
+    elif want == "objects":
+        value, size = [], 0
+        for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
+                            [name, friend, granted, ids]):
+            if value and size + len(row["data"]) > args["limit"]:
+                break
+            value.append([bytes.fromhex(row["id"]), row["data"]])
+            size += len(row["data"])
+    else:  # push: may this friend push to the bundle?
+        db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
+        value = True
+    return wire.pack_body(value)
+
+
+def _objects(body):
+    if not isinstance(body, list) or not all(
+            isinstance(o, list) and len(o) == 2 and isinstance(o[0], bytes) and len(o[0]) == 32
+            and isinstance(o[1], bytes) for o in body):
+        raise wire.WireError("an objects answer is a list of [32-byte id, bytes]")
+    return [o[0].hex() for o in body], [o[1] for o in body]
+
+
+def _progress(db, transfer, **counts):
+    db.query("update peer.transfer set bytes_done = bytes_done + $2, rows_done = rows_done + $3, "
+             "objects_done = objects_done + $4, updated_at = now() where id = $1::uuid",
+             [transfer, counts.get("bytes", 0), counts.get("rows", 0), counts.get("objects", 0)])
+
+
+def store(db, args):
+    """A step of a transfer's local side, in an executor connected as the worker's role (which
+    commits each step, so what was kept stays kept whatever happens to the transfer later)."""
+    step, name = args["step"], args["bundle"]
+    if step == "prepare":  # the bundle must exist before its objects can be kept
+        db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
+        return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
+                                          f"limit {wire.MAX_ITEMS}", [name])]
+    if step == "head":
+        return db.scalar("select head from bundle._bundle($1)", [name])
+    if step == "start":
+        db.query("insert into peer.transfer (id, friend, bundle, direction, rows_total) "
+                 "values ($1::uuid, $2, $3, $4, $5)",
+                 [args["transfer"], args["friend"], name, args["direction"], args["rows_total"]])
+        return None
+    if step == "lacking":
+        return [r["l"] for r in db.query("select l from bundle._lacking($1, " + _texts(2) + ") l", [name, args["ids"]])]
+    if step == "keep":
+        ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
+        lacking = [r["l"] for r in db.query("select l from bundle._keep($1, " + _texts(2) + ", $3) l",
+                                            [name, ids, datas])]
+        blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
+        _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
+        asked = set(args["asked"])
+        return {"lacking": lacking, "unanswered": sorted(asked - set(ids))}
+    if step == "finish":
+        db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
+        kept = keep_commits(db, name, args["documents"])
+        db.query("update peer.transfer set state = 'done', commits = $2, finished_at = now(), updated_at = now() "
+                 "where id = $1::uuid", [args["transfer"], kept])
+        return kept
+    if step == "end":
+        db.query("update peer.transfer set state = $2, error = $3, finished_at = now(), updated_at = now() "
+                 "where id = $1::uuid and state = 'running'", [args["transfer"], args["state"], args["error"]])
+        return None
+    if step == "fast_forward":  # a friend's push: only ever forward, never touching the tables
+        return json.loads(db.scalar("select bundle._integrate($1, $2, false)::text", [name, args["head"]]))
+    if step == "contains":  # is commit the head or one of its ancestors here?
+        return db.scalar("select exists (select from bundle.log($1) where commit_id = $2)", [name, args["commit"]])
+    raise AquapeerError(f"unknown transfer step {step!r}")
+
+
+# --- pulling and pushing: the caller's side ----------------------------------------------------
+
+# How long a pull or push may take at most: it is cancelled like any statement before that.
+TRANSFER_TIMEOUT_S = 24 * 3600.0
+
+
+def transfer_progress(db, transfer):
+    rows = db.query("select bytes_done, objects_done, rows_done, rows_total from peer.transfer where id = $1::uuid",
+                    [transfer])
+    return rows[0] if rows else {"bytes_done": 0, "objects_done": 0, "rows_done": 0, "rows_total": None}
+
+
+def pull(db, client, friend, name, checkout, transfer):
+    """Fetch what the friend has of the bundle and we lack (kept whatever happens next), then in
+    the caller's transaction: track its tables if it is new here, fast-forward or merge, check out."""
+    friends.check_name(friend)
+    local = db.query("select head, exists (select from bundle.tracked t where t.bundle = b.name) as tracked "
+                     "from bundle.bundle b where b.name = $1", [name])
+    if local and checkout and db.scalar("select exists (select from bundle.status($1))", [name]):
+        raise AquapeerError(f'bundle "{name}" has uncommitted changes in its tables', sqlstate="55000",
+                            hint="Commit them with bundle.commit first, or pull with checkout => false "
+                                 "to only fetch.")
+    theirs = client.request("bundle_head", {"name": friend, "bundle": name}, timeout=120.0)
+    if not (local and local[0]["tracked"]):
+        db.query("select bundle._adopt($1, $2::jsonb)", [name, json.dumps(theirs["tables"])])
+    summary = {"commits": 0, "blobs": 0, "objects": 0, "bytes": 0, "head": local[0]["head"] if local else None,
+               "fast_forward": False, "up_to_date": True, "conflicts": 0, "merging": False, "transfer": None}
+    if theirs["head"] is None:
+        return summary
+    fetched = client.request("pull", {"name": friend, "bundle": name, "transfer": transfer},
+                             timeout=TRANSFER_TIMEOUT_S)
+    done = transfer_progress(db, transfer)
+    merged = json.loads(db.scalar("select bundle._integrate($1, $2, $3)::text", [name, theirs["head"], checkout]))
+    summary.update(commits=fetched["commits"], blobs=done["rows_done"], objects=done["objects_done"],
+                   bytes=done["bytes_done"], transfer=transfer, **{k: merged[k] for k in (
+                       "head", "fast_forward", "up_to_date", "conflicts", "merging") if k in merged})
+    return summary
+
+
+def push(db, client, friend, name):
+    """Have the friend take our commits of the bundle (fast-forward only); its summary."""
+    friends.check_name(friend)
+    db.query("select from bundle._bundle($1)", [name])  # it must exist here
+    return client.request("push", {"name": friend, "bundle": name}, timeout=TRANSFER_TIMEOUT_S)
+

@@ -1,0 +1,262 @@
+"""Bundle transfers between friends over the data channel (protocol 2): pull and push.
+
+A pull is a have/want walk the puller drives.  It sends the ids of the
+commits it has and gets back the signed commits it lacks.  Then it asks for
+the trees of those commits top down, only for objects it lacks: roots, then
+what they lack below them, down to the rows' blobs.  Each answer is kept at
+once, in an executor's own transaction: checked against the ids, blobs in
+the bundle's store and tree nodes pending until everything below them is
+there.  A pull that broke off therefore resumes where it stopped.  When the
+walk ends, the pending nodes and then the commits join the store.  Moving
+the head, merging and checking out are left to the caller's transaction
+(bundles.pull).
+
+A push asks the friend to pull from us.  Until that pull ends, the friend
+may read the bundle, shared or not.  The friend then only fast-forwards its
+head.
+
+The network worker runs no SQL of its own here beyond looking up a friend.
+The puller's steps run in executors connected as the worker's role
+(bundles.store).  What a friend may read is served by executors connected as
+the friend's role (bundles.serve), which check that it is shared.
+"""
+
+import asyncio
+import collections
+import logging
+import os
+import uuid
+
+from . import node as node_module
+from . import bundles, transport, wire
+from .calls import Unreachable
+from .errors import AquapeerError
+
+OBJECTS_PER_REQUEST = 5000
+# Requests in flight per transfer: each holds an executor on both sides while it is served or kept.
+REQUESTS_IN_FLIGHT = 2
+REQUEST_TIMEOUT_S = 120.0
+STORE_TIMEOUT_S = 600.0
+SERVE_TIMEOUT_S = 120.0
+
+FRIEND = """
+select f.name, (select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role
+from peer.friend f where f.peer_id = $1 and f.state = 'accepted'
+"""
+
+
+class TransferFailed(AquapeerError):
+    sqlstate = "08006"  # connection_failure
+
+
+class Transfers:
+    def __init__(self, db, executors, node_getter, own_role):
+        self.db = db
+        self.executors = executors
+        self.node = node_getter           # () -> PeerNode or None
+        self.own_role = own_role          # the worker's role: executors keeping what arrives
+        self.waiting = {}                 # request id -> future of the bundle_data frame
+        self.serving = set()              # tasks answering friends
+        self.push_grants = collections.Counter()  # (peer id, bundle) -> pushes in progress
+
+    # --- asking a friend ---------------------------------------------------------------------------
+
+    async def link_to(self, friend, timeout_s=30.0):
+        try:
+            link = await self.node().connect(friend.peer_id, timeout_s)
+        except node_module.ConnectError as e:
+            raise Unreachable(f"{friend.name} is not reachable: {e.message}", detail=e.detail, hint=e.hint) from None
+        if (link.protocol or 0) < wire.BUNDLES_PROTOCOL:
+            raise AquapeerError(f"{friend.name} runs an aquapeer without bundle transfers (protocol {link.protocol})",
+                                sqlstate="0A000", hint=f"{friend.name} must update aquapeer.")
+        return link
+
+    async def _ask(self, link, name, frame, unpack=True):
+        """The body of the friend's answer to one request (packed bytes unless unpack)."""
+        request_id = os.urandom(16)
+        future = self.waiting[request_id] = asyncio.get_running_loop().create_future()
+        closed = asyncio.ensure_future(link.closed.wait())
+        try:
+            link.send({**frame, "id": request_id}, transport.CONTROL)
+            await asyncio.wait([future, closed], timeout=REQUEST_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        except transport.LinkClosed:
+            pass
+        finally:
+            closed.cancel()
+            self.waiting.pop(request_id, None)
+        if not future.done():
+            if link.state == "connected":
+                raise TransferFailed(f"{name} did not answer a bundle request within {REQUEST_TIMEOUT_S:.0f} s")
+            raise TransferFailed(f"the connection to {name} was lost during the transfer",
+                                 hint="Pull again: what arrived is kept and is not sent again.")
+        reply = future.result()
+        if not reply["ok"]:
+            error = reply["error"] or {"message": "no reason given", "sqlstate": "XX000"}
+            raise AquapeerError(f"{name}: {error['message']}", sqlstate=error["sqlstate"])
+        if reply["data"] is None:
+            raise wire.WireError(f"{name} answered a bundle request without a body")
+        return wire.unpack_body(reply["data"], wire.BODY_LIMIT) if unpack else reply["data"]
+
+    async def _store(self, step, **args):
+        reply = await self.executors.run(self.own_role, {"op": "bundle_store", "args": {"step": step, **args}},
+                                         STORE_TIMEOUT_S)
+        if not reply.get("ok"):
+            raise AquapeerError.from_dict(reply.get("error") or {})
+        return reply.get("result")
+
+    async def head(self, friend, bundle):
+        """The friend's head of a bundle and its tables, and that the bundle exists here to keep
+        objects in (pulling needs both before the caller checks its tables)."""
+        link = await self.link_to(friend)
+        info = await self._ask(link, friend.name, {"t": "bundle_get", "bundle": bundle, "want": "head", "ids": []})
+        if not isinstance(info, dict) or not isinstance(info.get("tables"), list):
+            raise wire.WireError(f"{friend.name} answered with a malformed bundle head")
+        await self._store("prepare", bundle=bundle)
+        return {"head": info.get("head"), "tables": info["tables"]}
+
+    async def pull(self, friend, bundle, transfer, direction="pull", link=None):
+        """Fetch and keep the commits of the friend's bundle that we lack, with their objects."""
+        link = link or await self.link_to(friend)
+        have = await self._store("prepare", bundle=bundle)
+        documents = await self._ask(link, friend.name, {"t": "bundle_get", "bundle": bundle, "want": "commits",
+                                                        "ids": [bytes.fromhex(c) for c in have]})
+        if not isinstance(documents, list) or not all(isinstance(d, dict) and isinstance(d.get("commit"), dict)
+                                                      for d in documents):
+            raise wire.WireError(f"{friend.name} answered with malformed commits")
+        roots = sorted({str(d["commit"].get("tree")) for d in documents})
+        rows_total = sum(d["commit"].get("rows_changed") or 0 for d in documents
+                         if isinstance(d["commit"].get("rows_changed"), int))
+        await self._store("start", bundle=bundle, transfer=transfer, friend=friend.name, direction=direction,
+                          rows_total=rows_total)
+        try:
+            await self._walk(link, friend.name, bundle, transfer, await self._store("lacking", bundle=bundle, ids=roots))
+            kept = await self._store("finish", bundle=bundle, transfer=transfer, roots=roots, documents=documents)
+        except BaseException as e:
+            state = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
+            ending = asyncio.ensure_future(self._store("end", bundle=bundle, transfer=transfer, state=state,
+                                                       error=getattr(e, "message", None) or str(e) or type(e).__name__))
+            await asyncio.gather(asyncio.shield(ending), return_exceptions=True)
+            raise
+        return {"commits": kept, "transfer": transfer}
+
+    async def _walk(self, link, name, bundle, transfer, lacking):
+        """Ask for what the bundle lacks, keep it, and go on with what it still lacks below that,
+        depth first so that the list of ids waiting stays short."""
+        work, busy = list(lacking), 0
+        changed = asyncio.Condition()
+
+        async def worker():
+            nonlocal busy
+            while True:
+                async with changed:
+                    await changed.wait_for(lambda: work or busy == 0)
+                    if not work:
+                        return
+                    batch = work[-OBJECTS_PER_REQUEST:]
+                    del work[-OBJECTS_PER_REQUEST:]
+                    busy += 1
+                found = []
+                try:
+                    data = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "objects",
+                                                        "ids": [bytes.fromhex(i) for i in batch]}, unpack=False)
+                    kept = await self._store("keep", bundle=bundle, transfer=transfer, data=data, asked=batch)
+                    if len(kept["unanswered"]) == len(batch):
+                        raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0]}",
+                                            sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
+                    found = kept["lacking"] + kept["unanswered"]
+                finally:
+                    async with changed:
+                        busy -= 1
+                        work.extend(found)
+                        changed.notify_all()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(REQUESTS_IN_FLIGHT):
+                    group.create_task(worker())
+        except ExceptionGroup as failed:  # the first failure says what went wrong
+            raise failed.exceptions[0] from None
+
+    async def push(self, friend, bundle):
+        """Have the friend take our commits of the bundle; refused unless that fast-forwards it."""
+        mine = await self._store("head", bundle=bundle)
+        if mine is None:
+            raise AquapeerError(f'bundle "{bundle}" has no commits to push', sqlstate="55000")
+        link = await self.link_to(friend)
+        theirs = (await self._ask(link, friend.name, {"t": "bundle_get", "bundle": bundle, "want": "head",
+                                                      "ids": []})).get("head")
+        if theirs is not None and not await self._store("contains", bundle=bundle, commit=theirs):
+            raise AquapeerError(f'{friend.name} has commits of bundle "{bundle}" that this database lacks',
+                                sqlstate="55000", hint=f"Pull first: select peer.pull_bundle('{friend.name}', '{bundle}').")
+        key = (friend.peer_id, bundle)
+        self.push_grants[key] += 1
+        try:
+            return await self._ask(link, friend.name, {"t": "bundle_push", "bundle": bundle,
+                                                       "head": bytes.fromhex(mine)})
+        finally:
+            self.push_grants[key] -= 1
+            if not self.push_grants[key]:
+                del self.push_grants[key]
+
+    # --- answering a friend ------------------------------------------------------------------------
+
+    def on_frame(self, link, frame):
+        kind = frame["t"]
+        if kind == "bundle_data":
+            future = self.waiting.get(frame["id"])
+            if future is not None and not future.done():
+                future.set_result(frame)
+            return True
+        if kind in ("bundle_get", "bundle_push"):
+            task = asyncio.ensure_future(self._answer(link, frame))
+            self.serving.add(task)
+            task.add_done_callback(self.serving.discard)
+            return True
+        return False
+
+    async def _answer(self, link, frame):
+        reply = {"t": "bundle_data", "id": frame["id"], "ok": True, "data": None, "error": None}
+        try:
+            rows = self.db.query(FRIEND, [link.peer_id])
+            self.db.commit()
+            if not rows or rows[0]["role"] is None:
+                raise AquapeerError("you are not a friend here, or the role you act as does not exist",
+                                    sqlstate="42501")
+            friend = rows[0]
+            if frame["t"] == "bundle_get":
+                reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"])
+            else:
+                reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
+        except AquapeerError as e:
+            reply.update(ok=False, error={"message": e.message[:8000], "sqlstate": (e.sqlstate or "XX000")[:5]})
+        except (asyncio.TimeoutError, ConnectionError) as e:
+            reply.update(ok=False, error={"message": f"the executor failed: {e or type(e).__name__}",
+                                          "sqlstate": "58000"})
+        if link.state == "connected":
+            link.send(reply, transport.CONTROL)
+
+    async def _serve(self, friend, link, bundle, want, ids, push=False):
+        # An answer, compressed or not, must stay under what the friend accepts in one frame.
+        limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
+        reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
+            "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
+            "want": "push" if push else want, "ids": ids, "limit": limit}}, SERVE_TIMEOUT_S)
+        if not reply.get("ok"):
+            raise AquapeerError.from_dict(reply.get("error") or {})
+        return reply["result"]
+
+    async def _pushed(self, link, friend, frame):
+        """A friend pushes: check it may, pull from it, then only fast-forward our head."""
+        bundle, head = frame["bundle"], frame["head"].hex()
+        await self._serve(friend, link, bundle, "head", [], push=True)
+        pulled = await self.pull(self.node().friends.lookup(link.peer_id), bundle, str(uuid.uuid4()),
+                                 "pushed to us", link)
+        moved = await self._store("fast_forward", bundle=bundle, head=head)
+        if not (moved.get("fast_forward") or moved.get("up_to_date")):
+            raise AquapeerError(f'bundle "{bundle}" here has commits you lack, so your push would not fast-forward it',
+                                sqlstate="55000", hint="Pull first, merge, then push.")
+        return {**pulled, "head": moved.get("head"), "fast_forward": bool(moved.get("fast_forward"))}
+
+    def close(self):
+        for task in self.serving:
+            task.cancel()

@@ -1,0 +1,187 @@
+"""Bundles on real clusters: tracking, change capture, row hashes and status (work in progress)."""
+
+import psycopg
+import pytest
+
+MODULE_TESTBED = {"n": 2, "names": ["alice", "bob"]}
+
+WIDGETS = """
+    create table public.widget (sku text primary key, name text, price numeric, made timestamptz,
+                                weight float8, tags text[], made_on date, warranty interval, photo bytea);
+    insert into public.widget values
+        ('w-1', 'widget', 10.50, '2026-11-27 10:00:00+01', 0.1, '{a,b}', '2026-11-27', '1 year 2 days', '\\x00ff'),
+        ('w-2', 'gadget', null, null, 1e-7, null, null, null, null);
+    create table public.part (widget text, n int, kind text, primary key (widget, n));
+    insert into public.part values ('w-1', 1, 'bolt'), ('w-1', 2, 'nut');
+    create table public.loose (v text);
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(module_testbed):
+    alice, bob = module_testbed.alice, module_testbed.bob
+    for cluster in (alice, bob):
+        cluster.sql("create extension aquapeer cascade")
+        cluster.sql(WIDGETS)
+    return alice, bob
+
+
+def hashes(cluster, relation, settings=""):
+    with cluster.connect() as conn:
+        if settings:
+            conn.execute(settings)
+        return conn.execute(
+            "select h.key::text, h.key_hash, h.blob_id from bundle.tracked t, "
+            "bundle._row_hashes(t.relation, t.filter, t.key_columns, null) h "
+            "where t.relation = %s::regclass order by 1", (relation,)).fetchall()
+
+
+@pytest.fixture
+def tracked(pair):
+    alice, bob = pair
+    for cluster in (alice, bob):
+        cluster.sql("select bundle.create('shop')")
+        cluster.sql("select bundle.track('shop', 'public.widget'), bundle.track('shop', 'public.part')")
+    yield alice, bob
+    for cluster in (alice, bob):
+        cluster.sql("delete from bundle.bundle where name = 'shop'; delete from bundle.changed_key")
+
+
+def test_a_table_without_a_primary_key_is_refused(pair):
+    alice, _ = pair
+    alice.sql("select bundle.create('nokey')")
+    try:
+        with pytest.raises(psycopg.errors.InvalidTableDefinition, match="public.loose has no primary key"):
+            alice.sql("select bundle.track('nokey', 'public.loose')")
+        with pytest.raises(psycopg.errors.UndefinedObject, match='bundle "nope" does not exist'):
+            alice.sql("select bundle.track('nope', 'public.widget')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="invalid bundle name"):
+            alice.sql("select bundle.create('No Good')")
+    finally:
+        alice.sql("delete from bundle.bundle where name = 'nokey'")
+
+
+def test_row_hashes_do_not_depend_on_session_settings_or_the_server(tracked):
+    alice, bob = tracked
+    reference = hashes(alice, "public.widget")
+    assert len(reference) == 2
+    odd = ("set timezone = 'America/Los_Angeles'; set datestyle = 'German, DMY'; "
+           "set extra_float_digits = -3; set intervalstyle = 'sql_standard'; set bytea_output = 'escape'; "
+           "set search_path = pg_catalog")
+    assert hashes(alice, "public.widget", odd) == reference
+    assert hashes(bob, "public.widget", odd) == reference
+    assert hashes(bob, "public.part") == hashes(alice, "public.part", odd)
+
+
+def test_a_new_nullable_column_changes_no_existing_hash(tracked):
+    alice, _ = tracked
+    before = hashes(alice, "public.widget")
+    alice.sql("alter table public.widget add column color text")
+    try:
+        assert hashes(alice, "public.widget") == before
+        alice.sql("update public.widget set color = 'red' where sku = 'w-2'")
+        after = dict((k, b) for k, _h, b in hashes(alice, "public.widget"))
+        assert after['["w-1"]'] == dict((k, b) for k, _h, b in before)['["w-1"]']
+        assert after['["w-2"]'] != dict((k, b) for k, _h, b in before)['["w-2"]']
+    finally:
+        alice.sql("alter table public.widget drop column color")
+
+
+def test_status_lists_what_changed_with_composite_keys(tracked):
+    alice, _ = tracked
+    status = alice.sql("select relation::oid::regclass::text, key::text, change from bundle.status('shop')")
+    assert status == [("part", '["w-1", "1"]', "added"), ("part", '["w-1", "2"]', "added"),
+                      ("widget", '["w-1"]', "added"), ("widget", '["w-2"]', "added")]
+
+
+def test_writes_are_captured_by_statement_with_their_keys(tracked):
+    alice, _ = tracked
+    alice.sql("delete from bundle.changed_key")
+    alice.sql("update public.part set n = 3 where n = 2")   # a key change: old and new key
+    alice.sql("insert into public.part values ('w-2', 1, 'gear')")
+    alice.sql("delete from public.part where widget = 'w-1' and n = 1")
+    try:
+        keys = alice.sql("select key::text from bundle.changed_key where relation = 'public.part'::regclass "
+                         "order by 1")
+        assert keys == [('["w-1", "1"]',), ('["w-1", "2"]',), ('["w-1", "3"]',), ('["w-2", "1"]',)]
+    finally:
+        alice.sql("delete from public.part; insert into public.part values ('w-1', 1, 'bolt'), ('w-1', 2, 'nut')")
+
+
+def objects(cluster):
+    return cluster.scalar("select count(*) from bundle.object")
+
+
+def test_commit_log_and_status(tracked):
+    alice, _ = tracked
+    first = alice.scalar("select bundle.commit('shop', 'first widgets')")
+    assert alice.sql("select * from bundle.status('shop')") == []
+    log = alice.sql("select commit_id, parent_ids, message, rows_changed from bundle.log('shop')")
+    assert log == [(first, [], "first widgets", 4)]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="nothing to commit"):
+        alice.sql("select bundle.commit('shop', 'again')")
+    before = objects(alice)
+    alice.sql("update public.widget set price = 11 where sku = 'w-1'")
+    assert alice.sql("select key::text, change from bundle.status('shop')") == [('["w-1"]', "modified")]
+    second = alice.scalar("select bundle.commit('shop', 'dearer')")
+    # one blob, one bucket, two fan nodes (the bucket's and the table's), one root, the commit
+    assert objects(alice) - before == 6
+    assert alice.sql("select commit_id, parent_ids, rows_changed from bundle.log('shop')") == [
+        (second, [first], 1), (first, [], 4)]
+    # Back to the first commit's rows: the same tree as the first commit.
+    alice.sql("update public.widget set price = 10.50 where sku = 'w-1'")
+    third = alice.scalar("select bundle.commit('shop', 'cheaper again')")
+    assert alice.scalar("select tree from bundle.commit where id = %s", third) == \
+        alice.scalar("select tree from bundle.commit where id = %s", first)
+
+
+def test_the_same_rows_give_the_same_tree_on_two_servers(tracked):
+    alice, bob = tracked
+    alice.sql("select bundle.commit('shop', 'a')")
+    bob.sql("select bundle.commit('shop', 'b')")
+    tree = "select c.tree from bundle.commit c join bundle.bundle b on b.head = c.id where b.name = 'shop'"
+    assert alice.scalar(tree) == bob.scalar(tree)
+
+
+def test_blobs_are_the_text_of_the_rows_jsonb(pair):
+    """The blob is written out directly; it must stay byte for byte the jsonb text docs/bundles.md defines."""
+    alice, _ = pair
+    alice.sql("""
+        create table public.odd ("Key" int primary key, "ß" text, a text, "quote""d" text, "longer name" jsonb,
+                                 bb text[], "é" float8);
+        insert into public.odd values
+            (1, 'tab	and
+newline', '"quoted" \\ back', 'ünï €😀', '{"z": [1, "x"], "a": null}', '{"a b",NULL,"c\\"d"}', 1e-300),
+            (2, null, '', null, null, '{}', null),
+            (3, E'\\u0001\\u001f ctl', 'x', 'y', '"s"', null, 'NaN')""")
+    try:
+        with alice.connect() as conn:
+            conn.execute("set timezone = 'UTC'; set extra_float_digits = 1")
+            expected = conn.execute("""
+                select jsonb_strip_nulls(jsonb_build_object('Key', "Key"::text, 'ß', "ß"::text, 'a', a::text,
+                    'quote"d', "quote""d"::text, 'longer name', "longer name"::text, 'bb', bb::text,
+                    'é', "é"::text))::text from public.odd order by "Key" """).fetchall()
+        blobs = alice.sql("select h.blob from bundle._row_hashes('public.odd', null, '{Key}', null) h "
+                          "order by h.key->>0")
+        assert blobs == expected
+    finally:
+        alice.sql("drop table public.odd")
+
+
+def test_track_compares_the_whole_table_until_the_first_commit(tracked):
+    alice, _ = tracked
+    # A marker per table just tracked, not a key per row; rows written since are captured as ever.
+    keys = "select relation::oid::regclass::text, key::text from bundle.changed_key where bundle = 'shop' order by 1, 2"
+    assert alice.sql(keys) == [("part", "null"), ("widget", "null")]
+    alice.sql("insert into public.part values ('w-2', 7, 'cog')")
+    try:
+        assert alice.sql(keys) == [("part", '["w-2", "7"]'), ("part", "null"), ("widget", "null")]
+        assert len(alice.sql("select * from bundle.status('shop')")) == 5
+        alice.sql("select bundle.commit('shop', 'first')")
+        assert alice.sql("select * from bundle.status('shop')") == []
+        assert alice.scalar("select count(*) from bundle.changed_key where bundle = 'shop'") == 0
+        assert alice.scalar("select count(*) from bundle.head_row where bundle = 'shop'") == 5
+        alice.sql("delete from public.part where n = 7")
+        assert alice.sql("select key::text, change from bundle.status('shop')") == [('["w-2", "7"]', "deleted")]
+    finally:
+        alice.sql("delete from public.part where n = 7")

@@ -1,0 +1,279 @@
+"""Bundles on a real cluster: checkout (foreign-key order, cycles, sequences, refusal and force,
+triggers, constraints), rescan and diff."""
+
+import psycopg
+import pytest
+
+MODULE_TESTBED = {"n": 1, "names": ["alice"]}
+
+
+@pytest.fixture(scope="module")
+def alice(module_testbed):
+    alice = module_testbed.alice
+    alice.sql("create extension aquapeer cascade")
+    alice.sql("create role clerk login in role aquapeer_admin")
+    return alice
+
+
+@pytest.fixture
+def db(alice):
+    """A fresh schema s and bundle b for each test."""
+    alice.sql("create schema s")
+    alice.sql("select bundle.create('b')")
+    yield alice
+    alice.sql("delete from bundle.bundle where name = 'b'; drop schema s cascade")
+
+
+def track(cluster, *tables):
+    for table in tables:
+        cluster.sql("select bundle.track('b', %s::regclass)", table)
+
+
+def commit(cluster, message="m"):
+    return cluster.scalar("select bundle.commit('b', %s)", message)
+
+
+def rows(cluster, table, order="1"):
+    return cluster.sql(f"select * from {table} order by {order}")
+
+
+def status(cluster):
+    return cluster.sql("select relation::text, key::text, change from bundle.status('b')")
+
+
+def notices_of(cluster, query, *params, user=None, settings=""):
+    """(rows, notices) of a query run on a fresh connection, after the settings."""
+    notices = []
+    with cluster.connect(**({"user": user} if user else {})) as conn:
+        if settings:
+            conn.execute(settings)
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        result = conn.execute(query, params or None).fetchall()
+    return result, notices
+
+
+def test_checkout_of_an_older_commit_and_back(db):
+    db.sql("create table s.item (id int primary key, name text, price numeric, tags text[], meta jsonb, "
+           "made timestamptz, gone interval)")
+    db.sql("insert into s.item values (1, 'one', 1.5, '{a,\"b c\"}', '{\"k\": [1, 2]}', '2026-11-27 10:00+01', "
+           "'1 day'), (2, 'two', null, null, null, null, null), (3, 'three', 3, '{}', '\"x\"', null, null)")
+    track(db, "s.item")
+    first = commit(db, "first")
+    at_first = rows(db, "s.item")
+    db.sql("update s.item set name = 'ONE', meta = '[]' where id = 1; delete from s.item where id = 2; "
+           "insert into s.item (id, name) values (4, 'four')")
+    second = commit(db, "second")
+    at_second = rows(db, "s.item")
+    assert at_second != at_first
+
+    # As a non-superuser, under odd session settings.
+    result, notices = notices_of(db, "select bundle.checkout('b', %s)", first, user="clerk",
+                                 settings="set timezone = 'Asia/Tokyo'; set datestyle = 'German, DMY'; "
+                                          "set intervalstyle = 'sql_standard'; set extra_float_digits = -3")
+    assert result == [(first,)]
+    assert rows(db, "s.item") == at_first
+    assert any(f"now hold commit {first}, not its head {second}" in n for n in notices)
+    assert status(db) == []
+    assert db.sql("select head, checked_out from bundle.bundle where name = 'b'") == [(second, first)]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not from its head"):
+        db.sql("update s.item set name = 'x' where id = 3; select bundle.commit('b', 'lost')")
+    db.sql("update s.item set name = 'three' where id = 3")
+
+    assert db.scalar("select bundle.checkout('b')") == second
+    assert rows(db, "s.item") == at_second
+    assert status(db) == []
+    # Reading the head's tree gives the head rows.
+    assert db.sql("select r.relation_name, r.key_hash, r.blob_id from bundle._tree_rows('b', "
+                  "(select tree from bundle.commit where id = %s)) r order by 2", second) == \
+        db.sql("select 's.item', key_hash, blob from bundle.head_row where bundle = 'b' order by 2")
+    # The head rows are the head's again: a new commit changes one row against it.
+    db.sql("update s.item set price = 9 where id = 4")
+    third = commit(db)
+    assert db.sql("select parent_ids, rows_changed from bundle.log('b') where commit_id = %s", third) == [([second], 1)]
+
+
+def test_foreign_key_order_inserts_parents_first_and_deletes_children_first(db):
+    # Named so that alphabetical order would be the wrong order.
+    db.sql("create table s.z_parent (id int primary key, name text)")
+    db.sql("create table s.a_child (id int primary key, parent int not null references s.z_parent)")
+    db.sql("insert into s.z_parent values (1, 'old'); insert into s.a_child values (10, 1)")
+    track(db, "s.a_child", "s.z_parent")
+    first = commit(db)
+    # Reparent the child to a new parent, delete the old parent, add a child.
+    db.sql("insert into s.z_parent values (2, 'new'); update s.a_child set parent = 2; "
+           "delete from s.z_parent where id = 1; insert into s.a_child values (11, 2)")
+    second = commit(db)
+    db.sql("select bundle.checkout('b', %s)", first)
+    assert rows(db, "s.z_parent") == [(1, "old")]
+    assert rows(db, "s.a_child") == [(10, 1)]
+    db.sql("select bundle.checkout('b', %s)", second)
+    assert rows(db, "s.z_parent") == [(2, "new")]
+    assert rows(db, "s.a_child") == [(10, 2), (11, 2)]
+    # Everything deleted, then back.
+    db.sql("delete from s.a_child; delete from s.z_parent")
+    empty = commit(db)
+    db.sql("select bundle.checkout('b', %s)", first)
+    assert rows(db, "s.a_child") == [(10, 1)]
+    db.sql("select bundle.checkout('b', %s)", empty)
+    assert rows(db, "s.z_parent") == [] and rows(db, "s.a_child") == []
+
+
+def test_a_tree_of_rows_in_a_self_referencing_table(db):
+    db.sql("create table s.node (id int primary key, parent int references s.node, name text)")
+    # Parents have higher ids than their children, so neither key order works alone.
+    db.sql("insert into s.node values (5, null, 'root'), (4, 5, 'a'), (3, 4, 'b'), (2, 4, 'c'), (1, 3, 'd')")
+    track(db, "s.node")
+    full = commit(db)
+    db.sql("delete from s.node where id < 5")
+    db.sql("update s.node set name = 'alone'")
+    bare = commit(db)
+    db.sql("select bundle.checkout('b', %s)", full)
+    assert rows(db, "s.node") == [(1, 3, "d"), (2, 4, "c"), (3, 4, "b"), (4, 5, "a"), (5, None, "root")]
+    db.sql("select bundle.checkout('b', %s)", bare)
+    assert rows(db, "s.node") == [(5, None, "alone")]
+
+
+def test_a_cycle_through_deferrable_constraints_is_checked_out(db):
+    db.sql("create table s.a (id int primary key, b int not null)")
+    db.sql("create table s.b (id int primary key, a int not null references s.a deferrable)")
+    db.sql("alter table s.a add foreign key (b) references s.b deferrable")
+    db.sql("begin; set constraints all deferred; insert into s.a values (1, 1); insert into s.b values (1, 1); commit")
+    track(db, "s.a", "s.b")
+    both = commit(db)
+    db.sql("begin; set constraints all deferred; delete from s.a; delete from s.b; commit")
+    none = commit(db)
+    db.sql("select bundle.checkout('b', %s)", both)
+    assert rows(db, "s.a") == [(1, 1)] and rows(db, "s.b") == [(1, 1)]
+    # The constraints are immediate again after the checkout.
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        db.sql("begin; insert into s.a values (2, 2); commit")
+    db.sql("select bundle.checkout('b', %s)", none)
+    assert rows(db, "s.a") == [] and rows(db, "s.b") == []
+
+
+def test_a_cycle_through_a_non_deferrable_constraint_is_an_error_naming_it(db):
+    db.sql("create table s.a (id int primary key, b int)")
+    db.sql("create table s.b (id int primary key, a int references s.a)")
+    db.sql("alter table s.a add constraint a_needs_b foreign key (b) references s.b")
+    db.sql("insert into s.a values (1, null); insert into s.b values (1, 1); update s.a set b = 1")
+    track(db, "s.a", "s.b")
+    both = commit(db)
+    db.sql("update s.a set b = null; delete from s.b; delete from s.a")
+    commit(db)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match=r"foreign key (a_needs_b on s\.a|b_a_fkey on s\.b) is part of a cycle") as e:
+        db.sql("select bundle.checkout('b', %s)", both)
+    assert "DEFERRABLE" in e.value.diag.message_hint
+    assert rows(db, "s.a") == [] and rows(db, "s.b") == []
+
+
+def test_sequences_move_past_the_rows_checked_out_and_never_back(db):
+    db.sql("create table s.t (id serial primary key, n bigint generated by default as identity unique, v text)")
+    db.sql("insert into s.t values (100, 200, 'x'), (101, 201, 'y')")  # the sequences are not used
+    track(db, "s.t")
+    full = commit(db)
+    db.sql("delete from s.t")
+    empty = commit(db)
+    db.sql("select setval('s.t_id_seq', 5)")
+    db.sql("select bundle.checkout('b', %s)", full)
+    assert db.sql("insert into s.t (v) values ('z') returning id, n") == [(102, 202)]
+    db.sql("delete from s.t where v = 'z'")
+    db.sql("select bundle.checkout('b', %s)", empty)
+    db.sql("select setval('s.t_id_seq', 500)")
+    db.sql("select bundle.checkout('b', %s)", full)
+    assert db.scalar("select nextval('s.t_id_seq')") == 501
+
+
+def test_uncommitted_changes_are_refused_unless_forced(db):
+    db.sql("create table s.t (k1 text, k2 int, v text, primary key (k1, k2))")
+    db.sql("insert into s.t values ('a', 1, 'x'), ('a', 2, 'y')")
+    track(db, "s.t")
+    first = commit(db)
+    db.sql("update s.t set v = 'z' where k2 = 2")
+    second = commit(db)
+    db.sql("update s.t set v = 'mine' where k2 = 1; insert into s.t values ('b', 1, 'new')")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="2 uncommitted change") as e:
+        db.sql("select bundle.checkout('b', %s)", first)
+    assert "force => true" in e.value.diag.message_hint
+    assert rows(db, "s.t") == [("a", 1, "mine"), ("a", 2, "z"), ("b", 1, "new")]
+    db.sql("select bundle.checkout('b', %s, force => true)", first)
+    assert rows(db, "s.t") == [("a", 1, "x"), ("a", 2, "y")]
+    assert status(db) == []
+    db.sql("update s.t set v = 'again' where k2 = 1")
+    db.sql("select bundle.checkout('b', force => true)")  # the head, over the change
+    assert rows(db, "s.t") == [("a", 1, "x"), ("a", 2, "z")]
+    assert db.scalar("select checked_out from bundle.bundle where name = 'b'") == second
+    assert status(db) == []
+
+
+def test_a_user_trigger_that_changes_rows_during_checkout_shows_in_status(db):
+    db.sql("create table s.t (id int primary key, v text, note text)")
+    db.sql("insert into s.t values (1, 'a', null), (2, 'b', null)")
+    track(db, "s.t")
+    first = commit(db)
+    db.sql("update s.t set v = 'c' where id = 1")
+    commit(db)
+    db.sql("create function s.touch() returns trigger language plpgsql as $$ "
+           "begin new.note := 'touched'; return new; end $$")
+    db.sql("create trigger touch before insert or update on s.t for each row execute function s.touch()")
+    db.sql("select bundle.checkout('b', %s)", first)
+    assert rows(db, "s.t") == [(1, "a", "touched"), (2, "b", None)]
+    assert status(db) == [("s.t", "[\"1\"]", "modified")]
+
+
+def test_a_row_violating_a_local_constraint_changes_nothing(db):
+    db.sql("create table s.t (id int primary key, price numeric)")
+    db.sql("insert into s.t values (1, 5), (2, 50)")
+    track(db, "s.t")
+    first = commit(db)
+    db.sql("update s.t set price = 60 where id = 1; update s.t set price = 70 where id = 2")
+    second = commit(db)
+    db.sql("alter table s.t add constraint dear check (price > 10) not valid")
+    before = db.sql("select key::text, blob from bundle.head_row where bundle = 'b' order by 1")
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"cannot check out commit {first}.*dear") as e:
+        db.sql("select bundle.checkout('b', %s)", first)
+    assert "nothing was changed" in e.value.diag.message_hint
+    assert rows(db, "s.t") == [(1, 60), (2, 70)]
+    assert db.sql("select key::text, blob from bundle.head_row where bundle = 'b' order by 1") == before
+    assert db.scalar("select checked_out from bundle.bundle where name = 'b'") == second
+    assert status(db) == []
+
+
+def test_rescan_finds_writes_that_bypassed_the_triggers(db):
+    db.sql("create table s.t (id int primary key, v text)")
+    db.sql("insert into s.t values (1, 'a'), (2, 'b'), (3, 'c')")
+    track(db, "s.t")
+    commit(db)
+    db.sql("set session_replication_role = replica; update s.t set v = 'B' where id = 2; "
+           "delete from s.t where id = 3; insert into s.t values (4, 'd')")
+    assert status(db) == []
+    assert db.scalar("select bundle.rescan('b')") == 3
+    assert status(db) == [("s.t", '["2"]', "modified"), ("s.t", '["3"]', "deleted"), ("s.t", '["4"]', "added")]
+    assert db.scalar("select bundle.rescan('b')") == 0  # already recorded
+
+
+def test_diff_lists_the_fields_that_changed(db):
+    db.sql("create table s.t (k1 text, k2 int, v text, w int, primary key (k1, k2))")
+    db.sql("insert into s.t values ('a', 1, 'x', 1), ('a', 2, 'y', null)")
+    track(db, "s.t")
+    first = commit(db)
+    db.sql("update s.t set v = 'X', w = null where k2 = 1; delete from s.t where k2 = 2; "
+           "insert into s.t values ('b', 1, null, 7)")
+    second = commit(db)
+    diff = "select relation::text, key::text, column_name, old, new from bundle.diff('b', %s, %s)"
+    assert db.sql(diff, first, second) == [
+        ("s.t", '["a", "1"]', "v", "x", "X"),
+        ("s.t", '["a", "1"]', "w", "1", None),
+        ("s.t", '["a", "2"]', "k1", "a", None),
+        ("s.t", '["a", "2"]', "k2", "2", None),
+        ("s.t", '["a", "2"]', "v", "y", None),
+        ("s.t", '["b", "1"]', "k1", None, "b"),
+        ("s.t", '["b", "1"]', "k2", None, "1"),
+        ("s.t", '["b", "1"]', "w", None, "7"),
+    ]
+    assert db.sql(diff, second, second) == []
+    # From nothing: every field of the first commit; to the head by default.
+    assert len(db.sql("select * from bundle.diff('b', null, %s)", first)) == 7
+    assert db.sql("select count(*) from bundle.diff('b', %s)", first) == [(8,)]
+    with pytest.raises(psycopg.errors.UndefinedObject, match="has no commit"):
+        db.sql("select * from bundle.diff('b', %s, %s)", first, "0" * 64)
