@@ -35,7 +35,16 @@ AQUAPEER_PAYLOAD_DIR = $(AQUAPEER_LIBDIR)/$(EXTVERSION)
 
 PG_CPPFLAGS += -DAQUAPEER_VERSION='"$(EXTVERSION)"' -DAQUAPEER_PAYLOAD_DIR='"$(AQUAPEER_PAYLOAD_DIR)"'
 
-EXTRA_CLEAN = aquapeer-*.zip
+# Both are compiled in: a tree built for another version or directory is rebuilt, or an
+# upgrade would install a library that loads the old payload.
+BUILD_FLAGS = src/.build-flags
+$(BUILD_FLAGS): FORCE
+	@echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR)' | cmp -s - $@ || echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR)' > $@
+$(OBJS): $(BUILD_FLAGS)
+.PHONY: FORCE
+FORCE:
+
+EXTRA_CLEAN = aquapeer-*.zip $(BUILD_FLAGS)
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
