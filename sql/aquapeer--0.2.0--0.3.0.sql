@@ -197,6 +197,14 @@ declare
     key_expression text := (select string_agg(format('t.%I::text', k), ', ' order by n)
                             from unnest(TG_ARGV) with ordinality u(k, n));
 begin
+    -- A checkout (bundle.checkout sets bundle.checking_out) writes exactly its target's rows, so
+    -- they are no change to its bundle, unless a user trigger alters them on the way in or
+    -- another bundle tracks the table too.
+    if coalesce(current_setting('bundle.checking_out', true), '') <> '' and not bundle._has_user_triggers(TG_RELID)
+       and not exists (select from bundle.tracked k where k.relation = TG_RELID
+                       and k.bundle <> current_setting('bundle.checking_out', true)) then
+        return null;
+    end if;
     -- For every bundle tracking the table (also one comparing it whole: a commit running
     -- meanwhile may not see this write, and must leave its key for the next one).
     if TG_OP in ('INSERT', 'UPDATE') then
@@ -1357,7 +1365,11 @@ begin
             where c.bundle = bundle_name
               and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
     end if;
+    if not force then  -- (forced, it also writes back rows whose keys must stay recorded)
+        perform set_config('bundle.checking_out', bundle_name, true);
+    end if;
     perform bundle._apply(bundle_name, format('check out commit %s', target));
+    perform set_config('bundle.checking_out', '', true);
     delete from bundle.head_row h using pg_temp.bundle_apply a
         where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash and a.blob_id is null;
     insert into bundle.head_row

@@ -206,6 +206,24 @@ def test_uncommitted_changes_are_refused_unless_forced(db):
     assert status(db) == []
 
 
+def test_a_checkout_is_a_change_to_another_bundle_tracking_the_same_table(db):
+    db.sql("create table s.t (id int primary key, v text)")
+    db.sql("insert into s.t values (1, 'a'), (2, 'b')")
+    track(db, "s.t")
+    first = commit(db)
+    db.sql("select bundle.create('other'); select bundle.track('other', 's.t'); select bundle.commit('other', 'o')")
+    try:
+        db.sql("update s.t set v = 'c' where id = 2")
+        commit(db)
+        db.sql("select bundle.commit('other', 'o2')")
+        db.sql("select bundle.checkout('b', %s)", first)
+        assert status(db) == []
+        assert db.sql("select relation::text, key::text, change from bundle.status('other')") == \
+            [("s.t", '["2"]', "modified")]
+    finally:
+        db.sql("delete from bundle.bundle where name = 'other'")
+
+
 def test_a_user_trigger_that_changes_rows_during_checkout_shows_in_status(db):
     db.sql("create table s.t (id int primary key, v text, note text)")
     db.sql("insert into s.t values (1, 'a', null), (2, 'b', null)")
