@@ -156,9 +156,13 @@ def test_pulling_with_uncommitted_changes_is_refused_unless_only_fetching(shop):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="uncommitted changes"):
         pull(bob)
     fetched = pull(bob, checkout=False)
-    assert fetched["commits"] == 1
+    assert fetched["commits"] == 1 and fetched["fast_forward"] is True and fetched["head"] == head
     assert bob.scalar("select name from public.widget where id = 1") == "widget 1"
+    assert bob.scalar("select name from public.widget where id = 2") == "mine"
     assert bob.scalar("select count(*) from bundle.commit where id = %s", head) == 1
+    # The tables wait for bundle.checkout.
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not from its head"):
+        bob.sql("select bundle.commit('shop', 'mine')")
 
 
 def test_a_rolled_back_pull_changes_nothing_but_keeps_what_arrived(shop):
