@@ -801,8 +801,9 @@ $$;
 
 -- Take in a bundle described elsewhere (bundle._describe there): create it if missing and track
 -- its tables here, once each exists with the same primary key and every described column with the
--- same type.  Local columns it does not describe must be nullable or have a default, since
--- checking out inserts rows without them.  All differences are reported at once.
+-- same type.  Local columns it does not describe must be nullable (or generated): checking out
+-- writes them NULL, whatever their default, so that rows hash as the bundle's.  All differences
+-- are reported at once.
 create function bundle._adopt(bundle_name text, tables jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
@@ -837,14 +838,13 @@ begin
         union all
         select t.relation, 2, coalesce(j.name, j.our_name),
                case when j.our_name is null then format('%s.%s: %s there, missing here', t.relation, j.name, j.type)
-                    when j.name is null then format('%s.%s: not there, and not null without a default here',
-                                                    t.relation, j.our_name)
+                    when j.name is null then format('%s.%s: not there, and not null here', t.relation, j.our_name)
                     else format('%s.%s: %s there, %s here', t.relation, j.name, j.type, j.our_type) end
         from theirs t cross join lateral (
             select c.name, c.type, o.name as our_name, o.type as our_type, o.optional
             from (select x->>0 as name, x->>1 as type from jsonb_array_elements(t.columns) x) c
             full join (select a.attname::text as name, format_type(a.atttypid, a.atttypmod) as type,
-                              not a.attnotnull or a.atthasdef as optional
+                              not a.attnotnull or a.attgenerated <> '' as optional
                        from pg_attribute a where a.attrelid = t.here and a.attnum > 0 and not a.attisdropped) o
                  on o.name = c.name) j
         where t.here is not null
@@ -855,7 +855,7 @@ begin
         raise exception 'the tables here do not match bundle "%": %', bundle_name, array_to_string(differences, '; ')
             using errcode = '42804',
                   hint = 'Create or alter the tables here to match: the same primary key and every column with the same '
-                         'type (columns only this side has must be nullable or have a default); then try again.';
+                         'type (columns only this side has must be nullable); then try again.';
     end if;
     if not exists (select from bundle.bundle b where b.name = bundle_name) then
         perform bundle.create(bundle_name);

@@ -283,8 +283,10 @@ def test_what_is_not_a_bundle_export_is_refused(pair, tmp_path):
 def test_adopt_lists_every_difference_at_once(pair):
     _, bob = pair
     bob.sql("create schema other; "
-            "create table other.widget (sku text, name int, stock int not null, made date, primary key (sku, name)); "
-            "create table other.fine (id int primary key, v text, extra text, since date not null default now())")
+            "create table other.widget (sku text, name int, stock int not null default 0, made date, "
+            "primary key (sku, name)); "
+            "create table other.fine (id int primary key, v text, extra text, since date default now(), "
+                "twice int generated always as (id * 2) stored)")
     try:
         description = json.dumps([
             {"relation": "other.fine", "key_columns": ["id"], "columns": [["id", "integer"], ["v", "text"]]},
@@ -298,10 +300,10 @@ def test_adopt_lists_every_difference_at_once(pair):
                            'other.widget: primary key (sku) there, (sku, name) here; '
                            'other.widget.name: text there, integer here; '
                            'other.widget.price: numeric there, missing here; '
-                           'other.widget.stock: not there, and not null without a default here')
+                           'other.widget.stock: not there, and not null here')
         assert "same primary key" in refused.value.diag.message_hint
         assert bob.scalar("select count(*) from bundle.bundle where name = 'other'") == 0
-        # Extra columns that are nullable or have a default are fine.
+        # Extra columns that are nullable or generated are fine (a checkout writes them NULL).
         bob.sql("select bundle._adopt('other', %s)", json.dumps(json.loads(description)[:1]))
         assert bob.sql("select relation::text from bundle.tracked where bundle = 'other'") == [("other.fine",)]
     finally:
