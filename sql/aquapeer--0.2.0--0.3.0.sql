@@ -1064,11 +1064,6 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
     select f.name, f.path || u.name, u.b_id from fans f cross join lateral bundle._node_diff(bundle_name, null, f.id) u
 $$;
 
-create function bundle._tree_rows(bundle_name text, root text)
-returns table (relation_name text, key_hash text, blob_id text)
-language sql stable set search_path = pg_catalog, pg_temp as $$
-    select d.relation_name, d.key_hash, d.b_blob from bundle._tree_diff(bundle_name, null, root) d
-$$;
 
 -- The tracked tables under the names a root gives them.
 create function bundle._tracked_names(bundle_name text)
@@ -1596,7 +1591,7 @@ $$;
 comment on function bundle.merge_abort(text) is 'give up the merge in progress: the tables return to the head';
 
 revoke all on function bundle._entries(bytea), bundle._node_diff(text, text, text), bundle._tree_diff(text, text, text),
-    bundle._has_user_triggers(regclass), bundle._tree_nodes(text, text), bundle._tree_rows(text, text),
+    bundle._has_user_triggers(regclass), bundle._tree_nodes(text, text),
     bundle._tracked_names(text), bundle._tree(text, text), bundle._check_root(text, text),
     bundle._key(jsonb, name[]), bundle._key_values(regclass, name[], text), bundle.diff(text, text, text),
     bundle._refuse_uncommitted(text, text), bundle._apply_begin(), bundle._fk_order(regclass[]),

@@ -83,7 +83,7 @@ def test_checkout_of_an_older_commit_and_back(db):
     assert rows(db, "s.item") == at_second
     assert status(db) == []
     # Reading the head's tree gives the head rows.
-    assert db.sql("select r.relation_name, r.key_hash, r.blob_id from bundle._tree_rows('b', "
+    assert db.sql("select r.relation_name, r.key_hash, r.b_blob from bundle._tree_diff('b', null, "
                   "(select tree from bundle.commit where id = %s)) r order by 2", second) == \
         db.sql("select 's.item', key_hash, blob from bundle.head_row where bundle = 'b' order by 2")
     # The head rows are the head's again: a new commit changes one row against it.
