@@ -135,6 +135,26 @@ def test_commit_log_and_status(tracked):
         alice.scalar("select tree from bundle.commit where id = %s", first)
 
 
+def test_deleting_a_bundle_deletes_its_rows_and_a_rename_is_refused(tracked):
+    # The tables that take a row per object or tracked row have no foreign key (one check per
+    # row was a quarter of a large commit): a trigger deletes a bundle's rows with it instead.
+    alice, _ = tracked
+    alice.sql("select bundle.commit('shop', 'first')")
+    alice.sql("update public.widget set price = 12 where sku = 'w-1'")
+    per_table = ("select (select count(*) from bundle.object where bundle = 'shop'), "
+                 "(select count(*) from bundle.head_row where bundle = 'shop'), "
+                 "(select count(*) from bundle.head_node where bundle = 'shop'), "
+                 "(select count(*) from bundle.changed_key where bundle = 'shop'), "
+                 "(select count(*) from bundle.commit where bundle = 'shop')")
+    assert all(n > 0 for n in alice.sql(per_table)[0])
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match='bundle "shop" cannot be renamed'):
+        alice.sql("update bundle.bundle set name = 'store' where name = 'shop'")
+    alice.sql("delete from bundle.bundle where name = 'shop'")
+    assert alice.sql(per_table) == [(0, 0, 0, 0, 0)]
+    alice.sql("update public.widget set price = 10.50 where sku = 'w-1'")  # nothing tracks it now
+    alice.sql("select bundle.create('shop')")  # for the fixture's clean-up
+
+
 def test_the_same_rows_give_the_same_tree_on_two_servers(tracked):
     alice, bob = tracked
     alice.sql("select bundle.commit('shop', 'a')")
