@@ -6,12 +6,12 @@ below.  Every write commits at once,
 so the worker never sits on a transaction.
 """
 
+import dataclasses
 import re
 import time
 
 from . import identity
 from .errors import AquapeerError
-from .node import Friend
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,63}")
 # A stranger's attempts are written at most this often per peer id, and at
@@ -19,6 +19,17 @@ NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,63}")
 REQUEST_WRITE_INTERVAL_S = 10.0
 REQUESTS_PER_SECOND = 20
 SEEN_WRITE_INTERVAL_S = 60.0
+
+
+@dataclasses.dataclass
+class Friend:
+    peer_id: str
+    name: str
+    chain: identity.KeyChain
+    accepted: bool = True
+    auto_connect: bool = True
+    signal_url: str = None   # reach this friend through another signaling server
+    stun_url: str = None     # try this STUN server first for this friend
 
 
 def load_identity(db):

@@ -13,7 +13,6 @@ once, the side with the smaller peer id keeps its offer.
 """
 
 import asyncio
-import dataclasses
 import logging
 import os
 import random
@@ -23,6 +22,7 @@ import msgpack
 
 from . import identity, transport, wire
 from .errors import AquapeerError
+from .friends import Friend
 from .signaling import PeerOffline, SignalClient
 
 log = logging.getLogger("aquapeer.node")
@@ -50,15 +50,6 @@ class ConnectError(AquapeerError):
     sqlstate = "08001"  # sqlclient_unable_to_establish_sqlconnection
 
 
-@dataclasses.dataclass
-class Friend:
-    peer_id: str
-    name: str
-    chain: identity.KeyChain
-    accepted: bool = True
-    auto_connect: bool = True
-    signal_url: str = None   # reach this friend through another signaling server
-    stun_url: str = None     # try this STUN server first for this friend
 
 
 class MemoryFriendBook:

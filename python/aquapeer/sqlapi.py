@@ -15,7 +15,7 @@ import uuid
 
 import plpy
 
-from . import bundle_merge, bundles, control, executor, friends, identity, worker
+from . import bundle_merge, bundles, control, executor, friends, identity
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -131,6 +131,8 @@ def worker_main():
     logger = logging.getLogger("aquapeer")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    # Imported here: it brings aiortc, which SQL sessions never need (140 ms to load in each).
+    from . import worker
     try:
         worker.main(_db)
     finally:
