@@ -1,20 +1,14 @@
 -- aquapeer 0.3.0 -> 0.4.0: faster bundles (no JIT, cheaper keeping of received trees).
 \echo Use "ALTER EXTENSION aquapeer UPDATE" to load this file. \quit
 
--- Keeping what a pull receives: a node of the head tree (bundle.head_node) is in the store with
--- everything below it, so a child that is one needs no probe.  Of the 65,536 children of the
--- 256 fan nodes a pull of 1,000 scattered rows receives, about 1,000 are new; probing all of them
--- took half a second, twice (here and again in bundle._promote).
-
 -- The given ids and what lies below those of them held only as pending nodes, down to what the
 -- store holds, each with whether it is pending: the walk bundle._lacking and bundle._promote
 -- share.  It descends through pending nodes only, and leaves out the nodes of the head tree
 -- (bundle.head_node), which are in the store with everything below them: of the 65,536 children
 -- of the 256 fan nodes a pull of 1,000 scattered rows receives, about 1,000 are new, and probing
--- the store for all of them took half a second, twice.  Probes are by key ("limit 1", scalar
--- subqueries): within one long transaction (an import) the store has no statistics, and a join
--- hashing all of it on each call would be quadratic.  (Materialized, so that the store is probed
--- only for what is left once the head tree's far smaller index has been.)
+-- the store for all of them took half a second, twice; the head tree's index is far smaller.
+-- Probes are by key ("limit 1", scalar subqueries): within one long transaction (an import) the
+-- store has no statistics, and a join hashing all of it on each call would be quadratic.
 create index head_node_id on bundle.head_node (bundle, id);
 create function bundle._pending_walk(bundle_name text, ids text[]) returns table (id text, pending boolean)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -27,11 +21,9 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
                             limit 1) p
         cross join lateral bundle._children(p.data) c(child)
         where (select h.id from bundle.head_node h where h.bundle = bundle_name and h.id = c.child limit 1) is null
-    ), found as materialized (
-        select w.id from walk w
     )
-    select f.id, (select p.id from bundle.pending p where p.bundle = bundle_name and p.id = f.id) is not null
-    from found f
+    select w.id, (select p.id from bundle.pending p where p.bundle = bundle_name and p.id = w.id) is not null
+    from walk w
 $$;
 
 -- Of the given ids, those the bundle lacks, and the children of those held only as pending

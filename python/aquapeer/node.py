@@ -50,8 +50,6 @@ class ConnectError(AquapeerError):
     sqlstate = "08001"  # sqlclient_unable_to_establish_sqlconnection
 
 
-
-
 class MemoryFriendBook:
     """Friends and friend requests kept in memory (light peers, tests)."""
 
