@@ -153,16 +153,21 @@ def store(db, args):
                  "values ($1::uuid, $2, $3, $4, $5)",
                  [args["transfer"], args["friend"], name, args["direction"], args["rows_total"]])
         return None
+    # Objects travel here as [id, place] (bundle._pending_walk says what a place is).
     if step == "lacking":
-        return [r["l"] for r in db.query("select l from bundle._lacking($1, " + _texts(2) + ") l", [name, args["ids"]])]
+        return [[r["id"], r["place"]] for r in db.query(
+            "select id, place from bundle._lacking($1, " + _texts(2) + ", " + _texts(3) + ")",
+            [name, [i for i, _ in args["objects"]], [p for _, p in args["objects"]]])]
     if step == "keep":
         ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
-        lacking = [r["l"] for r in db.query("select l from bundle._keep($1, " + _texts(2) + ", $3) l",
-                                            [name, ids, datas])]
+        place = dict(args["asked"])
+        lacking = [[r["id"], r["place"]] for r in db.query(
+            "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
+            [name, ids, datas, [place.get(i) for i in ids]])]
         blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
         _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
-        asked = set(args["asked"])
-        return {"lacking": lacking, "unanswered": sorted(asked - set(ids))}
+        answered = set(ids)
+        return {"lacking": lacking, "unanswered": [a for a in args["asked"] if a[0] not in answered]}
     if step == "finish":
         db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
         kept = keep_commits(db, name, args["documents"])

@@ -131,7 +131,8 @@ class Transfers:
         await self._store("start", bundle=bundle, transfer=transfer, friend=friend.name, direction=direction,
                           rows_total=rows_total)
         try:
-            await self._walk(link, friend.name, bundle, transfer, await self._store("lacking", bundle=bundle, ids=roots))
+            lacking = await self._store("lacking", bundle=bundle, objects=[[root, ""] for root in roots])
+            await self._walk(link, friend.name, bundle, transfer, lacking)
             kept = await self._store("finish", bundle=bundle, transfer=transfer, roots=roots, documents=documents)
         except BaseException as e:
             state = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
@@ -142,8 +143,8 @@ class Transfers:
         return {"commits": kept, "transfer": transfer}
 
     async def _walk(self, link, name, bundle, transfer, lacking):
-        """Ask for what the bundle lacks, keep it, and go on with what it still lacks below that,
-        depth first so that the list of ids waiting stays short."""
+        """Ask for what the bundle lacks ([id, place] each), keep it, and go on with what it still
+        lacks below that, depth first so that the list waiting stays short."""
         work, busy = list(lacking), 0
         changed = asyncio.Condition()
 
@@ -160,10 +161,10 @@ class Transfers:
                 found = []
                 try:
                     data = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "objects",
-                                                        "ids": [bytes.fromhex(i) for i in batch]}, unpack=False)
+                                                        "ids": [bytes.fromhex(i) for i, _ in batch]}, unpack=False)
                     kept = await self._store("keep", bundle=bundle, transfer=transfer, data=data, asked=batch)
                     if len(kept["unanswered"]) == len(batch):
-                        raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0]}",
+                        raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0][0]}",
                                             sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
                     found = kept["lacking"] + kept["unanswered"]
                 finally:
