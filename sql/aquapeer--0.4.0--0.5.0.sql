@@ -8,6 +8,25 @@
 -- pull of 1,000 scattered rows).  A line added or removed shifts those below it; they compare
 -- unlike too, which only costs a closer look at them.
 
+-- A tree node's lines (the first names its kind).  The text takes the database's collation:
+-- convert_from's ("C", that of the encoding's name) would pass on to the ids read from it, and
+-- an id of another collation than an index's cannot use that index.
+create function bundle._lines(data bytea) returns text[]
+language sql stable parallel safe as $$
+    select string_to_array(convert_from(data, 'UTF8') collate "default", E'\n')
+$$;
+
+-- What an object is, from its first line (a blob is a JSON object, so never starts so).  Without
+-- a SET clause, so that it is inlined: a clone asks it a million times.
+create or replace function bundle._kind(data bytea) returns text
+language sql stable parallel safe as $$
+    select case
+        when substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
+        when substr(data, 1, 15) = convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
+        when substr(data, 1, 16) = convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
+        else 'blob' end
+$$;
+
 -- The entries of two nodes that differ, side by side (a missing or null node has none): of the
 -- lines that differ from the other node's line at the same position, those whose name the other
 -- node lacks or lists with another id.
@@ -16,10 +35,8 @@ returns table (name text, a_id text, b_id text)
 language sql stable rows 10 as $$
     with unlike as (
         select z.a, z.b
-        from unnest(string_to_array(convert_from((select o.data from bundle.object o
-                                                  where o.bundle = bundle_name and o.id = a_node), 'UTF8'), E'\n'),
-                    string_to_array(convert_from((select o.data from bundle.object o
-                                                  where o.bundle = bundle_name and o.id = b_node), 'UTF8'), E'\n'))
+        from unnest(bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = a_node)),
+                    bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = b_node)))
              with ordinality z(a, b, n)
         where z.n > 1 and z.a is distinct from z.b
     )
@@ -94,10 +111,9 @@ language sql stable rows 100 as $$
                                          where k.bundle = bundle_name
                                            and format('%s.%s', s.nspname, c.relname) = left(z.line, -65))
                 when kind = 'fan' then place || left(z.line, -65) end
-    from unnest(string_to_array(convert_from(data, 'UTF8'), E'\n'),
-                string_to_array(convert_from((select o.data from bundle.object o where o.bundle = bundle_name
-                                              and o.id = (select n.id from bundle._node_at(bundle_name, place) n)),
-                                             'UTF8'), E'\n'))
+    from unnest(bundle._lines(data),
+                bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
+                               and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
          with ordinality z(line, old, n)
     where z.n > 1 and z.line <> '' and z.line is distinct from z.old
 $$;
@@ -218,7 +234,7 @@ $$;
 drop function bundle._lacking(text, text[]);
 drop function bundle._pending_walk(text, text[]);
 drop index bundle.head_node_id;  -- what probed it is gone
-revoke all on function bundle._tree_changes(text, text, text), bundle._node_at(text, text),
+revoke all on function bundle._lines(bytea), bundle._tree_changes(text, text, text), bundle._node_at(text, text),
     bundle._new_children(text, text, bytea, text), bundle._pending_walk(text, text[], text[]),
     bundle._lacking(text, text[], text[]), bundle._keep(text, text[], bytea[], text[]) from public;
 

@@ -163,6 +163,29 @@ def test_the_same_rows_give_the_same_tree_on_two_servers(tracked):
     assert alice.scalar(tree) == bob.scalar(tree)
 
 
+def test_tree_nodes_compare_line_by_line_even_when_lines_shift(tracked):
+    # Two versions of a fan node are compared line n against line n; a child added or removed
+    # shifts the lines below it, which must cost a closer look, never a wrong answer.
+    alice, _ = tracked
+    ids = {c: c * 64 for c in "abcde"}
+    old = "aquapeer-fan/1\n00 {a}\n01 {b}\n03 {d}\n".format(**ids)
+    new = "aquapeer-fan/1\n00 {a}\n02 {c}\n03 {d}\n04 {e}\n".format(**ids)
+    node = {}
+    for name, text in (("old", old), ("new", new)):
+        node[name] = alice.scalar("insert into bundle.object select 'shop', encode(sha256(d), 'hex'), 'fan', d "
+                                  "from convert_to(%s, 'UTF8') d returning id", text)
+    assert set(alice.sql("select * from bundle._node_diff('shop', %s, %s)", node["old"], node["new"])) == {
+        ("01", ids["b"], None), ("02", None, ids["c"]), ("04", None, ids["e"])}
+    # Receiving the new node where the checked-out tree has the old one: only the children not on
+    # the same line of both need a look in the store, each with its place below.
+    alice.sql("insert into bundle.head_node values ('shop', 'public.widget', '3f', %s)", node["old"])
+    place = alice.scalar("select 'public.widget'::regclass::oid || ':3f'")
+    assert set(alice.sql("select * from bundle._new_children('shop', 'fan', convert_to(%s, 'UTF8'), %s)",
+                         new, place)) == {(ids["c"], place + "02"), (ids["e"], place + "04")}
+    # Where the place is unknown, every child does.
+    assert len(alice.sql("select * from bundle._new_children('shop', 'fan', convert_to(%s, 'UTF8'), null)", new)) == 4
+
+
 def test_blobs_are_the_text_of_the_rows_jsonb(pair):
     """The blob is written out directly; it must stay byte for byte the jsonb text docs/bundles.md defines."""
     alice, _ = pair
