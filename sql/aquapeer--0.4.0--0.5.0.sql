@@ -29,7 +29,8 @@ $$;
 
 -- The entries of two nodes that differ, side by side (a missing or null node has none): of the
 -- lines that differ from the other node's line at the same position, those whose name the other
--- node lacks or lists with another id.
+-- node lacks or lists with another id.  Against no node at all, every line (a clone walks 65,536
+-- buckets so, a third faster without the join).
 create or replace function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text)
 language sql stable rows 10 as $$
@@ -38,12 +39,19 @@ language sql stable rows 10 as $$
         from unnest(bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = a_node)),
                     bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = b_node)))
              with ordinality z(a, b, n)
-        where z.n > 1 and z.a is distinct from z.b
+        where a_node is not null and b_node is not null and z.n > 1 and z.a is distinct from z.b
     )
     select coalesce(a.name, b.name), a.id, b.id
     from (select left(u.a, -65) as name, right(u.a, 64) as id from unlike u where u.a <> '') a
     full join (select left(u.b, -65) as name, right(u.b, 64) as id from unlike u where u.b <> '') b on b.name = a.name
     where a.id is distinct from b.id
+    union all
+    select left(z.line, -65), case when b_node is null then right(z.line, 64) end,
+           case when a_node is null then right(z.line, 64) end
+    from unnest(bundle._lines((select o.data from bundle.object o
+                               where o.bundle = bundle_name and o.id = coalesce(a_node, b_node))))
+         with ordinality z(line, n)
+    where (a_node is null) <> (b_node is null) and z.n > 1 and z.line <> ''
 $$;
 
 -- What differs between two trees (a null root is the empty tree), by table and path: '' a
@@ -346,10 +354,16 @@ begin
     perform set_config('bundle.checking_out', '', true);
     delete from bundle.head_row h using pg_temp.bundle_apply a
         where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash and a.blob_id is null;
+    -- (An update, then an insert of the rest, rather than an insert "on conflict": a clone
+    -- inserts a million head rows, 1.5 s so instead of 3.4 s.  The bundle's row is locked, so
+    -- nothing else writes them meanwhile.)
+    update bundle.head_row h set blob = a.blob_id from pg_temp.bundle_apply a
+        where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash and a.blob_id is not null;
     insert into bundle.head_row
         select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
         where a.key_hash is not null and a.blob_id is not null
-        on conflict (bundle, relation, key_hash) do update set blob = excluded.blob;
+          and not exists (select from bundle.head_row h
+                          where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash);
     -- Many rows (a clone): fresh statistics for what comes next.
     if (select count(*) > 10000 from pg_temp.bundle_apply a where a.key_hash is not null) then
         analyze bundle.head_row;
