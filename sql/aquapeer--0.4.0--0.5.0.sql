@@ -107,12 +107,32 @@ language sql stable rows 1 as $$
       and h.path = split_part(place, ':', 2)
 $$;
 
+-- A node received that does not fit its place is refused: otherwise a sender could hang one
+-- node at many places and make the walk below them as long as it likes.  (Stable, not
+-- immutable, so that the planner never calls it ahead of time.)
+create function bundle._misplaced(kind text, place text, line text) returns text
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    raise exception 'a % node received does not fit its place % in the tree: it has the line "%"', kind, place, left(line, 80)
+        using errcode = 'XX001', hint = 'The sender''s tree is malformed (or was altered); nothing below it is kept.';
+end
+$$;
+
 -- The children of a tree node at a place that are not on the same line of the node the
--- checked-out tree has there, with their places.
+-- checked-out tree has there, with their places.  Where the place is known, each such line
+-- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
+-- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
 create function bundle._new_children(bundle_name text, kind text, data bytea, place text)
 returns table (id text, place text)
 language sql stable rows 100 as $$
-    select right(z.line, 64),
+    select case when place is null
+                  or case kind when 'root' then place = ''
+                               when 'fan' then place <> '' and length(split_part(place, ':', 2)) < 4
+                                               and left(z.line, -65) ~ '^[0-9a-f]{2}$'
+                               else length(split_part(place, ':', 2)) = 4
+                                    and left(z.line, 4) = split_part(place, ':', 2) end
+                then right(z.line, 64)
+                else bundle._misplaced(kind, place, z.line) end,
            case when kind = 'root' then (select k.relation::oid || ':' from bundle.tracked k
                                          join pg_class c on c.oid = k.relation
                                          join pg_namespace s on s.oid = c.relnamespace
@@ -134,22 +154,32 @@ $$;
 create function bundle._pending_walk(bundle_name text, ids text[], places text[])
 returns table (id text, place text, pending boolean)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off set work_mem = '256MB' as $$
-    -- leaf: a child of a bucket, which is a blob and never pending (a clone walks a million).
-    -- union all: ids are hashes of what lies below them, so no walk comes back to a node.
-    with recursive walk(id, place, leaf) as (
-        select i.id, i.place, false from unnest(ids, places) i(id, place)
+    -- The walk goes down through pending roots and fan nodes, each once per place ("union": a
+    -- node whose place is unknown once however often it is listed; bundle._new_children bounds
+    -- the rest).  The blobs below pending buckets (a clone has a million) are listed after it,
+    -- without being walked or looked for among the pending nodes.
+    with recursive walk(id, place) as (
+        select i.id, i.place from unnest(ids, places) i(id, place)
         where i.place is null or i.id is distinct from (select n.id from bundle._node_at(bundle_name, i.place) n)
-        union all
-        select c.id, c.place, p.kind = 'bucket' from walk w
+        union
+        select c.id, c.place from walk w
         cross join lateral (select p.kind, p.data from bundle.pending p
-                            where not w.leaf and p.bundle = bundle_name and p.id = w.id limit 1) p
+                            where p.bundle = bundle_name and p.id = w.id and p.kind <> 'bucket' limit 1) p
         cross join lateral bundle._new_children(bundle_name, p.kind, p.data, w.place) c
+    ), found as (
+        select w.id, w.place, p.kind, p.data from walk w
+        left join lateral (select p.kind, p.data from bundle.pending p where p.bundle = bundle_name and p.id = w.id
+                           limit 1) p on true
+    ), below as (
+        select f.id, f.place, f.kind is not null as pending from found f
+        union all
+        select c.id, c.place, false from found f
+        cross join lateral bundle._new_children(bundle_name, f.kind, f.data, f.place) c
+        where f.kind = 'bucket'
     )
-    -- In the order of ids, so that this probe and the caller's walk the indexes in order: twice as
+    -- In the order of ids, so that the caller's probes walk the store's index in order: twice as
     -- fast as at random.
-    select w.id, w.place,
-           not w.leaf and (select p.id from bundle.pending p where p.bundle = bundle_name and p.id = w.id) is not null
-    from (select * from walk order by id) w
+    select * from below order by id
 $$;
 
 -- Of the given nodes, those the bundle lacks, and the children of those held only as pending
@@ -242,7 +272,8 @@ $$;
 drop function bundle._lacking(text, text[]);
 drop function bundle._pending_walk(text, text[]);
 drop index bundle.head_node_id;  -- what probed it is gone
-revoke all on function bundle._lines(bytea), bundle._tree_changes(text, text, text), bundle._node_at(text, text),
+revoke all on function bundle._lines(bytea), bundle._misplaced(text, text, text), bundle._tree_changes(text, text, text),
+    bundle._node_at(text, text),
     bundle._new_children(text, text, bytea, text), bundle._pending_walk(text, text[], text[]),
     bundle._lacking(text, text[], text[]), bundle._keep(text, text[], bytea[], text[]) from public;
 

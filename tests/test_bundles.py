@@ -1,5 +1,7 @@
 """Bundles on real clusters: tracking, change capture, row hashes and status (work in progress)."""
 
+import hashlib
+
 import psycopg
 import pytest
 
@@ -184,6 +186,36 @@ def test_tree_nodes_compare_line_by_line_even_when_lines_shift(tracked):
                          new, place)) == {(ids["c"], place + "02"), (ids["e"], place + "04")}
     # Where the place is unknown, every child does.
     assert len(alice.sql("select * from bundle._new_children('shop', 'fan', convert_to(%s, 'UTF8'), null)", new)) == 4
+
+
+def test_a_node_received_where_it_does_not_fit_is_refused(tracked):
+    # The walk of a received tree goes once per place: one fan node listed under two names of a
+    # table's node would have its bucket walked at two places.  A bucket fits only where its key
+    # hashes hang, so the second place is refused, and nothing of the batch is kept.
+    alice, _ = tracked
+
+    def object_id(data):
+        return hashlib.sha256(data).hexdigest()
+
+    blob = b'{"sku": "w-9"}'
+    bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(blob)}\n".encode()
+    fan = f"aquapeer-fan/1\naa {object_id(bucket)}\n".encode()
+    table = f"aquapeer-fan/1\naa {object_id(fan)}\nbb {object_id(fan)}\n".encode()
+    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
+    objects = [blob, bucket, fan, table, root]
+    with pytest.raises(psycopg.errors.DataCorrupted, match="does not fit its place [0-9]+:bbaa"):
+        alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
+                  [object_id(o) for o in objects], objects)
+    assert alice.sql("select (select count(*) from bundle.pending where bundle = 'shop'), "
+                     "(select count(*) from bundle.object where bundle = 'shop')") == [(0, 0)]
+    # Under one name it fits.
+    table = f"aquapeer-fan/1\naa {object_id(fan)}\n".encode()
+    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
+    objects = [blob, bucket, fan, table, root]
+    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
+              [object_id(o) for o in objects], objects)
+    alice.sql("select bundle._promote('shop', %s::text[])", [object_id(root)])
+    assert alice.scalar("select count(*) from bundle.object where bundle = 'shop'") == 5
 
 
 def test_blobs_are_the_text_of_the_rows_jsonb(pair):
