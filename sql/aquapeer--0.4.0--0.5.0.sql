@@ -16,6 +16,17 @@ language sql stable parallel safe as $$
     select string_to_array(convert_from(data, 'UTF8') collate "default", E'\n')
 $$;
 
+-- The older readers of a node's lines read them through bundle._lines too, so that one
+-- function says how a node's text is decoded.
+create or replace function bundle._children(data bytea) returns setof text
+language sql stable strict parallel safe set search_path = pg_catalog, pg_temp set jit = off as $$
+    select right(l, 64) from unnest(bundle._lines(data)) with ordinality t(l, n) where n > 1 and l <> ''
+$$;
+create or replace function bundle._entries(data bytea) returns table (name text, id text)
+language sql stable parallel safe rows 10 as $$
+    select left(l, -65), right(l, 64) from unnest(bundle._lines(data)) with ordinality t(l, n) where n > 1 and l <> ''
+$$;
+
 -- What an object is, from its first line (a blob is a JSON object, so never starts so).  Without
 -- a SET clause, so that it is inlined: a clone asks it a million times.
 create or replace function bundle._kind(data bytea) returns text
