@@ -151,6 +151,29 @@ def test_a_cycle_through_deferrable_constraints_is_checked_out(db):
     assert rows(db, "s.a") == [] and rows(db, "s.b") == []
 
 
+def test_tables_of_key_columns_only_or_with_a_deferrable_key_are_checked_out(db):
+    # A checkout updates the rows whose keys are there and inserts the others ("on conflict"
+    # could not take a deferrable key as its arbiter); a table of key columns only is never
+    # updated.
+    db.sql("create table s.pair (a int, b text, primary key (a, b))")
+    db.sql("create table s.slot (id int primary key deferrable, label text)")
+    db.sql("insert into s.pair values (1, 'x'), (2, 'y'); insert into s.slot values (1, 'one'), (2, 'two')")
+    track(db, "s.pair", "s.slot")
+    first = commit(db)
+    db.sql("delete from s.pair where a = 1; insert into s.pair values (3, 'z')")
+    db.sql("update s.slot set label = 'uno' where id = 1; delete from s.slot where id = 2; "
+           "insert into s.slot values (3, 'three')")
+    second = commit(db)
+    db.sql("select bundle.checkout('b', %s)", first)
+    assert rows(db, "s.pair") == [(1, "x"), (2, "y")]
+    assert rows(db, "s.slot") == [(1, "one"), (2, "two")]
+    assert status(db) == []
+    db.sql("select bundle.checkout('b', %s)", second)
+    assert rows(db, "s.pair") == [(2, "y"), (3, "z")]
+    assert rows(db, "s.slot") == [(1, "uno"), (3, "three")]
+    assert status(db) == []
+
+
 def test_a_cycle_through_a_non_deferrable_constraint_is_an_error_naming_it(db):
     db.sql("create table s.a (id int primary key, b int)")
     db.sql("create table s.b (id int primary key, a int references s.a)")
