@@ -1,12 +1,14 @@
-"""The data-channel frames: validation, fragments, protocol versions, rate limits (no server)."""
+"""The data-channel frames: validation, fragments, protocol versions, rate limits, bundle answers
+(no server)."""
 
+import hashlib
 import os
 import random
 
 import msgpack
 import pytest
 
-from aquapeer import wire
+from aquapeer import bundles, wire
 
 UID = bytes(range(16))
 GOOD = [
@@ -149,3 +151,21 @@ def test_a_bundle_body_may_not_inflate_beyond_the_limit():
         wire.unpack_body(b"not zlib", 1000)
     with pytest.raises(wire.WireError, match="cut short"):
         wire.unpack_body(body[:-5], 200_000)
+
+
+def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
+    objects = [b"aquapeer-fan/1\n", b'{"id": "1"}']
+    ids = [hashlib.sha256(o).hexdigest() for o in objects]
+    lacking = "0" * 64
+    asked = [ids[0], lacking, ids[1], "f" * 64]
+    # Protocol 3: the i-th item is the i-th object asked for, nil where the friend lacks it, and the
+    # answer may stop short (the rest is asked for again).
+    bare = wire.unpack_body(wire.pack_body([objects[0], None, objects[1]]), wire.BODY_LIMIT)
+    assert bundles._objects(bare, asked, bare=True) == (ids, objects)
+    # Protocol 2: [id, bytes] pairs, the ids as sent (a wrong one is refused when kept).
+    pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects)]), wire.BODY_LIMIT)
+    assert bundles._objects(pairs, asked, bare=False) == (ids, objects)
+    for body, bare_form in ((pairs, True), (objects + objects + objects, True), (objects, False), ("x", True),
+                            ([[b"short", b"x"]], False)):
+        with pytest.raises(wire.WireError, match="an objects answer is a list of"):
+            bundles._objects(body, asked, bare=bare_form)

@@ -111,20 +111,31 @@ def serve(db, args):
             "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
             [name, friend, granted, ids])]
     elif want == "objects":
+        found = {row["id"]: row["data"] for row in db.query(  # in id order
+            "select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
+            [name, friend, granted, ids])}
         value, size = [], 0
-        for row in db.query("select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
-                            [name, friend, granted, ids]):
-            if value and size + len(row["data"]) > args["limit"]:
+        for i in (ids if args["bare"] else list(found)):  # protocol 3 answers in the order asked
+            data = found.get(i)
+            if value and size + len(data or b"") > args["limit"]:
                 break
-            value.append([bytes.fromhex(row["id"]), row["data"]])
-            size += len(row["data"])
+            value.append(data if args["bare"] else [bytes.fromhex(i), data])
+            size += len(data or b"")
     else:  # push: may this friend push to the bundle?
         db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
         value = True
     return wire.pack_body(value)
 
 
-def _objects(body):
+def _objects(body, asked, bare):
+    """(ids, bytes) of an objects answer to the ids asked: by position, nil for an object the
+    friend lacks, perhaps ending early (protocol 3, bare), or [32-byte id, bytes] pairs (2)."""
+    if bare:
+        if not isinstance(body, list) or len(body) > len(asked) or not all(
+                o is None or isinstance(o, bytes) for o in body):
+            raise wire.WireError("an objects answer is a list of bytes (or nil), at most one per id asked")
+        answered = [(i, o) for i, o in zip(asked, body) if o is not None]
+        return [i for i, _ in answered], [o for _, o in answered]
     if not isinstance(body, list) or not all(
             isinstance(o, list) and len(o) == 2 and isinstance(o[0], bytes) and len(o[0]) == 32
             and isinstance(o[1], bytes) for o in body):
@@ -159,7 +170,8 @@ def store(db, args):
             "select id, place from bundle._lacking($1, " + _texts(2) + ", " + _texts(3) + ")",
             [name, [i for i, _ in args["objects"]], [p for _, p in args["objects"]]])]
     if step == "keep":
-        ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT))
+        ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT), [a[0] for a in args["asked"]],
+                              args["bare"])
         place = dict(args["asked"])
         lacking = [[r["id"], r["place"]] for r in db.query(
             "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",

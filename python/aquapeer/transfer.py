@@ -1,4 +1,4 @@
-"""Bundle transfers between friends over the data channel (protocol 2): pull and push.
+"""Bundle transfers between friends over the data channel (protocols 2 and 3): pull and push.
 
 A pull is a have/want walk the puller drives.  It sends the ids of the
 commits it has and gets back the signed commits it lacks.  Then it asks for
@@ -162,7 +162,8 @@ class Transfers:
                 try:
                     data = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "objects",
                                                         "ids": [bytes.fromhex(i) for i, _ in batch]}, unpack=False)
-                    kept = await self._store("keep", bundle=bundle, transfer=transfer, data=data, asked=batch)
+                    kept = await self._store("keep", bundle=bundle, transfer=transfer, data=data, asked=batch,
+                                             bare=link.protocol >= wire.BARE_OBJECTS_PROTOCOL)
                     if len(kept["unanswered"]) == len(batch):
                         raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0][0]}",
                                             sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
@@ -243,7 +244,8 @@ class Transfers:
         limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
             "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
-            "want": "push" if push else want, "ids": ids, "limit": limit}}, SERVE_TIMEOUT_S)
+            "want": "push" if push else want, "ids": ids, "limit": limit,
+            "bare": link.protocol >= wire.BARE_OBJECTS_PROTOCOL}}, SERVE_TIMEOUT_S)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})
         return reply["result"]

@@ -35,6 +35,13 @@ bundle_push  id, bundle, head (32-byte id): take my commits up to head
 bundle_data  id, ok, data (zlib-compressed msgpack, see transfer.py) or nil,
              error {message, sqlstate} or nil
 ===========  ==============================================================
+
+Version 3 answers ``bundle_get`` for objects by position instead of with
+``[id, bytes]`` pairs: the i-th item is the bytes of the i-th id asked for, nil
+for one the sender lacks, and the answer may end before the list does (the
+asker asks again for the rest).  The ids, 32 random bytes each, neither
+compress nor let the compressor match across objects: a clone's answers
+shrink by a fifth.
 """
 
 import math
@@ -45,8 +52,9 @@ import msgpack
 
 from .errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 2
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 3
 BUNDLES_PROTOCOL = 2
+BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
 # Under 64 KiB, the smallest message a data channel must accept (RFC 8841).
 FRAGMENT_BYTES = 60 * 1024
 # The largest data-channel message a peer sends: a fragment and its framing.
