@@ -57,13 +57,16 @@ begin
 end
 $$;
 
--- The statements that write pg_temp.bundle_apply's rows of a tracked table: an update of the rows
--- whose keys the table has, then an insert of the others.  "insert ... on conflict do update"
--- inserts each row speculatively: a clone's million rows took 7.0 s so, and 5.1 s this way.
+-- The statement that writes pg_temp.bundle_apply's rows of a tracked table: an update of the rows
+-- whose keys the table has, and an insert of the others.  "insert ... on conflict do update"
+-- inserts each row speculatively: a clone's million rows took 7.0 s so, and 5.1 s this way.  One
+-- statement, so that foreign keys are checked at its end (a row may now refer to a row of the
+-- same table inserted with it).  The insert is a common table expression the update does not
+-- read, which PostgreSQL runs once the update is done: a unique value an updated row gives up can
+-- go to an inserted one.
 -- (A row with one of the keys that another transaction inserts meanwhile makes the insert fail,
--- and the checkout with it, instead of being overwritten.)  A table of key columns only needs no
--- update.
-create function bundle._write_statements(relation regclass, key_columns name[]) returns text[]
+-- and the checkout with it, instead of being overwritten.)
+create function bundle._write_statement(relation regclass, key_columns name[]) returns text
 language sql stable set search_path = pg_catalog, pg_temp as $$
     with c as (
         select a.attnum, a.attname, a.attname = any (key_columns) as is_key,
@@ -76,20 +79,20 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
                (select string_agg(format('t.%I = %s', c.attname, c.value), ' and ' order by c.attnum)
                 from c where c.is_key) as same_key
     )
-    select array_remove(array[
-        (select format('update only %s as t set %s from %s and %s', relation,
-                       string_agg(format('%I = %s', c.attname, c.value), ', ' order by c.attnum), s.source, s.same_key)
-         from c where not c.is_key having count(*) > 0),
-        (select format('insert into %s as t (%s) overriding system value select %s from %s '
-                       'and not exists (select from only %s t where %s)', relation,
-                       string_agg(format('%I', c.attname), ', ' order by c.attnum),
-                       string_agg(c.value, ', ' order by c.attnum), s.source, relation, s.same_key)
-         from c)], null)
-    from s
+    select format('with inserted as (insert into %s as t (%s) overriding system value select %s from %s '
+                  'and not exists (select from only %s t where %s) returning 1) ',
+                  relation, string_agg(format('%I', c.attname), ', ' order by c.attnum),
+                  string_agg(c.value, ', ' order by c.attnum), s.source, relation, s.same_key)
+           || case when bool_and(c.is_key) then 'select from inserted'  -- key columns only: no update
+                   else format('update only %s as t set %s from %s and %s', relation,
+                               string_agg(format('%I = %s', c.attname, c.value), ', ' order by c.attnum)
+                                   filter (where not c.is_key), s.source, s.same_key) end
+    from c, s
+    group by s.source, s.same_key
 $$;
 
 -- Write pg_temp.bundle_apply's rows to the bundle's tables (see 0.3.0), each table's through
--- bundle._write_statements.
+-- bundle._write_statement.
 create or replace function bundle._apply(bundle_name text, doing text) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -101,7 +104,6 @@ declare
     cycle text;
     deferred text;
     t record;
-    statement text;
     message text;
     detail text;
     state text;
@@ -125,9 +127,7 @@ begin
         for t in select o.relation, k.key_columns from bundle._fk_order(changed) o
                  join bundle.tracked k on k.bundle = bundle_name and k.relation = o.relation
                  order by o.rank, o.relation::text loop
-            foreach statement in array bundle._write_statements(t.relation, t.key_columns) loop
-                execute statement;
-            end loop;
+            execute bundle._write_statement(t.relation, t.key_columns);
         end loop;
         for t in select o.relation, k.key_columns, k.filter from bundle._fk_order(changed) o
                  join bundle.tracked k on k.bundle = bundle_name and k.relation = o.relation
@@ -160,4 +160,4 @@ begin
 end
 $$;
 
-revoke all on function bundle._write_statements(regclass, name[]) from public;
+revoke all on function bundle._write_statement(regclass, name[]) from public;

@@ -133,6 +133,21 @@ def test_a_tree_of_rows_in_a_self_referencing_table(db):
     assert rows(db, "s.node") == [(5, None, "alone")]
 
 
+def test_a_row_moves_under_a_row_inserted_with_it_and_gives_it_a_unique_value(db):
+    # The rows a table has are updated and the others inserted in one statement: foreign keys are
+    # checked at its end, and a unique value an updated row gives up goes to an inserted row.
+    db.sql("create table s.folder (id int primary key, parent int references s.folder, slug text unique)")
+    db.sql("insert into s.folder values (1, null, 'root'), (3, 1, 'archive'), (2, 3, 'docs-old'), (4, 1, 'docs')")
+    track(db, "s.folder")
+    moved = commit(db)
+    db.sql("delete from s.folder where id = 4; update s.folder set parent = 1, slug = 'docs' where id = 2; "
+           "delete from s.folder where id = 3")
+    commit(db)
+    db.sql("select bundle.checkout('b', %s)", moved)
+    assert rows(db, "s.folder") == [(1, None, "root"), (2, 3, "docs-old"), (3, 1, "archive"), (4, 1, "docs")]
+    assert status(db) == []
+
+
 def test_a_cycle_through_deferrable_constraints_is_checked_out(db):
     db.sql("create table s.a (id int primary key, b int not null)")
     db.sql("create table s.b (id int primary key, a int not null references s.a deferrable)")
