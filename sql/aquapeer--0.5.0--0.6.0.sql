@@ -1,5 +1,4 @@
--- aquapeer 0.5.0 -> 0.6.0: the blobs a pull receives are looked up without a walk, and checkouts
--- write rows without "on conflict".
+-- aquapeer 0.5.0 -> 0.6.0: received blobs looked up without a walk; checkouts without "on conflict".
 \echo Use "ALTER EXTENSION aquapeer UPDATE" to load this file. \quit
 
 -- Keep objects received for a bundle (see 0.5.0).
