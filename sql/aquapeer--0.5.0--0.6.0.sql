@@ -1,4 +1,4 @@
--- aquapeer 0.5.0 -> 0.6.0: received blobs looked up without a walk; checkouts without "on conflict".
+-- aquapeer 0.5.0 -> 0.6.0: received blobs looked up without a walk; checkouts without "on conflict"; bundle.drop.
 \echo Use "ALTER EXTENSION aquapeer UPDATE" to load this file. \quit
 
 -- Keep objects received for a bundle (see 0.5.0).
@@ -160,3 +160,40 @@ end
 $$;
 
 revoke all on function bundle._write_statement(regclass, name[]) from public;
+
+-- Dropping a bundle.  An aquapeer_admin could not (only a superuser could delete from
+-- bundle.bundle), and a table no bundle tracks any more kept its capture triggers, which keep a
+-- transition table of every statement that writes it.  Whatever deletes rows of bundle.tracked
+-- (bundle.drop, or deleting from bundle.bundle) now drops the capture triggers of the tables no
+-- bundle tracks after it.  DROP TRIGGER locks each such table exclusively for a moment.
+create function bundle._untracked() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    r regclass;
+    operation text;
+begin
+    for r in select distinct g.relation from gone g
+             where exists (select from pg_class c where c.oid = g.relation)  -- (not dropped since)
+               and not exists (select from bundle.tracked k where k.relation = g.relation) loop
+        foreach operation in array array['ins', 'upd', 'del'] loop
+            execute format('drop trigger if exists %I on %s', format('aquapeer_bundle_capture_%s_%s', r::oid, operation), r);
+        end loop;
+    end loop;
+    return null;
+end
+$$;
+create trigger untracked after delete on bundle.tracked referencing old table as gone
+    for each statement execute function bundle._untracked();
+
+-- Forget a bundle here: its commits, objects, head rows, shares and a merge in progress.  The
+-- tables keep their rows.
+create function bundle.drop(bundle_name text) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    perform bundle._bundle(bundle_name);
+    delete from bundle.bundle where name = bundle_name;  -- the rest goes with it (bundle.forget, foreign keys)
+end
+$$;
+comment on function bundle.drop(text) is 'forget a bundle and its history here; its tables keep their rows';
+revoke all on function bundle._untracked(), bundle.drop(text) from public;
+grant execute on function bundle.drop(text) to aquapeer_admin;

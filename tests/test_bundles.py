@@ -157,6 +157,36 @@ def test_deleting_a_bundle_deletes_its_rows_and_a_rename_is_refused(tracked):
     alice.sql("select bundle.create('shop')")  # for the fixture's clean-up
 
 
+def test_drop_forgets_a_bundle_and_the_capture_triggers_no_bundle_needs(tracked):
+    alice, _ = tracked
+    alice.sql("select bundle.commit('shop', 'first')")
+    alice.sql("select bundle.create('parts'); select bundle.track('parts', 'public.part'); "
+              "select bundle.commit('parts', 'first')")
+    triggers = ("select c.relname, count(*) from pg_trigger t join pg_class c on c.oid = t.tgrelid "
+                "where t.tgname like 'aquapeer_bundle_capture_%' group by 1 order by 1")
+    assert alice.sql(triggers) == [("part", 3), ("widget", 3)]
+    with pytest.raises(psycopg.errors.UndefinedObject, match='bundle "nosuch" does not exist'):
+        alice.sql("select bundle.drop('nosuch')")
+    # An aquapeer_admin may drop a bundle (deleting from bundle.bundle takes a superuser).
+    alice.sql("drop role if exists keeper; create role keeper login in role aquapeer_admin")
+    with alice.connect(user="keeper") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("delete from bundle.bundle where name = 'shop'")
+        conn.execute("select bundle.drop('shop')")
+    assert alice.scalar("select count(*) from bundle.bundle where name = 'shop'") == 0
+    assert alice.scalar("select count(*) from bundle.object where bundle = 'shop'") == 0
+    # widget is tracked by no bundle now; part still is, by parts.
+    assert alice.sql(triggers) == [("part", 3)]
+    assert alice.scalar("select count(*) from public.widget") == 2
+    alice.sql("update public.part set kind = 'washer' where n = 2")
+    assert alice.sql("select relation::text, key::text, change from bundle.status('parts')") == [
+        ("part", '["w-1", "2"]', "modified")]
+    alice.sql("delete from bundle.bundle where name = 'parts'")  # the same, for a superuser
+    assert alice.sql(triggers) == []
+    alice.sql("update public.part set kind = 'nut' where n = 2")  # as the other tests have it
+    alice.sql("select bundle.create('shop')")  # for the fixture's clean-up
+
+
 def test_the_same_rows_give_the_same_tree_on_two_servers(tracked):
     alice, bob = tracked
     alice.sql("select bundle.commit('shop', 'a')")
