@@ -238,6 +238,23 @@ def test_an_unreachable_friend_is_a_clear_error(shop):
         tb.wait_connected(bob, "alice", timeout=60)
 
 
+def test_a_row_larger_than_the_friend_accepts_in_one_message_is_pulled_in_slices(shop):
+    alice, bob = shop
+    # bob accepts 1 MiB in one message, so an answer holds 512 KiB of objects; the row is 2.9 MB.
+    bob.sql("update peer.config set max_message_bytes = 1048576; select peer.disconnect('alice')")
+    try:
+        assert bob.scalar("select peer.connect('alice')") == "connected"
+        alice.sql("insert into public.widget (id, name) "
+                  "select 1000, string_agg(md5(n::text || random()::text), '') from generate_series(1, 90000) n")
+        alice.sql("select bundle.commit('shop', 'a large row')")
+        first = pull(bob)
+        assert first["fast_forward"] is True and first["blobs"] == 204
+        assert rows(bob) == rows(alice)
+    finally:
+        bob.sql("update peer.config set max_message_bytes = default; select peer.disconnect('alice')")
+        assert bob.scalar("select peer.connect('alice')") == "connected"
+
+
 # --------------------------------------------------------------------------
 # crashes in the middle of a large pull
 # --------------------------------------------------------------------------

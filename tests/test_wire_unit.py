@@ -25,6 +25,8 @@ GOOD = [
     {"t": "result", "id": UID, "ok": True, "result": "{}", "error": None},
     {"t": "result", "id": UID, "ok": False, "result": None, "error": {"message": "boom", "sqlstate": "22012"}},
     {"t": "cancel", "id": UID},
+    {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)]},
+    {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)], "offset": 4 << 20},
 ]
 
 
@@ -62,6 +64,10 @@ BAD = [
      "invalid 'proto'"),
     (msgpack.packb({"t": "frag", "more": True, "data": b"x" * (wire.FRAGMENT_BYTES + 1)}, use_bin_type=True),
      "invalid 'data'"),
+    (msgpack.packb({"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)],
+                    "offset": -1}, use_bin_type=True), "invalid 'offset'"),
+    (msgpack.packb({"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)],
+                    "offset": wire.LARGEST_OBJECT}, use_bin_type=True), "invalid 'offset'"),
 ]
 
 
@@ -157,15 +163,18 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
     objects = [b"aquapeer-fan/1\n", b'{"id": "1"}']
     ids = [hashlib.sha256(o).hexdigest() for o in objects]
     lacking = "0" * 64
-    asked = [ids[0], lacking, ids[1], "f" * 64]
+    asked = [ids[0], lacking, ids[1], "f" * 64, "e" * 64]
     # Protocol 3: the i-th item is the i-th object asked for, nil where the friend lacks it, and the
     # answer may stop short (the rest is asked for again).
     bare = wire.unpack_body(wire.pack_body([objects[0], None, objects[1]]), wire.BODY_LIMIT)
-    assert bundles._objects(bare, asked, bare=True) == (ids, objects)
+    assert bundles._objects(bare, asked, bare=True) == (ids, objects, [])
+    # Protocol 4: the size of an object too large for an answer, to be fetched in slices.
+    sized = wire.unpack_body(wire.pack_body([objects[0], None, objects[1], 5 << 20]), wire.BODY_LIMIT)
+    assert bundles._objects(sized, asked, bare=True) == (ids, objects, [("f" * 64, 5 << 20)])
     # Protocol 2: [id, bytes] pairs, the ids as sent (a wrong one is refused when kept).
     pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects)]), wire.BODY_LIMIT)
-    assert bundles._objects(pairs, asked, bare=False) == (ids, objects)
-    for body, bare_form in ((pairs, True), (objects + objects + objects, True), (objects, False), ("x", True),
-                            ([[b"short", b"x"]], False)):
+    assert bundles._objects(pairs, asked, bare=False) == (ids, objects, [])
+    for body, bare_form in ((pairs, True), (objects * 3, True), (objects, False), ("x", True),
+                            ([[b"short", b"x"]], False), ([0], True), ([True], True), ([-4], True)):
         with pytest.raises(wire.WireError, match="an objects answer is a list of"):
             bundles._objects(body, asked, bare=bare_form)

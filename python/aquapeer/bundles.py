@@ -117,10 +117,24 @@ def serve(db, args):
         value, size = [], 0
         for i in (ids if args["bare"] else list(found)):  # protocol 3 answers in the order asked
             data = found.get(i)
+            if data is not None and len(data) > args["limit"]:
+                if args.get("sliced"):  # protocol 4: its size, and the friend asks for its slices
+                    value.append(len(data))
+                    continue
+                if not value:
+                    raise AquapeerError(
+                        f'an object of bundle "{name}" ({i}) is {len(data)} bytes, more than one answer to '
+                        f"you may hold ({args['limit']})", sqlstate="54000",
+                        hint="Update aquapeer, whose pulls fetch such objects in slices.")
+                break
             if value and size + len(data or b"") > args["limit"]:
                 break
             value.append(data if args["bare"] else [bytes.fromhex(i), data])
             size += len(data or b"")
+    elif want == "slice":  # protocol 4: the bytes of one object from offset on
+        value = db.scalar("select substring(o.data from $5::integer + 1 for $6::integer) "
+                          "from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ") o",
+                          [name, friend, granted, ids[:1], args["offset"], args["limit"]])
     else:  # push: may this friend push to the bundle?
         db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
         value = True
@@ -128,25 +142,38 @@ def serve(db, args):
 
 
 def _objects(body, asked, bare):
-    """(ids, bytes) of an objects answer to the ids asked: by position, nil for an object the
-    friend lacks, perhaps ending early (protocol 3, bare), or [32-byte id, bytes] pairs (2)."""
+    """(ids, bytes, [(id, size)] of objects to fetch in slices) of an objects answer to the ids
+    asked: by position, nil for an object the friend lacks, its size for one larger than an
+    answer (protocol 4), perhaps ending early (protocol 3, bare); or [32-byte id, bytes] pairs (2)."""
     if bare:
         if not isinstance(body, list) or len(body) > len(asked) or not all(
-                o is None or isinstance(o, bytes) for o in body):
-            raise wire.WireError("an objects answer is a list of bytes (or nil), at most one per id asked")
-        answered = [(i, o) for i, o in zip(asked, body) if o is not None]
-        return [i for i, _ in answered], [o for _, o in answered]
+                o is None or isinstance(o, bytes) or (wire._is_int(o) and o > 0) for o in body):
+            raise wire.WireError("an objects answer is a list of bytes, sizes or nil, at most one per id asked")
+        answered = [(i, o) for i, o in zip(asked, body) if isinstance(o, bytes)]
+        return ([i for i, _ in answered], [o for _, o in answered],
+                [(i, o) for i, o in zip(asked, body) if wire._is_int(o)])
     if not isinstance(body, list) or not all(
             isinstance(o, list) and len(o) == 2 and isinstance(o[0], bytes) and len(o[0]) == 32
             and isinstance(o[1], bytes) for o in body):
         raise wire.WireError("an objects answer is a list of [32-byte id, bytes]")
-    return [o[0].hex() for o in body], [o[1] for o in body]
+    return [o[0].hex() for o in body], [o[1] for o in body], []
 
 
 def _progress(db, transfer, **counts):
     db.query("update peer.transfer set bytes_done = bytes_done + $2, rows_done = rows_done + $3, "
              "objects_done = objects_done + $4, updated_at = now() where id = $1::uuid",
              [transfer, counts.get("bytes", 0), counts.get("rows", 0), counts.get("objects", 0)])
+
+
+def _keep(db, name, transfer, ids, datas, places, wire_bytes):
+    """Keep objects received (bundle._keep checks each against its id) and count them in the
+    transfer's progress: the [id, place] of the children they name that we lack."""
+    lacking = [[r["id"], r["place"]] for r in db.query(
+        "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
+        [name, ids, datas, places])]
+    blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
+    _progress(db, transfer, bytes=wire_bytes, rows=blobs, objects=len(ids))
+    return lacking
 
 
 def store(db, args):
@@ -170,16 +197,16 @@ def store(db, args):
             "select id, place from bundle._lacking($1, " + _texts(2) + ", " + _texts(3) + ")",
             [name, [i for i, _ in args["objects"]], [p for _, p in args["objects"]]])]
     if step == "keep":
-        ids, datas = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT), [a[0] for a in args["asked"]],
-                              args["bare"])
+        ids, datas, sliced = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT),
+                                      [a[0] for a in args["asked"]], args["bare"])
         place = dict(args["asked"])
-        lacking = [[r["id"], r["place"]] for r in db.query(
-            "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
-            [name, ids, datas, [place.get(i) for i in ids]])]
-        blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
-        _progress(db, args["transfer"], bytes=len(args["data"]), rows=blobs, objects=len(ids))
-        answered = set(ids)
-        return {"lacking": lacking, "unanswered": [a for a in args["asked"] if a[0] not in answered]}
+        lacking = _keep(db, name, args["transfer"], ids, datas, [place.get(i) for i in ids], len(args["data"]))
+        answered = set(ids) | {i for i, _ in sliced}
+        return {"lacking": lacking, "unanswered": [a for a in args["asked"] if a[0] not in answered],
+                "sliced": [[i, place.get(i), size] for i, size in sliced]}
+    if step == "keep_sliced":  # one object, put together from its slices
+        return {"lacking": _keep(db, name, args["transfer"], [args["object"][0]], [args["data"]],
+                                 [args["object"][1]], args["wire_bytes"])}
     if step == "finish":
         db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
         kept = keep_commits(db, name, args["documents"])

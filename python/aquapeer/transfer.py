@@ -1,4 +1,4 @@
-"""Bundle transfers between friends over the data channel (protocols 2 and 3): pull and push.
+"""Bundle transfers between friends over the data channel (protocols 2 to 4): pull and push.
 
 A pull is a have/want walk the puller drives.  It sends the ids of the
 commits it has and gets back the signed commits it lacks.  Then it asks for
@@ -168,6 +168,8 @@ class Transfers:
                         raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0][0]}",
                                             sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
                     found = kept["lacking"] + kept["unanswered"]
+                    for object_id, place, size in kept["sliced"]:
+                        found += await self._sliced(link, name, bundle, transfer, object_id, place, size)
                 finally:
                     async with changed:
                         busy -= 1
@@ -180,6 +182,27 @@ class Transfers:
                     group.create_task(worker())
         except ExceptionGroup as failed:  # the first failure says what went wrong
             raise failed.exceptions[0] from None
+
+    async def _sliced(self, link, name, bundle, transfer, object_id, place, size):
+        """Fetch an object larger than one answer slice by slice (protocol 4) and keep it: the
+        [id, place] of what it names that we lack."""
+        if size > wire.LARGEST_OBJECT:
+            raise AquapeerError(f'{name} has an object of bundle "{bundle}" of {size} bytes ({object_id}), '
+                                f"more than the {wire.LARGEST_OBJECT} a transfer carries", sqlstate="54000",
+                                hint="Keep rows that large out of bundles you share.")
+        data, wire_bytes = bytearray(), 0
+        while len(data) < size:
+            packed = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "slice",
+                                                  "ids": [bytes.fromhex(object_id)], "offset": len(data)},
+                                     unpack=False)
+            piece = wire.unpack_body(packed, wire.BODY_LIMIT)
+            if not isinstance(piece, bytes) or not piece or len(data) + len(piece) > size:
+                raise wire.WireError(f"{name} answered for a slice of {object_id} with no bytes or too many")
+            data += piece
+            wire_bytes += len(packed)
+        kept = await self._store("keep_sliced", bundle=bundle, transfer=transfer, object=[object_id, place],
+                                 data=bytes(data), wire_bytes=wire_bytes)
+        return kept["lacking"]
 
     async def push(self, friend, bundle):
         """Have the friend take our commits of the bundle; refused unless that fast-forwards it."""
@@ -228,7 +251,8 @@ class Transfers:
                                     sqlstate="42501")
             friend = rows[0]
             if frame["t"] == "bundle_get":
-                reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"])
+                reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"],
+                                                  offset=frame.get("offset", 0))
             else:
                 reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
         except AquapeerError as e:
@@ -239,13 +263,14 @@ class Transfers:
         if link.state == "connected":
             link.send(reply, transport.CONTROL)
 
-    async def _serve(self, friend, link, bundle, want, ids, push=False):
+    async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0):
         # An answer, compressed or not, must stay under what the friend accepts in one frame.
         limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
             "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
-            "want": "push" if push else want, "ids": ids, "limit": limit,
-            "bare": link.protocol >= wire.BARE_OBJECTS_PROTOCOL}}, SERVE_TIMEOUT_S)
+            "want": "push" if push else want, "ids": ids, "limit": limit, "offset": offset,
+            "bare": link.protocol >= wire.BARE_OBJECTS_PROTOCOL,
+            "sliced": link.protocol >= wire.SLICED_OBJECTS_PROTOCOL}}, SERVE_TIMEOUT_S)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})
         return reply["result"]

@@ -42,6 +42,11 @@ for one the sender lacks, and the answer may end before the list does (the
 asker asks again for the rest).  The ids, 32 random bytes each, neither
 compress nor let the compressor match across objects: a clone's answers
 shrink by a fifth.
+
+Version 4 carries objects larger than one answer may be: in place of such an
+object's bytes, an objects answer has its size (an int), and the asker fetches
+it with ``bundle_get`` want "slice", ids [its id] and offset (int): each answer
+is the bytes from offset on, as many as one answer may hold.
 """
 
 import math
@@ -52,9 +57,13 @@ import msgpack
 
 from .errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 3
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 4
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
+SLICED_OBJECTS_PROTOCOL = 4  # objects larger than an answer fetched in slices
+# The largest object a transfer carries in slices: it is put together in the network worker's
+# memory and handed to an executor in one control frame.
+LARGEST_OBJECT = 100 * 1024 * 1024
 # Under 64 KiB, the smallest message a data channel must accept (RFC 8841).
 FRAGMENT_BYTES = 60 * 1024
 # The largest data-channel message a peer sends: a fragment and its framing.
@@ -63,7 +72,7 @@ MAX_TOPIC = 255
 MAX_NAME = 255
 MAX_REASON = 1000
 MAX_ITEMS = 10000
-BUNDLE_WANTS = ("head", "commits", "objects")
+BUNDLE_WANTS = ("head", "commits", "objects", "slice")
 
 
 class WireError(AquapeerError):
@@ -153,6 +162,11 @@ SCHEMAS = {
                     "error": _opt(_error)},
 }
 
+# Fields later versions added to a type, which earlier versions do not send.
+OPTIONAL_FIELDS = {
+    "bundle_get": {"offset": lambda v: _is_int(v) and 0 <= v < LARGEST_OBJECT},  # want "slice" (version 4)
+}
+
 
 def validate(frame):
     """The frame if it is well formed, else WireError saying what is wrong."""
@@ -165,6 +179,9 @@ def validate(frame):
     for field, check in schema.items():
         if field not in frame or not check(frame[field]):
             raise WireError(f"{kind} frame with a missing or invalid {field!r}")
+    for field, check in OPTIONAL_FIELDS.get(kind, {}).items():
+        if field in frame and not check(frame[field]):
+            raise WireError(f"{kind} frame with an invalid {field!r}")
     return frame
 
 
