@@ -107,3 +107,20 @@ def test_bad_commits_cannot_be_made():
                              ({"message": "x" * (commits.MAX_MESSAGE + 1)}, "at most")]:
         with pytest.raises((commits.CommitError, identity.IdentityError), match=message):
             make(me, **changes)
+
+
+def test_received_commits_are_kept_parents_first_in_one_pass():
+    # A merge: d has parents c and b, both children of a; a is known already.
+    history = ({"a": [], "b": ["a"], "c": ["a"], "d": ["c", "b"], "e": ["d", "d"]})
+    assert commits.parents_first(history, known={"a"}) == ["b", "c", "d", "e"]
+    assert commits.parents_first(history, known=set(history)) == []
+    # A long line of commits, given newest first (as a friend's walk from its head finds them).
+    line = ({f"{n:06d}": [f"{n - 1:06d}"] if n else [] for n in reversed(range(100_000))})
+    assert commits.parents_first(line, known=set()) == sorted(line)
+
+
+def test_commits_whose_parents_neither_are_here_nor_came_are_refused():
+    with pytest.raises(commits.CommitError, match="commit b has parents this database lacks: x"):
+        commits.parents_first(({"a": [], "b": ["a", "x"]}), known=set())
+    with pytest.raises(commits.CommitError, match="commit b has parents this database lacks: a cycle"):
+        commits.parents_first(({"b": ["c"], "c": ["b"]}), known=set())

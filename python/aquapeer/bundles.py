@@ -45,24 +45,28 @@ def commit(db, name, message):
     new = commits.Commit(parents=parents, tree=staged["root"], author=me.peer_id,
                          message=message or "", time=commits.utc_time(datetime.datetime.now(datetime.timezone.utc)),
                          rows_changed=staged["rows_changed"])
-    _store(db, name, new, commits.sign(me, new))
+    _store(db, name, [(new, commits.sign(me, new))])
     db.query("update bundle.bundle set head = $2, checked_out = $2 where name = $1", [name, new.id])
     db.query("delete from bundle.merge where bundle = $1", [name])
     return new.id
 
 
-def _store(db, name, new, document):
-    db.query("insert into bundle.object values ($1, $2, 'commit', $3) on conflict do nothing",
-             [name, new.id, new.encode()])
-    db.query("insert into bundle.commit values ($1, $2, " + _texts(3) + ", "
-             "$4, $5, $6, $7::timestamptz, $8, $9::jsonb) on conflict do nothing",
-             [name, new.id, json.dumps(list(new.parents)), new.tree, new.author, new.message, new.time,
-              new.rows_changed, json.dumps(document)])
+def _store(db, name, signed):
+    """Keep commits ([(Commit, its signed document)]) in the bundle's store, in two statements."""
+    db.query("insert into bundle.object select $1, c.id, 'commit', c.data "
+             "from unnest(" + _texts(2) + ", $3::bytea[]) c(id, data) on conflict do nothing",
+             [name, [new.id for new, _ in signed], [new.encode() for new, _ in signed]])
+    db.query("insert into bundle.commit select $1, c->>0, array(select jsonb_array_elements_text(c->1)), c->>2, "
+             "c->>3, c->>4, (c->>5)::timestamptz, (c->>6)::bigint, c->7 "
+             "from jsonb_array_elements($2::jsonb) c on conflict do nothing",
+             [name, [[new.id, list(new.parents), new.tree, new.author, new.message, new.time, new.rows_changed,
+                      document] for new, document in signed]])
 
 
 def keep_commits(db, name, documents):
-    """Verify signed commit documents received for a bundle and keep them, parents first; each
-    commit's tree must already be kept (bundle._promote).  How many were new."""
+    """Verify signed commit documents received for a bundle and keep them; each commit's parents
+    must be here or among them, and its tree must already be kept (bundle._promote).  How many
+    were new."""
     if not isinstance(documents, list):
         raise commits.CommitError("commit documents come as a JSON array")
     received = {}
@@ -72,25 +76,18 @@ def keep_commits(db, name, documents):
     known = {r["id"] for r in db.query(
         "select id from bundle.commit where bundle = $1 and id = any (" + _texts(2) + ")",
         [name, sorted({p for new, _ in received.values() for p in new.parents} | set(received))])}
-    kept = 0
-    waiting = {cid: pair for cid, pair in received.items() if cid not in known}
-    while waiting:
-        ready = [cid for cid, (new, _) in waiting.items() if all(p in known for p in new.parents)]
-        if not ready:
-            cid, (new, _) = min(waiting.items())
-            lacking = sorted(p for p in new.parents if p not in known and p not in waiting)
-            raise commits.CommitError(f"commit {cid} has parents this database lacks: {', '.join(lacking) or 'a cycle'}",
-                                      hint="The sender must send a commit's parents with it (pull again).")
-        for cid in sorted(ready):
-            new, document = waiting.pop(cid)
-            if not db.scalar("select exists (select from bundle.object where bundle = $1 and id = $2 and kind = 'root')",
-                             [name, new.tree]):
-                raise commits.CommitError(f"commit {cid} refers to tree {new.tree}, which bundle \"{name}\" lacks",
-                                          hint="Its objects must be kept before it (pull again).")
-            _store(db, name, new, document)
-            known.add(cid)
-            kept += 1
-    return kept
+    order = commits.parents_first({cid: new.parents for cid, (new, _) in received.items()}, known)
+    if not order:
+        return 0
+    treeless = db.query("select c.id, c.tree from unnest(" + _texts(2) + ", " + _texts(3) + ") c(id, tree) "
+                        "where not exists (select from bundle.object o where o.bundle = $1 and o.id = c.tree "
+                        "and o.kind = 'root') order by c.id limit 1",
+                        [name, order, [received[cid][0].tree for cid in order]])
+    if treeless:
+        raise commits.CommitError(f"commit {treeless[0]['id']} refers to tree {treeless[0]['tree']}, which bundle "
+                                  f'"{name}" lacks', hint="Its objects must be kept before it (pull again).")
+    _store(db, name, [received[cid] for cid in order])
+    return len(order)
 
 
 # --- transfers: what executors do for transfer.py ----------------------------------------------

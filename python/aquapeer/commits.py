@@ -11,9 +11,11 @@ friends.
 """
 
 import base64
+import collections
 import dataclasses
 import datetime
 import hashlib
+import heapq
 import json
 import re
 
@@ -139,3 +141,36 @@ def verify(document):
         raise CommitError(f"the signature of commit {commit.id} does not verify",
                           hint="Somebody altered it, or it was never signed by its author.")
     return commit
+
+
+def parents_first(received, known):
+    """The ids of the received commits (id -> its parents' ids) that are not known, each after
+    its parents (ties by id): a topological sort in one pass, since a clone may receive a history
+    of 100,000 commits.  CommitError for a commit whose parents are neither known nor received,
+    or a cycle."""
+    waiting = {cid: parents for cid, parents in received.items() if cid not in known}
+    blocking = {}                           # id -> how many of its parents are still to come
+    children = collections.defaultdict(list)
+    for cid in sorted(waiting):
+        to_come = {p for p in waiting[cid] if p not in known}
+        lacking = sorted(p for p in to_come if p not in waiting)
+        if lacking:
+            raise CommitError(f"commit {cid} has parents this database lacks: {', '.join(lacking)}",
+                              hint="The sender must send a commit's parents with it (pull again).")
+        blocking[cid] = len(to_come)
+        for p in to_come:
+            children[p].append(cid)
+    ready = [cid for cid, n in blocking.items() if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        cid = heapq.heappop(ready)
+        order.append(cid)
+        for child in children[cid]:
+            blocking[child] -= 1
+            if not blocking[child]:
+                heapq.heappush(ready, child)
+    if len(order) < len(waiting):
+        raise CommitError(f"commit {min(waiting.keys() - set(order))} has parents this database lacks: a cycle",
+                          hint="The sender must send a commit's parents with it (pull again).")
+    return order
