@@ -255,6 +255,26 @@ def test_a_row_larger_than_the_friend_accepts_in_one_message_is_pulled_in_slices
         assert bob.scalar("select peer.connect('alice')") == "connected"
 
 
+def test_commits_come_in_pages_when_one_answer_cannot_hold_them(shop):
+    alice, bob = shop
+    # bob accepts 8 KiB in one message (and 60 KiB more for fragments' sake): an answer holds 4 KiB,
+    # half a dozen commits.  500 commits are 90 KiB compressed.
+    bob.sql("update peer.config set max_message_bytes = 8192; select peer.disconnect('alice')")
+    try:
+        assert bob.scalar("select peer.connect('alice')") == "connected"
+        alice.sql("do $$ begin for n in 1..500 loop "
+                  "update public.widget set price = price + 1 where id = n % 200 + 1; "
+                  "perform bundle.commit('shop', 'change ' || n); end loop; end $$")
+        first = pull(bob)
+        assert first["commits"] == 501 and first["fast_forward"] is True
+        assert rows(bob) == rows(alice)
+        assert bob.sql("select commit_id, parent_ids from bundle.log('shop')") == \
+            alice.sql("select commit_id, parent_ids from bundle.log('shop')")
+    finally:
+        bob.sql("update peer.config set max_message_bytes = default; select peer.disconnect('alice')")
+        assert bob.scalar("select peer.connect('alice')") == "connected"
+
+
 # --------------------------------------------------------------------------
 # crashes in the middle of a large pull
 # --------------------------------------------------------------------------

@@ -103,19 +103,25 @@ def serve(db, args):
     want, ids = args["want"], [i.hex() for i in args["ids"]]
     if want == "head":
         value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
-    elif want == "commits":
-        value = [json.loads(r["d"]) for r in db.query(
-            "select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ") d",
-            [name, friend, granted, ids])]
+    elif want == "commits":  # from protocol 4, newest first and as many as one answer holds
+        value, size = [], 0
+        for r in db.query("select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ", "
+                          "nullif(" + _texts(5) + ", '{}')) d",
+                          [name, friend, granted, ids, [i.hex() for i in args.get("starts") or []]]):
+            if value and args["protocol"] >= wire.LARGE_TRANSFERS_PROTOCOL and size + len(r["d"]) > args["limit"]:
+                break
+            value.append(json.loads(r["d"]))
+            size += len(r["d"])
     elif want == "objects":
         found = {row["id"]: row["data"] for row in db.query(  # in id order
             "select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
             [name, friend, granted, ids])}
         value, size = [], 0
-        for i in (ids if args["bare"] else list(found)):  # protocol 3 answers in the order asked
+        bare = args["protocol"] >= wire.BARE_OBJECTS_PROTOCOL  # answers in the order asked, without ids
+        for i in (ids if bare else list(found)):
             data = found.get(i)
             if data is not None and len(data) > args["limit"]:
-                if args.get("sliced"):  # protocol 4: its size, and the friend asks for its slices
+                if args["protocol"] >= wire.LARGE_TRANSFERS_PROTOCOL:  # its size: the friend asks for slices
                     value.append(len(data))
                     continue
                 if not value:
@@ -126,7 +132,7 @@ def serve(db, args):
                 break
             if value and size + len(data or b"") > args["limit"]:
                 break
-            value.append(data if args["bare"] else [bytes.fromhex(i), data])
+            value.append(data if bare else [bytes.fromhex(i), data])
             size += len(data or b"")
     elif want == "slice":  # protocol 4: the bytes of one object from offset on
         value = db.scalar("select substring(o.data from $5::integer + 1 for $6::integer) "
@@ -183,6 +189,11 @@ def store(db, args):
                                           f"limit {wire.MAX_ITEMS}", [name])]
     if step == "head":
         return db.scalar("select head from bundle._bundle($1)", [name])
+    if step == "unknown_commits":  # of these, the commits the bundle lacks
+        return [r["id"] for r in db.query(
+            "select i as id from unnest(" + _texts(2) + ") i "
+            "where not exists (select from bundle.commit c where c.bundle = $1 and c.id = i) order by 1",
+            [name, args["ids"]])]
     if step == "start":
         db.query("insert into peer.transfer (id, friend, bundle, direction, rows_total) "
                  "values ($1::uuid, $2, $3, $4, $5)",

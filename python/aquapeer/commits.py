@@ -24,7 +24,7 @@ from .errors import AquapeerError
 
 FORMAT = "aquapeer-bundle/1"
 COMMIT_DOMAIN = b"aquapeer-commit/1\0"
-_ID = re.compile(r"[0-9a-f]{64}")
+ID = re.compile(r"[0-9a-f]{64}")
 MAX_MESSAGE = 10000
 
 
@@ -44,7 +44,7 @@ def object_id(data):
 
 
 def check_id(value, what):
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if not isinstance(value, str) or not ID.fullmatch(value):
         raise CommitError(f"{what} is not an object id (64 lower-case hex digits): {str(value)[:80]!r}")
     return value
 

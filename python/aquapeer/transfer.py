@@ -7,7 +7,9 @@ what they lack below them, down to the rows' blobs.  Each answer is kept at
 once, in an executor's own transaction: checked against the ids, blobs in
 the bundle's store and tree nodes pending until everything below them is
 there.  A pull that broke off therefore resumes where it stopped.  When the
-walk ends, the pending nodes and then the commits join the store.  Moving
+walk ends, the pending nodes and then the commits join the store.  From
+protocol 4 commits come in pages and objects larger than an answer in
+slices, so neither a long history nor a large row outgrows a message.  Moving
 the head, merging and checking out are left to the caller's transaction
 (bundles.pull).
 
@@ -28,7 +30,7 @@ import os
 import uuid
 
 from . import node as node_module
-from . import bundles, transport, wire
+from . import bundles, commits, transport, wire
 from .calls import Unreachable
 from .errors import AquapeerError
 
@@ -119,12 +121,7 @@ class Transfers:
     async def pull(self, friend, bundle, transfer, direction="pull", link=None):
         """Fetch and keep the commits of the friend's bundle that we lack, with their objects."""
         link = link or await self.link_to(friend)
-        have = await self._store("prepare", bundle=bundle)
-        documents = await self._ask(link, friend.name, {"t": "bundle_get", "bundle": bundle, "want": "commits",
-                                                        "ids": [bytes.fromhex(c) for c in have]})
-        if not isinstance(documents, list) or not all(isinstance(d, dict) and isinstance(d.get("commit"), dict)
-                                                      for d in documents):
-            raise wire.WireError(f"{friend.name} answered with malformed commits")
+        documents = await self._commits(link, friend.name, bundle)
         roots = sorted({str(d["commit"].get("tree")) for d in documents})
         rows_total = sum(d["commit"].get("rows_changed") or 0 for d in documents
                          if isinstance(d["commit"].get("rows_changed"), int))
@@ -141,6 +138,32 @@ class Transfers:
             await asyncio.gather(asyncio.shield(ending), return_exceptions=True)
             raise
         return {"commits": kept, "transfer": transfer}
+
+    async def _commits(self, link, name, bundle):
+        """The signed commits of the friend's bundle that we lack.  From protocol 4 they come in
+        pages, newest first, and each next page starts from the parents we still lack."""
+        have = await self._store("prepare", bundle=bundle)
+        known, have = set(have), [bytes.fromhex(c) for c in have]
+        documents, lacking = {}, []
+        while True:
+            starts = {"from": [bytes.fromhex(c) for c in lacking[:wire.MAX_ITEMS]]} if lacking else {}
+            page = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "commits", "ids": have,
+                                                **starts})
+            if not isinstance(page, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("commit"), dict) and isinstance(d.get("id"), str)
+                    and isinstance(d["commit"].get("parents"), list) for d in page):
+                raise wire.WireError(f"{name} answered with malformed commits")
+            new = {d["id"]: d for d in page if d["id"] not in documents}
+            documents.update(new)
+            if link.protocol < wire.LARGE_TRANSFERS_PROTOCOL or not new:
+                # (A parent the friend did not send is refused when the commits are kept.)
+                return list(documents.values())
+            parents = {p for d in new.values() for p in d["commit"]["parents"]
+                       if isinstance(p, str) and commits.ID.fullmatch(p) and p not in documents and p not in known}
+            lacking = sorted((set(lacking) - new.keys()) | set(
+                await self._store("unknown_commits", bundle=bundle, ids=sorted(parents)) if parents else []))
+            if not lacking:
+                return list(documents.values())
 
     async def _walk(self, link, name, bundle, transfer, lacking):
         """Ask for what the bundle lacks ([id, place] each), keep it, and go on with what it still
@@ -252,7 +275,7 @@ class Transfers:
             friend = rows[0]
             if frame["t"] == "bundle_get":
                 reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"],
-                                                  offset=frame.get("offset", 0))
+                                                  offset=frame.get("offset", 0), starts=frame.get("from"))
             else:
                 reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
         except AquapeerError as e:
@@ -263,14 +286,13 @@ class Transfers:
         if link.state == "connected":
             link.send(reply, transport.CONTROL)
 
-    async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0):
+    async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0, starts=None):
         # An answer, compressed or not, must stay under what the friend accepts in one frame.
         limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
             "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
-            "want": "push" if push else want, "ids": ids, "limit": limit, "offset": offset,
-            "bare": link.protocol >= wire.BARE_OBJECTS_PROTOCOL,
-            "sliced": link.protocol >= wire.SLICED_OBJECTS_PROTOCOL}}, SERVE_TIMEOUT_S)
+            "want": "push" if push else want, "ids": ids, "limit": limit, "offset": offset, "starts": starts,
+            "protocol": link.protocol}}, SERVE_TIMEOUT_S)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})
         return reply["result"]

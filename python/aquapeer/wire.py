@@ -43,10 +43,15 @@ asker asks again for the rest).  The ids, 32 random bytes each, neither
 compress nor let the compressor match across objects: a clone's answers
 shrink by a fifth.
 
-Version 4 carries objects larger than one answer may be: in place of such an
-object's bytes, an objects answer has its size (an int), and the asker fetches
-it with ``bundle_get`` want "slice", ids [its id] and offset (int): each answer
-is the bytes from offset on, as many as one answer may hold.
+Version 4 carries what is larger than one answer may be:
+
+- in place of the bytes of such an object, an objects answer has its size (an
+  int), and the asker fetches it with ``bundle_get`` want "slice", ids [its id]
+  and offset (int): each answer is the bytes from offset on, as many as one
+  answer may hold;
+- a commits answer holds the commits newest first, as many as one answer may
+  hold, and the asker asks again with from [the parents it still lacks]: the
+  commits reachable from those instead of from the head.
 """
 
 import math
@@ -60,7 +65,7 @@ from .errors import AquapeerError
 PROTOCOL_MIN, PROTOCOL_MAX = 1, 4
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
-SLICED_OBJECTS_PROTOCOL = 4  # objects larger than an answer fetched in slices
+LARGE_TRANSFERS_PROTOCOL = 4  # objects larger than an answer in slices, commits in pages
 # The largest object a transfer carries in slices: it is put together in the network worker's
 # memory and handed to an executor in one control frame.
 LARGEST_OBJECT = 100 * 1024 * 1024
@@ -164,7 +169,9 @@ SCHEMAS = {
 
 # Fields later versions added to a type, which earlier versions do not send.
 OPTIONAL_FIELDS = {
-    "bundle_get": {"offset": lambda v: _is_int(v) and 0 <= v < LARGEST_OBJECT},  # want "slice" (version 4)
+    # version 4: where a slice starts, and where a walk for commits starts
+    "bundle_get": {"offset": lambda v: _is_int(v) and 0 <= v < LARGEST_OBJECT,
+                   "from": lambda v: _list_of(_object_id)(v) and len(v) > 0},
 }
 
 
