@@ -19,8 +19,10 @@ def commit(db, name, message):
     merge (bundle._integrate), once no conflict is left, the commit has two parents: the head
     and the commit merged; it ends the merge."""
     db.query("select bundle._bundle($1)", [name])
-    # One commit at a time per bundle; and the bundle stays while its rows are written.
-    bundle = db.query("select head, checked_out from bundle.bundle where name = $1 for no key update", [name])[0]
+    # One commit at a time per bundle, and the bundle stays while its rows are written.  Nothing
+    # keeps objects of it meanwhile either (pulls and imports lock it for key share): bundle._stage
+    # inserts the blobs the store lacks without "on conflict".
+    bundle = db.query("select head, checked_out from bundle.bundle where name = $1 for update", [name])[0]
     if bundle["head"] != bundle["checked_out"]:
         raise AquapeerError(f'bundle "{name}" has tables checked out from commit {bundle["checked_out"]}, '
                             f'not from its head {bundle["head"]} (an older commit was checked out, or a friend pushed)',
