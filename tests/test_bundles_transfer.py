@@ -3,6 +3,7 @@
 alice owns the bundle "shop"; bob pulls it (and pushes to it when alice lets him).
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -238,41 +239,42 @@ def test_an_unreachable_friend_is_a_clear_error(shop):
         tb.wait_connected(bob, "alice", timeout=60)
 
 
-def test_a_row_larger_than_the_friend_accepts_in_one_message_is_pulled_in_slices(shop):
-    alice, bob = shop
-    # bob accepts 1 MiB in one message, so an answer holds 512 KiB of objects; the row is 2.9 MB.
-    bob.sql("update peer.config set max_message_bytes = 1048576; select peer.disconnect('alice')")
+@contextlib.contextmanager
+def accepting(bob, max_message_bytes):
+    """bob accepts at most max_message_bytes in one message (and 60 KiB more for fragments'
+    sake) while connected to alice: what alice answers holds half of that."""
+    bob.sql("update peer.config set max_message_bytes = %s", max_message_bytes)
+    bob.sql("select peer.disconnect('alice')")
     try:
         assert bob.scalar("select peer.connect('alice')") == "connected"
-        alice.sql("insert into public.widget (id, name) "
-                  "select 1000, string_agg(md5(n::text || random()::text), '') from generate_series(1, 90000) n")
-        alice.sql("select bundle.commit('shop', 'a large row')")
-        first = pull(bob)
-        assert first["fast_forward"] is True and first["blobs"] == 204
-        assert rows(bob) == rows(alice)
+        yield
     finally:
         bob.sql("update peer.config set max_message_bytes = default; select peer.disconnect('alice')")
         assert bob.scalar("select peer.connect('alice')") == "connected"
+
+
+def test_a_row_larger_than_the_friend_accepts_in_one_message_is_pulled_in_slices(shop):
+    alice, bob = shop
+    alice.sql("insert into public.widget (id, name) "
+              "select 1000, string_agg(md5(n::text || random()::text), '') from generate_series(1, 90000) n")
+    alice.sql("select bundle.commit('shop', 'a large row')")
+    with accepting(bob, 1024 * 1024):  # answers of 512 KiB; the row is 2.9 MB
+        first = pull(bob)
+    assert first["fast_forward"] is True and first["blobs"] == 204
+    assert rows(bob) == rows(alice)
 
 
 def test_commits_come_in_pages_when_one_answer_cannot_hold_them(shop):
     alice, bob = shop
-    # bob accepts 8 KiB in one message (and 60 KiB more for fragments' sake): an answer holds 4 KiB,
-    # half a dozen commits.  500 commits are 90 KiB compressed.
-    bob.sql("update peer.config set max_message_bytes = 8192; select peer.disconnect('alice')")
-    try:
-        assert bob.scalar("select peer.connect('alice')") == "connected"
-        alice.sql("do $$ begin for n in 1..500 loop "
-                  "update public.widget set price = price + 1 where id = n % 200 + 1; "
-                  "perform bundle.commit('shop', 'change ' || n); end loop; end $$")
+    alice.sql("do $$ begin for n in 1..500 loop "
+              "update public.widget set price = price + 1 where id = n % 200 + 1; "
+              "perform bundle.commit('shop', 'change ' || n); end loop; end $$")
+    with accepting(bob, 8192):  # answers of 4 KiB, half a dozen commits; 500 are 90 KiB compressed
         first = pull(bob)
-        assert first["commits"] == 501 and first["fast_forward"] is True
-        assert rows(bob) == rows(alice)
-        assert bob.sql("select commit_id, parent_ids from bundle.log('shop')") == \
-            alice.sql("select commit_id, parent_ids from bundle.log('shop')")
-    finally:
-        bob.sql("update peer.config set max_message_bytes = default; select peer.disconnect('alice')")
-        assert bob.scalar("select peer.connect('alice')") == "connected"
+    assert first["commits"] == 501 and first["fast_forward"] is True
+    assert rows(bob) == rows(alice)
+    assert bob.sql("select commit_id, parent_ids from bundle.log('shop')") == \
+        alice.sql("select commit_id, parent_ids from bundle.log('shop')")
 
 
 # --------------------------------------------------------------------------

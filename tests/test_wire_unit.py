@@ -2,6 +2,7 @@
 (no server)."""
 
 import hashlib
+import json
 import os
 import random
 
@@ -9,6 +10,7 @@ import msgpack
 import pytest
 
 from aquapeer import bundles, wire
+from aquapeer.errors import AquapeerError
 
 UID = bytes(range(16))
 GOOD = [
@@ -178,3 +180,40 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
                             ([[b"short", b"x"]], False), ([0], True), ([True], True), ([-4], True)):
         with pytest.raises(wire.WireError, match="an objects answer is a list of"):
             bundles._objects(body, asked, bare=bare_form)
+
+
+class FriendsStore:
+    """Stands in for the adapter bundles.serve reads a friend's objects and commits through."""
+
+    def __init__(self, objects, documents):
+        self.objects = {hashlib.sha256(o).hexdigest(): o for o in objects}
+        self.documents = documents
+
+    def query(self, sql, args):
+        if "_serve_bundle_objects" in sql:
+            return [{"id": i, "data": self.objects[i]} for i in sorted(args[3]) if i in self.objects]
+        assert "_serve_bundle_commits" in sql
+        return [{"d": json.dumps(d)} for d in self.documents]
+
+
+def test_answers_hold_what_one_message_may_from_protocol_4_and_refuse_clearly_before():
+    small, large = b"s" * 100, b"L" * 5000
+    documents = [{"id": str(n), "commit": {"message": "x" * 300}} for n in range(10)]
+    store = FriendsStore([small, large], documents)
+    ids = [hashlib.sha256(o).digest() for o in (small, large)]
+
+    def serve(want, protocol, asked=ids):
+        return wire.unpack_body(bundles.serve(store, {
+            "bundle": "b", "friend": "f", "granted": False, "want": want, "ids": asked, "limit": 1000,
+            "protocol": protocol, "offset": 0, "starts": None}), wire.BODY_LIMIT)
+
+    # Protocol 4: an object larger than an answer is listed by its size; commits fill one answer.
+    assert serve("objects", 4) == [small, len(large)]
+    assert serve("commits", 4) == documents[:1000 // len(json.dumps(documents[0]))]
+    # Protocol 3: the answer stops before the large object, which alone is refused with a reason
+    # (an answer the friend would refuse would leave it waiting); commits come all at once.
+    assert serve("objects", 3) == [small]
+    with pytest.raises(AquapeerError, match=r"is 5000 bytes, more than one answer to you may hold \(1000\)") as e:
+        serve("objects", 3, ids[1:])
+    assert e.value.sqlstate == "54000"
+    assert serve("commits", 3) == documents
