@@ -2,7 +2,6 @@
 (no server)."""
 
 import hashlib
-import json
 import os
 import random
 
@@ -183,37 +182,32 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
 
 
 class FriendsStore:
-    """Stands in for the adapter bundles.serve reads a friend's objects and commits through."""
+    """Stands in for the adapter bundles.serve reads a friend's objects through.  (How many
+    commits an answer holds is counted in SQL: test_commits_come_in_pages_when_one_answer_cannot_hold_them.)"""
 
-    def __init__(self, objects, documents):
+    def __init__(self, objects):
         self.objects = {hashlib.sha256(o).hexdigest(): o for o in objects}
-        self.documents = documents
 
     def query(self, sql, args):
-        if "_serve_bundle_objects" in sql:
-            return [{"id": i, "data": self.objects[i]} for i in sorted(args[3]) if i in self.objects]
-        assert "_serve_bundle_commits" in sql
-        return [{"d": json.dumps(d)} for d in self.documents]
+        assert "_serve_bundle_objects" in sql
+        return [{"id": i, "data": self.objects[i]} for i in sorted(args[3]) if i in self.objects]
 
 
-def test_answers_hold_what_one_message_may_from_protocol_4_and_refuse_clearly_before():
+def test_objects_answers_list_large_objects_by_size_from_protocol_4_and_refuse_them_clearly_before():
     small, large = b"s" * 100, b"L" * 5000
-    documents = [{"id": str(n), "commit": {"message": "x" * 300}} for n in range(10)]
-    store = FriendsStore([small, large], documents)
+    store = FriendsStore([small, large])
     ids = [hashlib.sha256(o).digest() for o in (small, large)]
 
-    def serve(want, protocol, asked=ids):
+    def serve(protocol, asked=ids):
         return wire.unpack_body(bundles.serve(store, {
-            "bundle": "b", "friend": "f", "granted": False, "want": want, "ids": asked, "limit": 1000,
+            "bundle": "b", "friend": "f", "granted": False, "want": "objects", "ids": asked, "limit": 1000,
             "protocol": protocol, "offset": 0, "starts": None}), wire.BODY_LIMIT)
 
-    # Protocol 4: an object larger than an answer is listed by its size; commits fill one answer.
-    assert serve("objects", 4) == [small, len(large)]
-    assert serve("commits", 4) == documents[:1000 // len(json.dumps(documents[0]))]
+    # Protocol 4: an object larger than an answer is listed by its size, to be fetched in slices.
+    assert serve(4) == [small, len(large)]
     # Protocol 3: the answer stops before the large object, which alone is refused with a reason
-    # (an answer the friend would refuse would leave it waiting); commits come all at once.
-    assert serve("objects", 3) == [small]
+    # (an answer the friend would refuse would leave it waiting).
+    assert serve(3) == [small]
     with pytest.raises(AquapeerError, match=r"is 5000 bytes, more than one answer to you may hold \(1000\)") as e:
-        serve("objects", 3, ids[1:])
+        serve(3, ids[1:])
     assert e.value.sqlstate == "54000"
-    assert serve("commits", 3) == documents

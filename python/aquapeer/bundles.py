@@ -105,15 +105,15 @@ def serve(db, args):
     want, ids = args["want"], [i.hex() for i in args["ids"]]
     if want == "head":
         value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
-    elif want == "commits":  # from protocol 4, newest first and as many as one answer holds
-        value, size = [], 0
-        for r in db.query("select d::text as d from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ", "
-                          "nullif(" + _texts(5) + ", '{}')) d",
-                          [name, friend, granted, ids, [i.hex() for i in args.get("starts") or []]]):
-            if value and args["protocol"] >= wire.LARGE_TRANSFERS_PROTOCOL and size + len(r["d"]) > args["limit"]:
-                break
-            value.append(json.loads(r["d"]))
-            size += len(r["d"])
+    elif want == "commits":
+        # From protocol 4, newest first and as many as one answer holds (at least one), counted
+        # in SQL: a page of a long history need not carry the rest of it into Python.
+        value = [json.loads(r["d"]) for r in db.query(
+            "select c.d from (select d::text as d, n, sum(octet_length(d::text)) over (order by n) as upto "
+            "from peer._serve_bundle_commits($1, $2, $3, " + _texts(4) + ", nullif(" + _texts(5) + ", '{}')) "
+            "with ordinality c(d, n)) c where $6 or c.n = 1 or c.upto <= $7 order by c.n",
+            [name, friend, granted, ids, [i.hex() for i in args.get("starts") or []],
+             args["protocol"] < wire.LARGE_TRANSFERS_PROTOCOL, args["limit"]])]
     elif want == "objects":
         found = {row["id"]: row["data"] for row in db.query(  # in id order
             "select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
