@@ -248,6 +248,31 @@ def test_a_node_received_where_it_does_not_fit_is_refused(tracked):
     assert alice.scalar("select count(*) from bundle.object where bundle = 'shop'") == 5
 
 
+def test_a_bucket_kept_at_one_place_is_refused_at_another(tracked):
+    # A bucket received at a known place with all its blobs joins the store at once (a clone's do,
+    # protocol 5), so the walk does not go into it again: a tree that lists its fan node under a
+    # second name, which would put it unchecked at a second place, is refused when promoted.
+    alice, _ = tracked
+
+    def object_id(data):
+        return hashlib.sha256(data).hexdigest()
+
+    blob = b'{"sku": "w-9"}'
+    bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(blob)}\n".encode()
+    fan = f"aquapeer-fan/1\naa {object_id(bucket)}\n".encode()
+    table = f"aquapeer-fan/1\naa {object_id(fan)}\nbb {object_id(fan)}\n".encode()
+    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
+    place = f"{alice.scalar('select %s::regclass::oid', 'public.widget')}:aaaa"
+    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[], %s::text[])",
+              [object_id(blob), object_id(bucket)], [blob, bucket], [None, place])
+    assert alice.scalar("select kind from bundle.object where bundle = 'shop' and id = %s", object_id(bucket)) == "bucket"
+    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
+              [object_id(o) for o in (fan, table, root)], [fan, table, root])
+    with pytest.raises(psycopg.errors.DataCorrupted, match=r"has node [0-9a-f]{64} at two places, [0-9]+:aa(aa)? and [0-9]+:bb(aa)?"):
+        alice.sql("select bundle._promote('shop', %s::text[])", [object_id(root)])
+    assert alice.scalar("select count(*) from bundle.pending where bundle = 'shop'") == 3
+
+
 def test_blobs_are_the_text_of_the_rows_jsonb(pair):
     """The blob is written out directly; it must stay byte for byte the jsonb text docs/bundles.md defines."""
     alice, _ = pair

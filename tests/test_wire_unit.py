@@ -28,6 +28,7 @@ GOOD = [
     {"t": "cancel", "id": UID},
     {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)]},
     {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)], "offset": 4 << 20},
+    {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)], "blobs": True},
 ]
 
 
@@ -69,6 +70,8 @@ BAD = [
                     "offset": -1}, use_bin_type=True), "invalid 'offset'"),
     (msgpack.packb({"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)],
                     "offset": wire.LARGEST_OBJECT}, use_bin_type=True), "invalid 'offset'"),
+    (msgpack.packb({"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)],
+                    "blobs": 1}, use_bin_type=True), "invalid 'blobs'"),
 ]
 
 
@@ -211,3 +214,39 @@ def test_objects_answers_list_large_objects_by_size_from_protocol_4_and_refuse_t
     with pytest.raises(AquapeerError, match=r"is 5000 bytes, more than one answer to you may hold \(1000\)") as e:
         serve(3, ids[1:])
     assert e.value.sqlstate == "54000"
+
+
+def bucket(*blobs):
+    """A bucket naming blobs (key hashes made up: bundles._bucket_blob_ids reads only the blob ids)."""
+    return bundles.BUCKET_HEADER + b"".join(
+        b"%04x%s %s\n" % (n, b"0" * 60, hashlib.sha256(b).hexdigest().encode()) for n, b in enumerate(blobs))
+
+
+def test_from_protocol_5_a_clones_buckets_come_with_their_blobs_as_many_as_an_answer_holds():
+    blobs = [b'{"id": "%d", "name": "%s"}' % (n, b"x" * 90) for n in range(6)]
+    first, second, fan = bucket(*blobs[:3]), bucket(*blobs[3:]), b"aquapeer-fan/1\n"
+    store = FriendsStore([first, second, fan, *blobs])
+    ids = [hashlib.sha256(o).digest() for o in (fan, first, second)]
+
+    def serve(limit, protocol=5, asked=ids):
+        return wire.unpack_body(bundles.serve(store, {
+            "bundle": "b", "friend": "f", "granted": False, "want": "objects", "ids": asked, "limit": limit,
+            "protocol": protocol, "offset": 0, "starts": None, "blobs": True}), wire.BODY_LIMIT)
+
+    # Each bucket with its blobs in the order of its lines; nil for what is not a bucket.
+    assert serve(10_000) == [[fan, first, second], [None, blobs[:3], blobs[3:]]]
+    # An answer stops before a bucket whose blobs would not fit (the asker asks again).
+    assert serve(len(fan) + len(first) + 3 * len(blobs[0]) + 10) == [[fan, first], [None, blobs[:3]]]
+    # A bucket that would not fit in an answer with its blobs comes without them: they are asked
+    # for by id (and in slices if need be).
+    assert serve(len(first) + 10, asked=ids[1:2]) == [[first], [None]]
+    # Before protocol 5 the answer is what protocol 4 gives.
+    assert serve(10_000, protocol=4) == [fan, first, second]
+
+    # The asker takes the blobs' ids from their bucket (bundle._keep checks each against its bytes).
+    answer = serve(10_000)
+    assert bundles._carried_blobs(*answer) == ([hashlib.sha256(b).hexdigest() for b in blobs], blobs)
+    for objects, carried in (([first], [blobs[:2]]), ([fan], [[blobs[0]]]), ([first], [blobs[:3], None]),
+                             ([first], [[*blobs[:2], 7]]), ([first], "x")):
+        with pytest.raises(wire.WireError, match="an objects answer with blobs"):
+            bundles._carried_blobs(objects, carried)

@@ -115,9 +115,7 @@ def serve(db, args):
             [name, friend, granted, ids, [i.hex() for i in args.get("starts") or []],
              args["protocol"] < wire.LARGE_TRANSFERS_PROTOCOL, args["limit"]])]
     elif want == "objects":
-        found = {row["id"]: row["data"] for row in db.query(  # in id order
-            "select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
-            [name, friend, granted, ids])}
+        found = _served_objects(db, args, ids)  # in id order
         value, size = [], 0
         bare = args["protocol"] >= wire.BARE_OBJECTS_PROTOCOL  # answers in the order asked, without ids
         for i in (ids if bare else list(found)):
@@ -136,6 +134,8 @@ def serve(db, args):
                 break
             value.append(data if bare else [bytes.fromhex(i), data])
             size += len(data or b"")
+        if args.get("blobs") and args["protocol"] >= wire.BUCKET_BLOBS_PROTOCOL:
+            value = _with_blobs(db, args, value)
     elif want == "slice":  # protocol 4: the bytes of one object from offset on
         value = db.scalar("select substring(o.data from $5::integer + 1 for $6::integer) "
                           "from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ") o",
@@ -144,6 +144,44 @@ def serve(db, args):
         db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
         value = True
     return wire.pack_body(value)
+
+
+def _served_objects(db, args, ids):
+    """{id: bytes} of the objects of the bundle a friend asked for that it may read."""
+    return {row["id"]: row["data"] for row in db.query(
+        "select id, data from peer._serve_bundle_objects($1, $2, $3, " + _texts(4) + ")",
+        [args["bundle"], args["friend"], bool(args["granted"]), ids])}
+
+
+BUCKET_HEADER = b"aquapeer-bucket/1\n"
+
+
+def _bucket_blob_ids(data):
+    """The ids of the blobs a bucket names, in the order of its lines (as bundle._bucket_blobs
+    reads them), or None for an object that is not a bucket."""
+    if not isinstance(data, bytes) or not data.startswith(BUCKET_HEADER):
+        return None
+    return [line[-64:].decode("ascii", "replace") for line in data[len(BUCKET_HEADER):].split(b"\n") if line]
+
+
+def _with_blobs(db, args, answered):
+    """[objects, blobs] (protocol 5): the objects answered, as many as one answer holds with the
+    blobs of those that are buckets; nil in place of blobs the friend must ask for by id (a
+    bucket that would not fit in an answer with them, or blobs missing here)."""
+    named = [_bucket_blob_ids(o) for o in answered]
+    found = _served_objects(db, args, sorted({i for n in named if n for i in n}))
+    objects, blobs, size = [], [], 0
+    for data, ids in zip(answered, named):
+        carried = [found.get(i) for i in ids] if ids else None
+        if carried is not None and (None in carried or len(data) + sum(map(len, carried)) > args["limit"]):
+            carried = None
+        more = (len(data) if isinstance(data, bytes) else 0) + sum(map(len, carried or []))
+        if objects and size + more > args["limit"]:
+            break
+        objects.append(data)
+        blobs.append(carried)
+        size += more
+    return [objects, blobs]
 
 
 def _objects(body, asked, bare):
@@ -164,6 +202,25 @@ def _objects(body, asked, bare):
     return [o[0].hex() for o in body], [o[1] for o in body], []
 
 
+def _carried_blobs(objects, blobs):
+    """(ids, bytes) of the blobs an answer with blobs (protocol 5) carries: each bucket's, in the
+    order of its lines, the ids as the bucket names them (bundle._keep checks both)."""
+    if not isinstance(blobs, list) or len(blobs) != len(objects):
+        raise wire.WireError("an objects answer with blobs has a list of blobs or nil for each object")
+    ids, datas = [], []
+    for data, carried in zip(objects, blobs):
+        if carried is None:
+            continue
+        named = _bucket_blob_ids(data)
+        if named is None or not isinstance(carried, list) or len(carried) != len(named) or not all(
+                isinstance(b, bytes) for b in carried):
+            raise wire.WireError("an objects answer with blobs carries a blob for each line of a bucket, "
+                                 "and none for another object")
+        ids += named
+        datas += carried
+    return ids, datas
+
+
 def _progress(db, transfer, **counts):
     db.query("update peer.transfer set bytes_done = bytes_done + $2, rows_done = rows_done + $3, "
              "objects_done = objects_done + $4, updated_at = now() where id = $1::uuid",
@@ -172,8 +229,9 @@ def _progress(db, transfer, **counts):
 
 def _keep(db, name, transfer, ids, datas, places, wire_bytes):
     """Keep objects received (bundle._keep checks each against its id) and count them in the
-    transfer's progress: the [id, place] of the children they name that we lack."""
-    lacking = [[r["id"], r["place"]] for r in db.query(
+    transfer's progress: the [id, place] of the children they name that we lack.  (An answer may
+    hold none: only the sizes of objects to fetch in slices.)"""
+    lacking = [] if not ids else [[r["id"], r["place"]] for r in db.query(
         "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
         [name, ids, datas, places])]
     blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
@@ -207,10 +265,17 @@ def store(db, args):
             "select id, place from bundle._lacking($1, " + _texts(2) + ", " + _texts(3) + ")",
             [name, [i for i, _ in args["objects"]], [p for _, p in args["objects"]]])]
     if step == "keep":
-        ids, datas, sliced = _objects(wire.unpack_body(args["data"], wire.BODY_LIMIT),
-                                      [a[0] for a in args["asked"]], args["bare"])
+        body = wire.unpack_body(args["data"], wire.BODY_LIMIT)
+        with_blobs = bool(args.get("blobs"))
+        if with_blobs and not (isinstance(body, list) and len(body) == 2):
+            raise wire.WireError("an objects answer with blobs is [objects, blobs]")
+        ids, datas, sliced = _objects(body[0] if with_blobs else body, [a[0] for a in args["asked"]], args["bare"])
+        blob_ids, blobs = _carried_blobs(*body) if with_blobs else ([], [])
         place = dict(args["asked"])
-        lacking = _keep(db, name, args["transfer"], ids, datas, [place.get(i) for i in ids], len(args["data"]))
+        # A bucket and its blobs in one call: bundle._keep keeps a bucket all of whose blobs are
+        # here in the store at once (nothing below it left to check).
+        lacking = _keep(db, name, args["transfer"], ids + blob_ids, datas + blobs,
+                        [place.get(i) for i in ids] + [None] * len(blob_ids), len(args["data"]))
         answered = set(ids) | {i for i, _ in sliced}
         return {"lacking": lacking, "unanswered": [a for a in args["asked"] if a[0] not in answered],
                 "sliced": [[i, place.get(i), size] for i, size in sliced]}
@@ -220,11 +285,15 @@ def store(db, args):
     if step == "finish":
         db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
         kept = keep_commits(db, name, args["documents"])
-        db.query("update peer.transfer set state = 'done', commits = $2, finished_at = now(), updated_at = now() "
+        # clock_timestamp(): this step's transaction began before it kept the nodes and commits
+        # (a clone of a million rows spends 9 s so), and the transfer ends when they are kept.
+        db.query("update peer.transfer set state = 'done', commits = $2, finished_at = clock_timestamp(), "
+                 "updated_at = clock_timestamp() "
                  "where id = $1::uuid", [args["transfer"], kept])
         return kept
     if step == "end":
-        db.query("update peer.transfer set state = $2, error = $3, finished_at = now(), updated_at = now() "
+        db.query("update peer.transfer set state = $2, error = $3, finished_at = clock_timestamp(), "
+                 "updated_at = clock_timestamp() "
                  "where id = $1::uuid and state = 'running'", [args["transfer"], args["state"], args["error"]])
         return None
     if step == "fast_forward":  # a friend's push: only ever forward, never touching the tables

@@ -1,4 +1,4 @@
-"""Bundle transfers between friends over the data channel (protocols 2 to 4): pull and push.
+"""Bundle transfers between friends over the data channel (protocols 2 to 5): pull and push.
 
 A pull is a have/want walk the puller drives.  It sends the ids of the
 commits it has and gets back the signed commits it lacks.  Then it asks for
@@ -9,7 +9,10 @@ the bundle's store and tree nodes pending until everything below them is
 there.  A pull that broke off therefore resumes where it stopped.  When the
 walk ends, the pending nodes and then the commits join the store.  From
 protocol 4 commits come in pages and objects larger than an answer in
-slices, so neither a long history nor a large row outgrows a message.  Moving
+slices, so neither a long history nor a large row outgrows a message.  From
+protocol 5 a clone asks for buckets with their blobs: one request, and one
+step keeping each bucket complete, instead of the bucket, then its blobs by id,
+then a walk at the end checking that each is there.  Moving
 the head, merging and checking out are left to the caller's transaction
 (bundles.pull).
 
@@ -35,6 +38,9 @@ from .calls import Unreachable
 from .errors import AquapeerError
 
 OBJECTS_PER_REQUEST = 5000
+# A clone's buckets come with their blobs (protocol 5): about 5 kB each in a table of a million
+# rows, so that 500 fill most of an answer.
+BUCKETS_PER_REQUEST = 500
 # Requests in flight per transfer: each holds an executor on both sides while it is served or kept.
 REQUESTS_IN_FLIGHT = 2
 REQUEST_TIMEOUT_S = 120.0
@@ -121,7 +127,8 @@ class Transfers:
     async def pull(self, friend, bundle, transfer, direction="pull", link=None):
         """Fetch and keep the commits of the friend's bundle that we lack, with their objects."""
         link = link or await self.link_to(friend)
-        documents = await self._commits(link, friend.name, bundle)
+        have = await self._store("prepare", bundle=bundle)
+        documents = await self._commits(link, friend.name, bundle, have)
         roots = sorted({str(d["commit"].get("tree")) for d in documents})
         rows_total = sum(d["commit"].get("rows_changed") or 0 for d in documents
                          if isinstance(d["commit"].get("rows_changed"), int))
@@ -129,7 +136,9 @@ class Transfers:
                           rows_total=rows_total)
         try:
             lacking = await self._store("lacking", bundle=bundle, objects=[[root, ""] for root in roots])
-            await self._walk(link, friend.name, bundle, transfer, lacking)
+            # A clone lacks every blob a bucket names, so they may as well come with it.
+            await self._walk(link, friend.name, bundle, transfer, lacking,
+                             with_blobs=not have and link.protocol >= wire.BUCKET_BLOBS_PROTOCOL)
             kept = await self._store("finish", bundle=bundle, transfer=transfer, roots=roots, documents=documents)
         except BaseException as e:
             state = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
@@ -139,10 +148,10 @@ class Transfers:
             raise
         return {"commits": kept, "transfer": transfer}
 
-    async def _commits(self, link, name, bundle):
-        """The signed commits of the friend's bundle that we lack.  From protocol 4 they come in
-        pages, newest first, and each next page starts from the parents we still lack."""
-        have = await self._store("prepare", bundle=bundle)
+    async def _commits(self, link, name, bundle, have):
+        """The signed commits of the friend's bundle that we lack (we have the commits have lists,
+        the newest).  From protocol 4 they come in pages, newest first, and each next page starts
+        from the parents we still lack."""
         known, have = set(have), [bytes.fromhex(c) for c in have]
         documents, lacking = {}, []
         while True:
@@ -165,10 +174,13 @@ class Transfers:
             if not lacking:
                 return list(documents.values())
 
-    async def _walk(self, link, name, bundle, transfer, lacking):
+    async def _walk(self, link, name, bundle, transfer, lacking, with_blobs=False):
         """Ask for what the bundle lacks ([id, place] each), keep it, and go on with what it still
-        lacks below that, depth first so that the list waiting stays short."""
+        lacks below that, depth first so that the list waiting stays short; with_blobs, each
+        bucket with its blobs (protocol 5)."""
         work, busy = list(lacking), 0
+        per_request = BUCKETS_PER_REQUEST if with_blobs else OBJECTS_PER_REQUEST
+        blobs = {"blobs": True} if with_blobs else {}
         changed = asyncio.Condition()
 
         async def worker():
@@ -178,15 +190,16 @@ class Transfers:
                     await changed.wait_for(lambda: work or busy == 0)
                     if not work:
                         return
-                    batch = work[-OBJECTS_PER_REQUEST:]
-                    del work[-OBJECTS_PER_REQUEST:]
+                    batch = work[-per_request:]
+                    del work[-per_request:]
                     busy += 1
                 found = []
                 try:
                     data = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "objects",
-                                                        "ids": [bytes.fromhex(i) for i, _ in batch]}, unpack=False)
+                                                        "ids": [bytes.fromhex(i) for i, _ in batch], **blobs},
+                                           unpack=False)
                     kept = await self._store("keep", bundle=bundle, transfer=transfer, data=data, asked=batch,
-                                             bare=link.protocol >= wire.BARE_OBJECTS_PROTOCOL)
+                                             bare=link.protocol >= wire.BARE_OBJECTS_PROTOCOL, **blobs)
                     if len(kept["unanswered"]) == len(batch):
                         raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0][0]}",
                                             sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
@@ -275,7 +288,8 @@ class Transfers:
             friend = rows[0]
             if frame["t"] == "bundle_get":
                 reply["data"] = await self._serve(friend, link, frame["bundle"], frame["want"], frame["ids"],
-                                                  offset=frame.get("offset", 0), starts=frame.get("from"))
+                                                  offset=frame.get("offset", 0), starts=frame.get("from"),
+                                                  blobs=frame.get("blobs", False))
             else:
                 reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
         except AquapeerError as e:
@@ -286,13 +300,13 @@ class Transfers:
         if link.state == "connected":
             link.send(reply, transport.CONTROL)
 
-    async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0, starts=None):
+    async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0, starts=None, blobs=False):
         # An answer, compressed or not, must stay under what the friend accepts in one frame.
         limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
             "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
             "want": "push" if push else want, "ids": ids, "limit": limit, "offset": offset, "starts": starts,
-            "protocol": link.protocol}}, SERVE_TIMEOUT_S)
+            "blobs": blobs, "protocol": link.protocol}}, SERVE_TIMEOUT_S)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})
         return reply["result"]

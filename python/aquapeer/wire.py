@@ -52,6 +52,13 @@ Version 4 carries what is larger than one answer may be:
 - a commits answer holds the commits newest first, as many as one answer may
   hold, and the asker asks again with from [the parents it still lacks]: the
   commits reachable from those instead of from the head.
+
+Version 5 lets a clone fetch a bucket's blobs with the bucket: with blobs
+(true), an objects answer is [objects, blobs], where objects is the answer
+version 4 would give and blobs has, for each of them, the bytes of every blob
+a bucket names in the order of its lines, or nil (not a bucket, or blobs the
+asker must ask for by id: too large, or missing).  The asker names no blob it
+does not know to lack, and keeps each bucket with its blobs in one step.
 """
 
 import math
@@ -62,10 +69,11 @@ import msgpack
 
 from .errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 4
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 5
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
 LARGE_TRANSFERS_PROTOCOL = 4  # objects larger than an answer in slices, commits in pages
+BUCKET_BLOBS_PROTOCOL = 5  # a bucket's blobs with the bucket
 # The largest object a transfer carries in slices: it is put together in the network worker's
 # memory and handed to an executor in one control frame.
 LARGEST_OBJECT = 100 * 1024 * 1024
@@ -171,7 +179,9 @@ SCHEMAS = {
 OPTIONAL_FIELDS = {
     # version 4: where a slice starts, and where a walk for commits starts
     "bundle_get": {"offset": lambda v: _is_int(v) and 0 <= v < LARGEST_OBJECT,
-                   "from": lambda v: _list_of(_object_id)(v) and len(v) > 0},
+                   "from": lambda v: _list_of(_object_id)(v) and len(v) > 0,
+                   # version 5: buckets with their blobs
+                   "blobs": lambda v: isinstance(v, bool)},
 }
 
 
