@@ -49,32 +49,31 @@ begin
     -- the bundle.
     update bundle.bundle set loose_since = now()
     where name = bundle_name and (loose_since is null or loose_since < now() - interval '1 hour');
+    -- The blobs first, so that the buckets received with them find them in the store below.
+    insert into bundle.object select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
+    where bundle._kind(i.data) = 'blob' on conflict do nothing;
     with received as materialized (
-        select i.id, bundle._kind(i.data) as kind, i.data, i.place from unnest(ids, datas, places) i(id, data, place)
-    ), lacking as materialized (
-        -- The blobs buckets received name that are neither received nor kept (probed in id order,
-        -- so that they read the store's index in order).
-        select n.bucket, n.id from (
-            select r.id as bucket, b.id from received r cross join lateral bundle._bucket_blobs(r.data, r.place) b(id)
-            where r.kind = 'bucket' order by b.id collate "C"
-        ) n
-        where not exists (select from received r where r.id = n.id)
-          and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = n.id) is null
-    ), blobs as (
-        insert into bundle.object select bundle_name, r.id, 'blob', r.data from received r
-        where r.kind = 'blob' on conflict do nothing
+        -- Each bucket with the blobs it names that the store lacks (every lookup linear in what
+        -- was received: a bucket's own dozen probes, no join between the buckets and the blobs).
+        select r.id, r.kind, r.data, r.place,
+               case when r.kind = 'bucket' then array(
+                   select b.id from bundle._bucket_blobs(r.data, r.place) b(id)
+                   where (select o.id from bundle.object o where o.bundle = bundle_name and o.id = b.id) is null)
+               end as lacking
+        from (select i.id, bundle._kind(i.data) as kind, i.data, i.place
+              from unnest(ids, datas, places) i(id, data, place)) r
+        where r.kind <> 'blob'
     ), complete as (
         insert into bundle.object select bundle_name, r.id, r.kind, r.data from received r
-        where r.kind = 'bucket' and r.place is not null and not exists (select from lacking l where l.bucket = r.id)
+        where r.kind = 'bucket' and r.place is not null and cardinality(r.lacking) = 0
         on conflict do nothing
     ), nodes as (
         insert into bundle.pending select bundle_name, r.id, r.kind, r.data from received r
-        where r.kind in ('root', 'fan')
-           or (r.kind = 'bucket' and (r.place is null or exists (select from lacking l where l.bucket = r.id)))
+        where r.kind <> 'bucket' or r.place is null or cardinality(r.lacking) > 0
         on conflict do nothing
     )
     select coalesce(array_agg(c.id), '{}'), coalesce(array_agg(c.place), '{}'),
-           array(select distinct l.id from lacking l)
+           array(select distinct u.id from received r cross join lateral unnest(r.lacking) u(id))
         into child_ids, child_places, blob_ids
     from received r cross join lateral bundle._new_children(bundle_name, r.kind, r.data, r.place) c
     where r.kind in ('root', 'fan');

@@ -179,6 +179,9 @@ class Transfers:
         lacks below that, depth first so that the list waiting stays short; with_blobs, each
         bucket with its blobs (protocol 5)."""
         work, busy = list(lacking), 0
+        # Each [id, place] is asked for once: a node two parents name (a bucket under the fan nodes
+        # of two commits) is lacking for both until it is kept, and with its blobs it is costly.
+        queued = {tuple(o) for o in work}
         per_request = BUCKETS_PER_REQUEST if with_blobs else OBJECTS_PER_REQUEST
         blobs = {"blobs": True} if with_blobs else {}
         changed = asyncio.Condition()
@@ -193,7 +196,7 @@ class Transfers:
                     batch = work[-per_request:]
                     del work[-per_request:]
                     busy += 1
-                found = []
+                found, again = [], []
                 try:
                     data = await self._ask(link, name, {"t": "bundle_get", "bundle": bundle, "want": "objects",
                                                         "ids": [bytes.fromhex(i) for i, _ in batch], **blobs},
@@ -203,13 +206,17 @@ class Transfers:
                     if len(kept["unanswered"]) == len(batch):
                         raise AquapeerError(f"{name} lacks objects of its own commits, such as {batch[0][0]}",
                                             sqlstate="XX001", hint=f"{name}'s bundle store is damaged.")
-                    found = kept["lacking"] + kept["unanswered"]
+                    found, again = kept["lacking"], kept["unanswered"]
                     for object_id, place, size in kept["sliced"]:
                         found += await self._sliced(link, name, bundle, transfer, object_id, place, size)
                 finally:
                     async with changed:
                         busy -= 1
-                        work.extend(found)
+                        work.extend(again)
+                        for o in found:
+                            if tuple(o) not in queued:
+                                queued.add(tuple(o))
+                                work.append(o)
                         changed.notify_all()
 
         try:
