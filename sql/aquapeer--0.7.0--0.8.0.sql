@@ -1,20 +1,6 @@
 -- aquapeer 0.7.0 -> 0.8.0: a bucket whose blobs are all kept joins the store at once (a clone's buckets come with their blobs).
 \echo Use "ALTER EXTENSION aquapeer UPDATE" to load this file. \quit
 
--- The blob ids a bucket names, each line checked against the bucket's place where that is known
--- (its key hashes start with the place's four hex digits).  Unlike bundle._new_children it lists
--- the lines the checked-out bucket shares too: bundle._keep asks which of them the store lacks.
-create function bundle._bucket_blobs(data bytea, place text) returns setof text
-language sql stable rows 20 as $$
-    select case when place is null or (length(split_part(place, ':', 2)) = 4
-                                       and left(z.line, 4) = split_part(place, ':', 2))
-                then right(z.line, 64)
-                else bundle._misplaced('bucket', place, z.line) end
-    from unnest(bundle._lines(data)) with ordinality z(line, n)
-    where z.n > 1 and z.line <> ''
-$$;
-revoke all on function bundle._bucket_blobs(bytea, text) from public;
-
 -- Keep objects received for a bundle, each checked against its id (see 0.5.0).  A bucket received
 -- at a known place (its lines checked against it) all of whose blobs are in the store or among
 -- the objects received joins the store at once: nothing below it is missing.  A clone receives
@@ -53,12 +39,13 @@ begin
     insert into bundle.object select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
     where bundle._kind(i.data) = 'blob' on conflict do nothing;
     with received as materialized (
-        -- Each bucket with the blobs it names that the store lacks (every lookup linear in what
-        -- was received: a bucket's own dozen probes, no join between the buckets and the blobs).
+        -- Each bucket with the blobs it names that the store lacks, of those on lines the bucket
+        -- checked out at its place lacks (every lookup linear in what was received: a bucket's
+        -- own probes, no join between the buckets and the blobs).
         select r.id, r.kind, r.data, r.place,
                case when r.kind = 'bucket' then array(
-                   select b.id from bundle._bucket_blobs(r.data, r.place) b(id)
-                   where (select o.id from bundle.object o where o.bundle = bundle_name and o.id = b.id) is null)
+                   select c.id from bundle._new_children(bundle_name, 'bucket', r.data, r.place) c
+                   where (select o.id from bundle.object o where o.bundle = bundle_name and o.id = c.id) is null)
                end as lacking
         from (select i.id, bundle._kind(i.data) as kind, i.data, i.place
               from unnest(ids, datas, places) i(id, data, place)) r

@@ -157,7 +157,7 @@ BUCKET_HEADER = b"aquapeer-bucket/1\n"
 
 
 def _bucket_blob_ids(data):
-    """The ids of the blobs a bucket names, in the order of its lines (as bundle._bucket_blobs
+    """The ids of the blobs a bucket names, in the order of its lines (as bundle._new_children
     reads them), or None for an object that is not a bucket."""
     if not isinstance(data, bytes) or not data.startswith(BUCKET_HEADER):
         return None
