@@ -218,33 +218,36 @@ def test_tree_nodes_compare_line_by_line_even_when_lines_shift(tracked):
     assert len(alice.sql("select * from bundle._new_children('shop', 'fan', convert_to(%s, 'UTF8'), null)", new)) == 4
 
 
+def object_id(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree_with_fan_at(*names):
+    """[blob, bucket, fan, table node, root] of a widget tree whose table node lists its one fan
+    node under the given names (it fits only under "aa", where its bucket's key hashes start)."""
+    blob = b'{"sku": "w-9"}'
+    bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(blob)}\n".encode()
+    fan = f"aquapeer-fan/1\naa {object_id(bucket)}\n".encode()
+    table = ("aquapeer-fan/1\n" + "".join(f"{n} {object_id(fan)}\n" for n in names)).encode()
+    return [blob, bucket, fan, table, f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()]
+
+
 def test_a_node_received_where_it_does_not_fit_is_refused(tracked):
     # The walk of a received tree goes once per place: one fan node listed under two names of a
     # table's node would have its bucket walked at two places.  A bucket fits only where its key
     # hashes hang, so the second place is refused, and nothing of the batch is kept.
     alice, _ = tracked
-
-    def object_id(data):
-        return hashlib.sha256(data).hexdigest()
-
-    blob = b'{"sku": "w-9"}'
-    bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(blob)}\n".encode()
-    fan = f"aquapeer-fan/1\naa {object_id(bucket)}\n".encode()
-    table = f"aquapeer-fan/1\naa {object_id(fan)}\nbb {object_id(fan)}\n".encode()
-    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
-    objects = [blob, bucket, fan, table, root]
+    objects = tree_with_fan_at("aa", "bb")
     with pytest.raises(psycopg.errors.DataCorrupted, match="does not fit its place [0-9]+:bbaa"):
         alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
                   [object_id(o) for o in objects], objects)
     assert alice.sql("select (select count(*) from bundle.pending where bundle = 'shop'), "
                      "(select count(*) from bundle.object where bundle = 'shop')") == [(0, 0)]
     # Under one name it fits.
-    table = f"aquapeer-fan/1\naa {object_id(fan)}\n".encode()
-    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
-    objects = [blob, bucket, fan, table, root]
+    objects = tree_with_fan_at("aa")
     alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
               [object_id(o) for o in objects], objects)
-    alice.sql("select bundle._promote('shop', %s::text[])", [object_id(root)])
+    alice.sql("select bundle._promote('shop', %s::text[])", [object_id(objects[-1])])
     assert alice.scalar("select count(*) from bundle.object where bundle = 'shop'") == 5
 
 
@@ -253,23 +256,15 @@ def test_a_bucket_kept_at_one_place_is_refused_at_another(tracked):
     # protocol 5), so the walk does not go into it again: a tree that lists its fan node under a
     # second name, which would put it unchecked at a second place, is refused when promoted.
     alice, _ = tracked
-
-    def object_id(data):
-        return hashlib.sha256(data).hexdigest()
-
-    blob = b'{"sku": "w-9"}'
-    bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(blob)}\n".encode()
-    fan = f"aquapeer-fan/1\naa {object_id(bucket)}\n".encode()
-    table = f"aquapeer-fan/1\naa {object_id(fan)}\nbb {object_id(fan)}\n".encode()
-    root = f"aquapeer-root/1\npublic.widget {object_id(table)}\n".encode()
+    blob, bucket, *nodes = tree_with_fan_at("aa", "bb")
     place = f"{alice.scalar('select %s::regclass::oid', 'public.widget')}:aaaa"
     alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[], %s::text[])",
               [object_id(blob), object_id(bucket)], [blob, bucket], [None, place])
     assert alice.scalar("select kind from bundle.object where bundle = 'shop' and id = %s", object_id(bucket)) == "bucket"
-    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
-              [object_id(o) for o in (fan, table, root)], [fan, table, root])
-    with pytest.raises(psycopg.errors.DataCorrupted, match=r"has node [0-9a-f]{64} at two places, [0-9]+:aa(aa)? and [0-9]+:bb(aa)?"):
-        alice.sql("select bundle._promote('shop', %s::text[])", [object_id(root)])
+    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])", [object_id(o) for o in nodes], nodes)
+    with pytest.raises(psycopg.errors.DataCorrupted,
+                       match=r"has node [0-9a-f]{64} at two places, [0-9]+:aa(aa)? and [0-9]+:bb(aa)?"):
+        alice.sql("select bundle._promote('shop', %s::text[])", [object_id(nodes[-1])])
     assert alice.scalar("select count(*) from bundle.pending where bundle = 'shop'") == 3
 
 
