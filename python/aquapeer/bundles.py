@@ -286,7 +286,7 @@ def store(db, args):
         db.query("select bundle._promote($1, " + _texts(2) + ")", [name, args["roots"]])
         kept = keep_commits(db, name, args["documents"])
         # clock_timestamp(): this step's transaction began before it kept the nodes and commits
-        # (a clone of a million rows spends 9 s so), and the transfer ends when they are kept.
+        # (seconds for a large tree), and the transfer ends when they are kept.
         db.query("update peer.transfer set state = 'done', commits = $2, finished_at = clock_timestamp(), "
                  "updated_at = clock_timestamp() "
                  "where id = $1::uuid", [args["transfer"], kept])
