@@ -81,27 +81,28 @@ language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 declare
     moving text[];
     missing text;
-    twice record;
+    twice text[];  -- [node, one place, another]
 begin
     -- Garbage collection skips a bundle whose row is locked, so nothing checked here is
     -- collected before this transaction ends.
     perform from bundle.bundle b where b.name = bundle_name for key share;
-    create temporary table if not exists bundle_walk (id text, place text, pending boolean) on commit drop;
-    truncate pg_temp.bundle_walk;
-    insert into pg_temp.bundle_walk
-        select * from bundle._pending_walk(bundle_name, roots, array(select '' from unnest(roots)));
-    select w.id, min(w.place) as one, max(w.place) as other into twice from pg_temp.bundle_walk w
-    where w.place is not null group by w.id having count(distinct split_part(w.place, ':', 2)) > 1 limit 1;
-    if found then
-        raise exception 'bundle "%": the tree received has node % at two places, % and %', bundle_name, twice.id,
-                        twice.one, twice.other
+    with walk as materialized (
+        select * from bundle._pending_walk(bundle_name, roots, array(select '' from unnest(roots)))
+    ), placed_twice as (
+        select w.id, min(w.place) as one, max(w.place) as other from walk w
+        where w.place is not null group by w.id having count(distinct split_part(w.place, ':', 2)) > 1 limit 1
+    )
+    select (select array_agg(w.id) from walk w where w.pending),
+           (select min(w.id) from walk w
+            where not w.pending
+              and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = w.id) is null),
+           (select array[t.id, t.one, t.other] from placed_twice t)
+        into moving, missing, twice;
+    if twice is not null then
+        raise exception 'bundle "%": the tree received has node % at two places, % and %', bundle_name, twice[1],
+                        twice[2], twice[3]
             using errcode = 'XX001', hint = 'The sender''s tree is malformed (or was altered); nothing below it is kept.';
     end if;
-    select array_agg(w.id) filter (where w.pending),
-           min(w.id) filter (where not w.pending
-                             and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = w.id) is null)
-        into moving, missing
-    from pg_temp.bundle_walk w;
     if missing is not null then
         raise exception 'bundle "%" lacks object % of the commits received', bundle_name, missing
             using errcode = 'XX001', hint = 'Pull again: what was received is kept, and only what is missing is fetched.';
