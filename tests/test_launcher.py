@@ -163,6 +163,16 @@ def test_fast_shutdown_is_quick_and_clean(cluster):
     assert "terminating background worker" not in log, log
 
 
+def test_fast_shutdown_right_after_create_extension_is_quick(cluster):
+    # The worker is then still starting its loop, with wakes pending; it must not lose the stop.
+    for _ in range(2):
+        create_extension(cluster)
+        seconds = cluster.stop("fast", timeout=20)
+        assert seconds < 5, f"pg_ctl stop -m fast took {seconds:.2f} s"
+        cluster.start()
+        cluster.sql("drop extension aquapeer")
+
+
 # --------------------------------------------------------------------------
 # 5. an unhandled Python exception: traceback, exit 1, restart
 # --------------------------------------------------------------------------

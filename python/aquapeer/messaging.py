@@ -32,6 +32,7 @@ leaves the message with its error; peer.retry_message runs it again.
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import uuid
@@ -184,10 +185,12 @@ order by i.position limit $1
 
 async def _news(event):
     """Until event is set, or POLL_S has passed (a lost wake); then clear it for the next news."""
-    try:
-        await asyncio.wait_for(event.wait(), POLL_S)
-    except asyncio.TimeoutError:
-        pass
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for returns when what it waits for is done,
+    # even if its task was cancelled meanwhile.  A worker stopped as it started (a wake pending)
+    # lost the cancel, and the loop went on polling: pg_ctl stop waited for it forever.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(POLL_S):
+            await event.wait()
     event.clear()
 
 
