@@ -268,6 +268,32 @@ def test_a_bucket_kept_at_one_place_is_refused_at_another(tracked):
     assert alice.scalar("select count(*) from bundle.pending where bundle = 'shop'") == 3
 
 
+def test_a_clones_buckets_join_the_store_before_the_bundle_tracks_its_tables(pair):
+    # A clone's caller tracks the bundle's tables in its own transaction (bundle._adopt) while
+    # executors keep what arrives in theirs, where the bundle tracks nothing yet.  The places
+    # below its root must still be known: a bucket at an unknown place waits among the pending
+    # nodes, and bundle._promote then walks and checks every one of them at the end.
+    alice, _ = pair
+    alice.sql("insert into bundle.bundle (name) values ('clone')")
+    try:
+        blob, bucket, fan, table, root = tree_with_fan_at("aa")
+
+        def keep(objects, places):
+            return alice.sql("select id, place from bundle._keep('clone', %s::text[], %s::bytea[], %s::text[])",
+                             [object_id(o) for o in objects], objects, places)
+
+        assert keep([root], [""]) == [(object_id(table), ":")]
+        assert keep([table], [":"]) == [(object_id(fan), ":aa")]
+        assert keep([fan], [":aa"]) == [(object_id(bucket), ":aaaa")]
+        assert keep([bucket, blob], [":aaaa", None]) == []
+        assert alice.sql("select kind from bundle.object where bundle = 'clone' order by 1") == [("blob",), ("bucket",)]
+        alice.sql("select bundle._promote('clone', %s::text[])", [object_id(root)])
+        assert alice.sql("select (select count(*) from bundle.pending where bundle = 'clone'), "
+                         "(select count(*) from bundle.object where bundle = 'clone')") == [(0, 5)]
+    finally:
+        alice.sql("delete from bundle.bundle where name = 'clone'")
+
+
 def test_blobs_are_the_text_of_the_rows_jsonb(pair):
     """The blob is written out directly; it must stay byte for byte the jsonb text docs/bundles.md defines."""
     alice, _ = pair
