@@ -1,9 +1,12 @@
 """Bundles on real clusters: tracking, change capture, row hashes and status (work in progress)."""
 
 import hashlib
+import threading
 
 import psycopg
 import pytest
+
+import testbed as tb
 
 MODULE_TESTBED = {"n": 2, "names": ["alice", "bob"]}
 
@@ -292,6 +295,40 @@ def test_a_clones_buckets_join_the_store_before_the_bundle_tracks_its_tables(pai
                          "(select count(*) from bundle.object where bundle = 'clone')") == [(0, 5)]
     finally:
         alice.sql("delete from bundle.bundle where name = 'clone'")
+
+
+def test_two_answers_kept_side_by_side_with_the_same_blobs_do_not_deadlock(pair):
+    # A pull keeps two answers side by side, and a clone's answers share blobs: the old and the
+    # new bucket at a place name the same unchanged rows.  Each keep inserts in id order, so one
+    # waits for the other; in the order received, each waited for the other and a pull failed.
+    alice, _ = pair
+    alice.sql("insert into bundle.bundle (name, loose_since) values ('side', now())")
+    low, high = sorted([b'{"sku": "w-1"}', b'{"sku": "w-2"}'], key=object_id)
+    keep = "select count(*) from bundle._keep('side', %s::text[], %s::bytea[])"
+    outcome = {}
+    try:
+        with alice.connect(autocommit=False) as holder, alice.connect(autocommit=False) as other:
+            holder.execute(keep, ([object_id(low)], [low]))  # uncommitted: others wait for it
+
+            def keep_both_in_the_order_received():
+                try:
+                    other.execute(keep, ([object_id(high), object_id(low)], [high, low]))
+                    other.commit()
+                    outcome["other"] = "kept"
+                except psycopg.Error as e:
+                    outcome["other"] = repr(e)
+
+            thread = threading.Thread(target=keep_both_in_the_order_received)
+            thread.start()
+            tb.wait_for(lambda: alice.scalar("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                                             other.info.backend_pid), 10)
+            holder.execute(keep, ([object_id(high)], [high]))
+            holder.commit()
+            thread.join(30)
+        assert outcome == {"other": "kept"}
+        assert alice.scalar("select count(*) from bundle.object where bundle = 'side'") == 2
+    finally:
+        alice.sql("delete from bundle.bundle where name = 'side'")
 
 
 def test_blobs_are_the_text_of_the_rows_jsonb(pair):
