@@ -12,6 +12,7 @@ create or replace function bundle._new_children(bundle_name text, kind text, dat
 returns table (id text, place text)
 language sql stable rows 100 as $$
     select case when place is null
+                  or z.n = 1 or coalesce(z.line, '') = ''  -- (filtered out below, whatever the plan's order)
                   or case kind when 'root' then place = ''
                                when 'fan' then place <> '' and length(split_part(place, ':', 2)) < 4
                                                and left(z.line, -65) ~ '^[0-9a-f]{2}$'
