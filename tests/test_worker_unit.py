@@ -1,6 +1,8 @@
 """Pure parts of the worker, without a server."""
 
-from aquapeer.worker import LoopLag
+import asyncio
+
+from aquapeer.worker import LoopLag, cancel_and_wait
 
 
 def test_loop_lag_reports_the_worst_second_in_the_window():
@@ -16,3 +18,21 @@ def test_loop_lag_forgets_what_left_the_window():
     lag.record(1000.0, 0.5)
     lag.record(1070.0, 0.001)
     assert lag.max_ms(1070.5) == 1.0
+
+
+def test_cancel_and_wait_ends_a_task_that_lost_a_cancel():
+    async def loses_the_first_cancel():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass  # as Python 3.11's wait_for does when what it waited for finished meanwhile
+        await asyncio.sleep(60)
+
+    async def main():
+        task = asyncio.create_task(loses_the_first_cancel())
+        await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            await cancel_and_wait([task])
+        return task.cancelled()
+
+    assert asyncio.run(main())

@@ -34,6 +34,19 @@ REAP_INTERVAL_S = 5.0
 IDENTITY_POLL_S = 1.0
 
 
+
+async def cancel_and_wait(tasks):
+    """Cancel tasks and wait until each has ended.  One cancel may be lost: Python 3.11's
+    asyncio.wait_for returns as usual when what it waits for finished as its task was cancelled,
+    and a loop around it goes on.  So cancel again every STOP_POLL_S until none is left."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_POLL_S)
+    await asyncio.gather(*tasks, return_exceptions=True)  # (each has ended: their errors, retrieved)
+
+
 class LoopLag:
     """How late the loop wakes up, as the maximum per second over a recent window."""
 
@@ -216,8 +229,7 @@ class Worker:
             caller_left.cancel()
             await asyncio.gather(caller_left, return_exceptions=True)
             return answer.result()
-        answer.cancel()
-        await asyncio.gather(answer, return_exceptions=True)
+        await cancel_and_wait([answer])
         return None
 
     async def answer(self, message):
@@ -363,9 +375,7 @@ class Worker:
             self.transfers.close()
             await self.stop_node()
             self.executors.close()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             if os.path.exists(path):
                 os.unlink(path)
 
