@@ -1,4 +1,4 @@
--- aquapeer 0.9.0 -> 0.10.0: checkouts into empty tables and empty head rows are linear again; a clone's skips the recorded keys.
+-- aquapeer 0.9.0 -> 0.10.0: checkouts into empty tables and empty head rows are linear again; a clone's skips the recorded keys and keeps faster.
 \echo Use "ALTER EXTENSION aquapeer UPDATE" to load this file. \quit
 
 -- The statement that writes pg_temp.bundle_apply's rows to one table: each row inserted unless
@@ -243,5 +243,73 @@ begin
             using hint = 'bundle.commit is refused until the head is checked out again: select bundle.checkout(name).';
     end if;
     return target;
+end
+$$;
+
+-- Keep objects received for a bundle (see 0.9.0): a bucket's blobs received with it are not
+-- looked for in the store.
+create or replace function bundle._keep(bundle_name text, ids text[], datas bytea[], places text[])
+returns table (id text, place text)
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+#variable_conflict use_column
+declare
+    bad record;
+    child_ids text[];
+    child_places text[];
+    blob_ids text[];
+begin
+    select i.id, encode(sha256(i.data), 'hex') as actual into bad
+    from unnest(ids, datas) i(id, data) where i.id is distinct from encode(sha256(i.data), 'hex') limit 1;
+    if found then
+        raise exception 'object % does not match its content (it hashes to %)', bad.id, bad.actual
+            using errcode = 'XX001', hint = 'The sender altered or damaged it; nothing of it was kept.';
+    end if;
+    -- Locked as a foreign key would: the bundle stays until this transaction ends, and retention
+    -- passes it by meanwhile.
+    perform from bundle.bundle b where b.name = bundle_name for key share;
+    if not found then
+        raise exception 'bundle "%" does not exist', bundle_name using errcode = '42704';
+    end if;
+    -- At most hourly: retention must not collect what a running pull keeps, and a new row
+    -- version per call would pile up in a long transaction (an import) and slow every lookup of
+    -- the bundle.
+    update bundle.bundle set loose_since = now()
+    where name = bundle_name and (loose_since is null or loose_since < now() - interval '1 hour');
+    -- The blobs first, so that the buckets received with them find them in the store below.
+    insert into bundle.object select bundle_name, i.id, 'blob', i.data from unnest(ids, datas) i(id, data)
+    where bundle._kind(i.data) = 'blob' order by i.id on conflict do nothing;
+    with received as materialized (
+        -- Each bucket with the blobs it names that the store lacks, of those on lines the bucket
+        -- checked out at its place lacks (every lookup linear in what was received: a bucket's
+        -- own probes, no join between the buckets and the blobs).  A blob received with it is in
+        -- the store now: a hashed look at the ids received says so without a probe of the store
+        -- (a clone's request of 500 buckets and 7,500 blobs: 25 ms instead of 45).
+        select r.id, r.kind, r.data, r.place,
+               case when r.kind = 'bucket' then array(
+                   select c.id from bundle._new_children(bundle_name, 'bucket', r.data, r.place) c
+                   where c.id not in (select u.id from unnest(ids) u(id))
+                     and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = c.id) is null)
+               end as lacking
+        from (select i.id, bundle._kind(i.data) as kind, i.data, i.place
+              from unnest(ids, datas, places) i(id, data, place)) r
+        where r.kind <> 'blob'
+    ), complete as (
+        insert into bundle.object select bundle_name, r.id, r.kind, r.data from received r
+        where r.kind = 'bucket' and r.place is not null and cardinality(r.lacking) = 0
+        order by r.id on conflict do nothing
+    ), nodes as (
+        insert into bundle.pending select bundle_name, r.id, r.kind, r.data from received r
+        where r.kind <> 'bucket' or r.place is null or cardinality(r.lacking) > 0
+        order by r.id on conflict do nothing
+    )
+    select coalesce(array_agg(c.id), '{}'), coalesce(array_agg(c.place), '{}'),
+           array(select distinct u.id from received r cross join lateral unnest(r.lacking) u(id))
+        into child_ids, child_places, blob_ids
+    from received r cross join lateral bundle._new_children(bundle_name, r.kind, r.data, r.place) c
+    where r.kind in ('root', 'fan');
+    return query
+        select l.id, l.place from bundle._lacking(bundle_name, child_ids, child_places) l
+        union all
+        select u.id, null from unnest(blob_ids) u(id);
 end
 $$;

@@ -288,6 +288,10 @@ def test_a_clones_buckets_join_the_store_before_the_bundle_tracks_its_tables(pai
         assert keep([root], [""]) == [(object_id(table), ":")]
         assert keep([table], [":"]) == [(object_id(fan), ":aa")]
         assert keep([fan], [":aa"]) == [(object_id(bucket), ":aaaa")]
+        # Without its blob the bucket waits, and the blob is asked for; with it, it joins the store.
+        assert keep([bucket], [":aaaa"]) == [(object_id(blob), None)]
+        assert alice.sql("select kind from bundle.pending where bundle = 'clone' and id = %s",
+                         object_id(bucket)) == [("bucket",)]
         assert keep([bucket, blob], [":aaaa", None]) == []
         assert alice.sql("select kind from bundle.object where bundle = 'clone' order by 1") == [("blob",), ("bucket",)]
         alice.sql("select bundle._promote('clone', %s::text[])", [object_id(root)])
