@@ -282,12 +282,14 @@ begin
         -- Each bucket with the blobs it names that the store lacks, of those on lines the bucket
         -- checked out at its place lacks (every lookup linear in what was received: a bucket's
         -- own probes, no join between the buckets and the blobs).  A blob received with it is in
-        -- the store now: a hashed look at the ids received says so without a probe of the store
-        -- (a clone's request of 500 buckets and 7,500 blobs: 25 ms instead of 45).
+        -- the store now: a hashed look at the blobs received says so without a probe of the
+        -- store (a clone's request of 500 buckets and 7,500 blobs: 25 ms instead of 45).  Only
+        -- blobs: a tree node received is not in the store yet.
         select r.id, r.kind, r.data, r.place,
                case when r.kind = 'bucket' then array(
                    select c.id from bundle._new_children(bundle_name, 'bucket', r.data, r.place) c
-                   where c.id not in (select u.id from unnest(ids) u(id))
+                   where c.id not in (select u.id from unnest(ids, datas) u(id, data)
+                                      where bundle._kind(u.data) = 'blob')
                      and (select o.id from bundle.object o where o.bundle = bundle_name and o.id = c.id) is null)
                end as lacking
         from (select i.id, bundle._kind(i.data) as kind, i.data, i.place

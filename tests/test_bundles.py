@@ -301,6 +301,23 @@ def test_a_clones_buckets_join_the_store_before_the_bundle_tracks_its_tables(pai
         alice.sql("delete from bundle.bundle where name = 'clone'")
 
 
+def test_a_bucket_naming_a_tree_node_received_with_it_as_a_row_is_not_complete(pair):
+    # A bucket whose blobs all came with it joins the store at once.  A tree node received with
+    # it is not in the store (it waits among the pending nodes), so a bucket naming one where a
+    # row's blob belongs must wait too, and its "blob" be asked for.
+    alice, _ = pair
+    alice.sql("insert into bundle.bundle (name) values ('odd')")
+    try:
+        _, _, fan, _, _ = tree_with_fan_at("aa")
+        bucket = f"aquapeer-bucket/1\naaaa{'0' * 60} {object_id(fan)}\n".encode()
+        lacking = alice.sql("select id, place from bundle._keep('odd', %s::text[], %s::bytea[], %s::text[])",
+                            [object_id(bucket), object_id(fan)], [bucket, fan], [":aaaa", None])
+        assert (object_id(fan), None) in lacking
+        assert alice.sql("select kind from bundle.object where bundle = 'odd'") == []
+    finally:
+        alice.sql("delete from bundle.bundle where name = 'odd'")
+
+
 def test_two_answers_kept_side_by_side_with_the_same_blobs_do_not_deadlock(pair):
     # A pull keeps two answers side by side, and a clone's answers share blobs: the old and the
     # new bucket at a place name the same unchanged rows.  Each keep inserts in id order, so one
