@@ -34,7 +34,6 @@ REAP_INTERVAL_S = 5.0
 IDENTITY_POLL_S = 1.0
 
 
-
 async def cancel_and_wait(tasks):
     """Cancel tasks and wait until each has ended.  One cancel may be lost: Python 3.11's
     asyncio.wait_for returns as usual when what it waits for finished as its task was cancelled,
