@@ -1,5 +1,7 @@
 """Databases befriending and connecting through a real signaling server, with real aiortc on loopback."""
 
+import os
+import signal
 import subprocess
 import time
 
@@ -173,6 +175,26 @@ def test_signaling_server_restart_then_a_new_connect_works(pair, signal_server):
     signal_server.start()
     # Both workers re-register by themselves (backoff is capped at 10 s).
     assert alice.scalar("select peer.connect('bob', timeout => '30 s')") == "connected"
+
+
+def test_an_offer_lost_with_the_signaling_server_is_made_again(pair, signal_server):
+    alice, bob = pair
+    befriend(alice, "alice", bob, "bob")
+    alice.sql("update peer.friend set auto_connect = false")
+    bob.sql("update peer.friend set auto_connect = false")
+    [bob_worker] = bob.backend_pids("aquapeer worker")
+    os.kill(bob_worker, signal.SIGSTOP)  # the offer waits at the server, unanswered
+    try:
+        with pytest.raises(psycopg.Error, match="within 1 s"):
+            alice.sql("select peer.connect('bob', timeout => '1 s')")
+        signal_server.stop()  # and is lost with it
+        signal_server.start()
+    finally:
+        os.kill(bob_worker, signal.SIGCONT)
+    started = time.monotonic()
+    assert alice.scalar("select peer.connect('bob', timeout => '30 s')") == "connected"
+    # Not by waiting out the lost offer's 15 s: a new one is made once alice is registered again.
+    assert time.monotonic() - started < 12
 
 
 # The bed turns synchronous_commit off for speed; a crash test needs commits to survive kill -9.

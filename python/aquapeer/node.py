@@ -107,8 +107,7 @@ class PeerNode:
         self._counter = 0
         self._refusals = (0, 0)  # (second, refusals sent in it)
         self.ssl_context = ssl_context
-        self.signal = SignalClient(signal_url, me, self._on_envelope, ssl_context=ssl_context,
-                                   fallback_urls=fallback_signal_urls)
+        self.signal = self._signal_client(signal_url, fallback_urls=fallback_signal_urls)
         self.other_signals = {}  # url -> SignalClient, for friends reached elsewhere
         self._supervisor = None
 
@@ -137,10 +136,24 @@ class PeerNode:
             return self.signal
         client = self.other_signals.get(friend.signal_url)
         if client is None:
-            client = self.other_signals[friend.signal_url] = SignalClient(
-                friend.signal_url, self.me, self._on_envelope, ssl_context=self.ssl_context)
+            client = self.other_signals[friend.signal_url] = self._signal_client(friend.signal_url)
             await client.start()
         return client
+
+    def _signal_client(self, url, fallback_urls=()):
+        client = SignalClient(url, self.me, self._on_envelope, ssl_context=self.ssl_context,
+                              fallback_urls=fallback_urls)
+        client.on_state = lambda state: self._on_signal_state(client, state)
+        return client
+
+    def _on_signal_state(self, client, state):
+        """A server that goes away loses the offers and answers it was holding, so a link
+        still negotiating through it may never hear back: close it, to be offered again."""
+        if state in ("connecting", "connected"):
+            return
+        for link in list(self.links.values()):
+            if link.state == "connecting" and link.signal is client:
+                link.close(f"the signaling server {client.url} went away during negotiation")
 
     def _ice_for(self, friend):
         if not friend.stun_url:
@@ -211,7 +224,7 @@ class PeerNode:
                     and time.monotonic() - existing.created_at < OFFER_FRESH_S):
                 return  # both offered just now: ours wins, the friend answers it
             existing.close("replaced by a new connection from the friend")
-        link = self._new_link(friend, envelope.session, offerer=False)
+        link = self._new_link(friend, envelope.session, offerer=False, signal=await self._signal_for(friend))
         try:
             sdp = await link.accept_offer(envelope.body["sdp"])
             await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp}, friend)
@@ -240,12 +253,13 @@ class PeerNode:
 
     # --- links ------------------------------------------------------------------
 
-    def _new_link(self, friend, session, offerer):
+    def _new_link(self, friend, session, offerer, signal):
         link = transport.Link(self.me, friend.chain, session, offerer, self._ice_for(friend),
                               on_frame=self.on_frame, on_close=self._on_link_closed,
                               on_connected=self.on_connected, on_refused=self._on_frame_refused,
                               max_message_bytes=self.message_limit())
         link.friend_name = friend.name
+        link.signal = signal  # the signaling client its offer and answer go through
         self.links[friend.peer_id] = link
         return link
 
@@ -262,7 +276,7 @@ class PeerNode:
             self.last_closed[link.peer_id] = link
 
     async def _offer(self, friend, attempt=0):
-        link = self._new_link(friend, os.urandom(16), offerer=True)
+        link = self._new_link(friend, os.urandom(16), offerer=True, signal=await self._signal_for(friend))
         try:
             sdp = await link.make_offer(attempt)
             await self._send("offer", friend.peer_id, link.session,
