@@ -218,13 +218,14 @@ class PeerNode:
             await self._send("refused", sender, envelope.session, {})
 
     async def _on_offer(self, friend, envelope):
+        signal = await self._signal_for(friend)
         existing = self.links.get(friend.peer_id)
         if existing is not None and existing.session != envelope.session:
             if (existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id
                     and time.monotonic() - existing.created_at < OFFER_FRESH_S):
                 return  # both offered just now: ours wins, the friend answers it
             existing.close("replaced by a new connection from the friend")
-        link = self._new_link(friend, envelope.session, offerer=False, signal=await self._signal_for(friend))
+        link = self._new_link(friend, envelope.session, offerer=False, signal=signal)
         try:
             sdp = await link.accept_offer(envelope.body["sdp"])
             await self._send("answer", friend.peer_id, envelope.session, {"sdp": sdp}, friend)
