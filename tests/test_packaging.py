@@ -108,7 +108,9 @@ def test_versions_agree():
 
     # The full script is built from the first release's and every upgrade script.
     if VERSION != "0.1.0":
-        assert sorted(p.name for p in REPO.glob("sql/aquapeer--*--*.sql"))[-1].endswith(f"--{VERSION}.sql")
+        # (By version, not by name: 0.10.0 sorts before 0.9.0 as text.)
+        targets = [p.name.removesuffix(".sql").split("--")[-1] for p in REPO.glob("sql/aquapeer--*--*.sql")]
+        assert max(targets, key=lambda v: tuple(map(int, v.split(".")))) == VERSION
 
 
 def test_pyproject_dependencies_match_requirements_in():
