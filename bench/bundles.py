@@ -31,8 +31,9 @@ server:
   table (target: at least 0.35 times the rows per second of pg_dump | psql),
   with the bytes on the wire and the compression ratio (the objects' bytes
   over the bytes received);
-- --changed rows changed, committed and pulled, end to end (target: under
-  2 s).
+- --changed rows changed, committed and pulled, end to end, twice: right after
+  the clone (which also pays once for the hint bits and statistics of the
+  million rows the clone wrote), then again (target: under 2 s).
 
 Each part is a function part(bed, args, figures) in PARTS, run in order on
 the same test bed; a part that fails is reported and the next one still runs.
@@ -220,6 +221,10 @@ def pull(bed, args, figures):
         figures["incremental_changed"] = change_rows(alice, args.changed, args.rows)
         alice.sql("select bundle.commit('widget', 'changed again')")
         return json.loads(bob.scalar("select peer.pull_bundle('alice', 'widget')::text"))
+    # The first right after the clone also pays once for what the clone left behind: the hint
+    # bits of a million rows just written, their statistics, a checkpoint.  The second shows
+    # what each later pull of that many changes costs; the target is judged on it.
+    _, figures["incremental_after_clone_s"] = timed(change_commit_pull)
     summary, figures["incremental_s"] = timed(change_commit_pull)
     figures["incremental_fetch_s"] = bob.scalar("select extract(epoch from finished_at - started_at)::float8 "
                                                 "from peer.transfer where id = %s", summary["transfer"])
@@ -330,6 +335,8 @@ def report(args, rounds, errors):
                   "commit + peer.pull_bundle", fmt(incremental, 3), "", "", "", "", "",
                   f"< {INCREMENTAL_TARGET_S:g} s",
                   verdict(None if incremental is None else incremental < INCREMENTAL_TARGET_S))
+    table.add_row("", "the same, the first after the clone", fmt(best(rounds, "incremental_after_clone_s"), 3),
+                  "", "", "", "", "", "", "")
     if last.get("incremental_fetch_s") is not None:
         table.add_row("", "of which fetching and keeping", fmt(last["incremental_fetch_s"], 3), "", "", "", "", "", "", "")
     if last.get("incremental_bytes") is not None:
