@@ -185,6 +185,30 @@ def test_a_bundle_moves_through_a_file_and_importing_twice_changes_nothing(pair,
     assert store(bob) == before and log(bob) == log(alice)
 
 
+def import_batch(cluster, documents):
+    """(type, outcome) of each document, from bundle.import_batch on a fresh connection."""
+    with cluster.connect() as conn:
+        return conn.execute("select type, outcome from bundle.import_batch(%s::jsonb[])",
+                            [[json.dumps(d) for d in documents]]).fetchall()
+
+
+def test_import_batch_answers_as_import_one_document_at_a_time(pair):
+    alice, bob = pair
+    documents = export(alice)
+    objects = [d for d in documents if d["type"] == "object"]
+    assert len(objects) > 3 and documents[1] == objects[0]
+    batch = documents[:3] + [objects[0]] + documents[3:]  # an object twice in one run of objects
+    expected = [(d["type"], "new") for d in batch]
+    expected[3] = ("object", "known")
+    assert import_batch(bob, batch) == expected
+    assert log(bob) == log(alice) and head(bob) == head(alice)
+    assert object_ids(bob) == history_objects(alice)
+
+    assert import_batch(bob, documents) == [(d["type"], "known") for d in documents]
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="came before the bundle's header"):
+        import_batch(bob, objects)
+
+
 def test_an_existing_bundle_keeps_its_head(pair, tmp_path):
     alice, bob = pair
     bob.sql("select bundle.create('shop'); select bundle.track('shop', 'public.widget'); "

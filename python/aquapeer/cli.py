@@ -340,7 +340,7 @@ def _add_pull(subparsers: argparse._SubParsersAction) -> None:
 
 # --- export / import -----------------------------------------------------------
 
-IMPORT_BATCH_LINES = 500
+IMPORT_BATCH_LINES = 5000
 IMPORT_BATCH_BYTES = 4 << 20
 
 
@@ -471,7 +471,7 @@ def _cmd_import(args: argparse.Namespace, console: Console) -> int:
                     last = first + len(batch) - 1
                     texts = [line.decode("utf-8") for line in batch if line.strip()]
                     for kind, outcome in conn.execute(
-                            "select d->>'type', bundle.import(d) from unnest(%s::jsonb[]) d", [texts]):
+                            "select type, outcome from bundle.import_batch(%s::jsonb[])", [texts]):
                         counts[kind] += 1
                         new, known = new + (outcome == "new"), known + (outcome == "known")
                     if name is None and texts:
