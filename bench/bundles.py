@@ -16,7 +16,10 @@ same run, side by side:
   a commit of that one row (target: under 1 s, and a handful of storage rows:
   rows of bundle.object, head_row and head_node counted before and after), a
   commit of --changed rows spread over the table, and the size of the bundle
-  schema's tables against the table's.
+  schema's tables against the table's;
+- the object format's floor for that first commit, with the commit's own
+  statement: every row's blob and its SHA-256, then each blob written once
+  under its id (what any commit in this format must do at least).
 
 With --rounds N everything runs N times (a fresh bundle each round) and the
 table shows each figure's best round (noise on a shared machine only adds
@@ -30,7 +33,8 @@ server:
 - aquapeer: peer.pull_bundle of the whole bundle into bob's empty widget
   table (target: at least 0.35 times the rows per second of pg_dump | psql),
   with the bytes on the wire and the compression ratio (the objects' bytes
-  over the bytes received);
+  over the bytes received), and the CPU time it took: the whole machine's
+  (both clusters run on it) and the two workers' (moving the bytes);
 - --changed rows changed, committed and pulled, end to end, twice: right after
   the clone (which also pays once for the hint bits and statistics of the
   million rows the clone wrote), then again (target: under 2 s).
@@ -52,6 +56,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from procinfo import cpu_seconds, machine_busy_seconds, worker_pid  # noqa: E402
 
 console = Console(width=150)
 
@@ -156,6 +161,7 @@ def aquapeer(bed, args, figures):
         run = lambda sql: lambda: conn.execute(sql).fetchall()  # noqa: E731
         conn.execute("select bundle.create('widget')")
         _, figures["track_s"] = timed(run("select bundle.track('widget', 'public.widget')"))
+        format_floor(conn, figures)
         _, figures["first_commit_s"] = timed(run("select bundle.commit('widget', 'all widgets')"))
         conn.execute("checkpoint")
 
@@ -171,6 +177,29 @@ def aquapeer(bed, args, figures):
         figures["changed"] = change_rows(alice, args.changed, args.rows)
         _, figures["changed_commit_s"] = timed(run("select bundle.commit('widget', 'some rows')"))
     figures["sizes"] = sizes(alice)
+
+
+def format_floor(conn, figures):
+    """What any first commit in the object format must do at least, timed with the statement the
+    commit runs (bundle._row_hashes_query, under the settings of bundle._row_hashes): every row's
+    key, key hash, blob and blob id; then writing each blob once, keyed by its id.  A commit does
+    both and more (the tree of key hashes, the head's rows), so their sum against CTAS + primary
+    key bounds from below what the first commit can reach.  Rolled back: the bundle is untouched."""
+    rows = conn.execute("select bundle._row_hashes_query('public.widget', null, '{id}', null)").fetchone()[0]
+    settings = conn.execute("select proconfig from pg_proc where oid = 'bundle._row_hashes'::regproc").fetchone()[0]
+    with conn.transaction(force_rollback=True):
+        for setting in settings:
+            name, _, value = setting.partition("=")
+            conn.execute("select set_config(%s, %s, true)", (name, value))
+        _, figures["floor_row_hashes_s"] = timed(
+            # The condition makes every column be computed; count(*) alone would skip them.
+            lambda: conn.execute(f"select count(*) from ({rows}) r "
+                                 f"where r.key_hash is not null and r.blob_id is not null").fetchall())
+        _, write = timed(lambda: conn.execute(f"create table public.widget_blobs as "
+                                              f"select blob_id, blob from ({rows}) r"))
+        _, key = timed(lambda: conn.execute("alter table public.widget_blobs add primary key (blob_id)"))
+    figures["floor_write_blobs_s"] = write + key
+    conn.execute("checkpoint")  # the commit after it should not pay for this WAL
 
 
 def dump_into_bob(bed, args, figures):
@@ -201,9 +230,16 @@ def pull(bed, args, figures):
     """peer.pull_bundle of the whole bundle into bob's empty table, then --changed rows end to end."""
     alice, bob = bed.alice, bed.bob
     alice.sql("select peer.share_bundle('widget', 'bob')")
+    workers = {"alice": worker_pid(alice), "bob": worker_pid(bob)}
     with bob.connect() as conn:
+        cpu_before = {who: cpu_seconds(pid) for who, pid in workers.items()}
+        busy_before = machine_busy_seconds()
         summary, figures["pull_s"] = timed(lambda: json.loads(conn.execute(
             "select peer.pull_bundle('alice', 'widget')::text").fetchone()[0]))
+        # Both clusters share this machine: how much of its CPU the clone used, and how much of
+        # that the two workers spent moving bytes (aiortc's SCTP and DTLS are pure Python).
+        figures["pull_machine_cpu_s"] = machine_busy_seconds() - busy_before
+        figures["pull_worker_cpu_s"] = {who: cpu_seconds(pid) - cpu_before[who] for who, pid in workers.items()}
         # The transfer ends once everything fetched is kept; the rest is the merge and checkout.
         figures["pull_checkout_s"] = conn.execute(
             "select extract(epoch from clock_timestamp() - finished_at)::float8 from peer.transfer "
@@ -290,6 +326,12 @@ def report(args, rounds, errors):
                   verdict(None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET))
     table.add_row("", "", "", "", "pg_dump -t widget > /dev/null", fmt(dump), fmt(per_s(args.rows, dump), 0),
                   fmt(ratio_dump), "", "")
+    hashes, blobs = best(rounds, "floor_row_hashes_s"), best(rounds, "floor_write_blobs_s")
+    floor = None if hashes is None or blobs is None else hashes + blobs
+    table.add_row("", "its floor: every row's key, blob, their SHA-256s", fmt(hashes), "", "", "", "",
+                  fmt(None if hashes is None or not write else hashes / write), "", "")
+    table.add_row("", "its floor: + writing each blob once", fmt(floor), "", "", "", "",
+                  fmt(None if floor is None or not write else floor / write), "", "")
     table.add_row("", "bundle.track (before it)", fmt(track, 3), "", "", "", "", "", "", "")
     table.add_row("one changed row", "bundle.status", fmt(status, 3), "", "", "", "", "", "", "")
     table.add_row("", "bundle.commit", fmt(one, 3), "", "", "", "", "", f"< {ONE_ROW_COMMIT_TARGET_S:g} s",
@@ -327,6 +369,11 @@ def report(args, rounds, errors):
         table.add_row("", "of which fetching and keeping", fmt(last["pull_fetch_s"]), "", "", "", "", "", "", "")
     if last.get("pull_checkout_s") is not None:
         table.add_row("", "of which checking out", fmt(last["pull_checkout_s"]), "", "", "", "", "", "", "")
+    if last.get("pull_machine_cpu_s") is not None:
+        workers = last["pull_worker_cpu_s"]
+        table.add_row("", "CPU, the whole machine", f"{last['pull_machine_cpu_s']:,.1f} s", "",
+                      "of which the workers", f"alice {workers['alice']:,.1f} s, bob {workers['bob']:,.1f} s",
+                      "", f"{os.cpu_count()} cores", "", "")
     if last.get("pull_bytes"):
         table.add_row("", "on the wire", f"{last['pull_bytes'] / 2**20:,.1f} MB", "",
                       "objects kept", f"{last['pull_object_bytes'] / 2**20:,.1f} MB", "",
@@ -347,6 +394,7 @@ def report(args, rounds, errors):
         console.print(f"[bold red]failed: {part}:[/] {message}")
     return {"rows": args.rows, "changed": args.changed, "rounds": rounds,
             "first_commit_vs_write": ratio_write, "first_commit_vs_pg_dump": ratio_dump,
+            "format_floor_vs_write": None if floor is None or not write else floor / write,
             "pull_vs_dump_restore": ratio_pull,
             "targets": {"first_commit": None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET,
                         "one_row_commit": None if one is None else one < ONE_ROW_COMMIT_TARGET_S,

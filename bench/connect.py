@@ -38,7 +38,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
-from procinfo import cpu_seconds, proc_status  # noqa: E402
+from procinfo import cpu_seconds, proc_status, worker_pid  # noqa: E402
 
 console = Console(width=120)
 
@@ -101,13 +101,6 @@ def measure_idle(pids, seconds):
 def connected(conn, friend):
     return conn.execute("select count(*) from peer.connections where friend = %s and state = 'connected'",
                         (friend,)).fetchone()[0] > 0
-
-
-def worker_pid(cluster):
-    pids = cluster.backend_pids("aquapeer worker")
-    if len(pids) != 1:
-        raise RuntimeError(f"{cluster.name}: expected one aquapeer worker, found {pids}")
-    return pids[0]
 
 
 # --- a: connect -------------------------------------------------------------------

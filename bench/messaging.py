@@ -58,7 +58,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
-from procinfo import cpu_seconds, proc_status  # noqa: E402
+from procinfo import cpu_seconds, proc_status, worker_pid  # noqa: E402
 
 console = Console(width=140)
 
@@ -99,14 +99,7 @@ def pad_text():
     return "x" * (PAYLOAD_BYTES - len(json.dumps({"n": 50, "pad": ""})))
 
 
-# --- /proc ----------------------------------------------------------------------
-
-def worker_pid(cluster):
-    pids = cluster.backend_pids("aquapeer worker")
-    if len(pids) != 1:
-        raise RuntimeError(f"{cluster.name}: expected one aquapeer worker, found {pids}")
-    return pids[0]
-
+# --- logs ----------------------------------------------------------------------
 
 def log_tail(cluster, lines=30):
     return "\n".join(cluster.log().splitlines()[-lines:])
