@@ -18,8 +18,9 @@ same run, side by side:
   commit of --changed rows spread over the table, and the size of the bundle
   schema's tables against the table's;
 - the object format's floor for that first commit, with the commit's own
-  statement: every row's blob and its SHA-256, then each blob written once
-  under its id (what any commit in this format must do at least).
+  statement: every row's key, blob and their SHA-256s, then the same with
+  each blob written once under its id (what any commit in this format must
+  do at least).
 
 With --rounds N everything runs N times (a fresh bundle each round) and the
 table shows each figure's best round (noise on a shared machine only adds
@@ -182,21 +183,21 @@ def aquapeer(bed, args, figures):
 def format_floor(conn, figures):
     """What any first commit in the object format must do at least, timed with the statement the
     commit runs (bundle._row_hashes_query, under the settings of bundle._row_hashes): every row's
-    key, key hash, blob and blob id; then writing each blob once, keyed by its id.  A commit does
-    both and more (the tree of key hashes, the head's rows), so their sum against CTAS + primary
-    key bounds from below what the first commit can reach.  Rolled back: the bundle is untouched."""
+    key, key hash, blob and blob id; then the same again with each blob written once under its
+    id, with a primary key.  A commit does that and more (the tree of key hashes, the head's
+    rows), so the second against CTAS + primary key bounds from below what the first commit can
+    reach.  Rolled back: the bundle is untouched."""
     rows = conn.execute("select bundle._row_hashes_query('public.widget', null, '{id}', null)").fetchone()[0]
     settings = conn.execute("select proconfig from pg_proc where oid = 'bundle._row_hashes'::regproc").fetchone()[0]
+    # The condition makes every column be computed; count(*) alone, or a select list without the
+    # key hash, would skip them.
+    every_row = f"from ({rows}) r where r.key_hash is not null and r.blob_id is not null"
     with conn.transaction(force_rollback=True):
         for setting in settings:
             name, _, value = setting.partition("=")
             conn.execute("select set_config(%s, %s, true)", (name, value))
-        _, figures["floor_row_hashes_s"] = timed(
-            # The condition makes every column be computed; count(*) alone would skip them.
-            lambda: conn.execute(f"select count(*) from ({rows}) r "
-                                 f"where r.key_hash is not null and r.blob_id is not null").fetchall())
-        _, write = timed(lambda: conn.execute(f"create table public.widget_blobs as "
-                                              f"select blob_id, blob from ({rows}) r"))
+        _, figures["floor_row_hashes_s"] = timed(lambda: conn.execute(f"select count(*) {every_row}").fetchall())
+        _, write = timed(lambda: conn.execute(f"create table public.widget_blobs as select blob_id, blob {every_row}"))
         _, key = timed(lambda: conn.execute("alter table public.widget_blobs add primary key (blob_id)"))
     figures["floor_write_blobs_s"] = write + key
     conn.execute("checkpoint")  # the commit after it should not pay for this WAL
@@ -326,11 +327,10 @@ def report(args, rounds, errors):
                   verdict(None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET))
     table.add_row("", "", "", "", "pg_dump -t widget > /dev/null", fmt(dump), fmt(per_s(args.rows, dump), 0),
                   fmt(ratio_dump), "", "")
-    hashes, blobs = best(rounds, "floor_row_hashes_s"), best(rounds, "floor_write_blobs_s")
-    floor = None if hashes is None or blobs is None else hashes + blobs
+    hashes, floor = best(rounds, "floor_row_hashes_s"), best(rounds, "floor_write_blobs_s")
     table.add_row("", "its floor: every row's key, blob, their SHA-256s", fmt(hashes), "", "", "", "",
                   fmt(None if hashes is None or not write else hashes / write), "", "")
-    table.add_row("", "its floor: + writing each blob once", fmt(floor), "", "", "", "",
+    table.add_row("", "its floor: the same, each blob written once", fmt(floor), "", "", "", "",
                   fmt(None if floor is None or not write else floor / write), "", "")
     table.add_row("", "bundle.track (before it)", fmt(track, 3), "", "", "", "", "", "", "")
     table.add_row("one changed row", "bundle.status", fmt(status, 3), "", "", "", "", "", "", "")
