@@ -315,6 +315,9 @@ def report(args, rounds, errors):
     first_round = rounds[0] if rounds else {}
     ratio_write = None if first is None or not write else first / write
     ratio_dump = None if first is None or not dump else first / dump
+    hashes, floor = best(rounds, "floor_row_hashes_s"), best(rounds, "floor_write_blobs_s")
+    ratio_hashes = None if hashes is None or not write else hashes / write
+    ratio_floor = None if floor is None or not write else floor / write
 
     table = Table(title=f"aquapeer bundles vs PostgreSQL on widget, {args.rows:,} rows "
                         f"(best of {len(rounds)} round{'s' if len(rounds) != 1 else ''})")
@@ -327,11 +330,10 @@ def report(args, rounds, errors):
                   verdict(None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET))
     table.add_row("", "", "", "", "pg_dump -t widget > /dev/null", fmt(dump), fmt(per_s(args.rows, dump), 0),
                   fmt(ratio_dump), "", "")
-    hashes, floor = best(rounds, "floor_row_hashes_s"), best(rounds, "floor_write_blobs_s")
     table.add_row("", "its floor: every row's key, blob, their SHA-256s", fmt(hashes), "", "", "", "",
-                  fmt(None if hashes is None or not write else hashes / write), "", "")
+                  fmt(ratio_hashes), "", "")
     table.add_row("", "its floor: the same, each blob written once", fmt(floor), "", "", "", "",
-                  fmt(None if floor is None or not write else floor / write), "", "")
+                  fmt(ratio_floor), "", "")
     table.add_row("", "bundle.track (before it)", fmt(track, 3), "", "", "", "", "", "", "")
     table.add_row("one changed row", "bundle.status", fmt(status, 3), "", "", "", "", "", "", "")
     table.add_row("", "bundle.commit", fmt(one, 3), "", "", "", "", "", f"< {ONE_ROW_COMMIT_TARGET_S:g} s",
@@ -394,7 +396,7 @@ def report(args, rounds, errors):
         console.print(f"[bold red]failed: {part}:[/] {message}")
     return {"rows": args.rows, "changed": args.changed, "rounds": rounds,
             "first_commit_vs_write": ratio_write, "first_commit_vs_pg_dump": ratio_dump,
-            "format_floor_vs_write": None if floor is None or not write else floor / write,
+            "format_floor_vs_write": ratio_floor,
             "pull_vs_dump_restore": ratio_pull,
             "targets": {"first_commit": None if ratio_write is None else ratio_write <= COMMIT_VS_WRITE_TARGET,
                         "one_row_commit": None if one is None else one < ONE_ROW_COMMIT_TARGET_S,
