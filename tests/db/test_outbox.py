@@ -1,6 +1,6 @@
 """The outbox on one real cluster, for a friend that never connects: what peer.send
 refuses, how messages are numbered, when they expire or are pruned, and what a new
-stream epoch does.  (Delivery between clusters: test_messaging.py.)"""
+stream epoch does.  (Delivery between clusters: tests/net/test_messaging.py.)"""
 
 import time
 

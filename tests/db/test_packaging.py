@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIBDIR = Path(os.environ.get("AQUAPEER_LIBDIR") or "/usr/local/lib/aquapeer")
 BINDIR = Path(os.environ.get("AQUAPEER_BINDIR") or "/usr/local/bin")
 SYSTEM_PYTHON = os.environ.get("AQUAPEER_PYTHON") or "/usr/bin/python3"

@@ -21,7 +21,7 @@ from aquapeer import signaling
 from aquapeer.identity import Identity
 from aquapeer.signaling import Limits, NotConnected, PeerOffline, SignalClient, SignalingError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def free_port():
