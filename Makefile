@@ -34,12 +34,21 @@ AQUAPEER_BINDIR ?= /usr/local/bin
 AQUAPEER_PAYLOAD_DIR = $(AQUAPEER_LIBDIR)/$(EXTVERSION)
 
 PG_CPPFLAGS += -DAQUAPEER_VERSION='"$(EXTVERSION)"' -DAQUAPEER_PAYLOAD_DIR='"$(AQUAPEER_PAYLOAD_DIR)"'
+# Warnings on top of PostgreSQL's own; its headers trip -Wunused-parameter.
+# In CI (CI set in the environment) any warning fails the build.
+PG_CFLAGS += -Wall -Wextra -Wno-unused-parameter
+ifdef CI
+PG_CFLAGS += -Werror
+endif
 
 # Both are compiled in: a tree built for another version or directory is rebuilt, or an
-# upgrade would install a library that loads the old payload.
+# upgrade would install a library that loads the old payload. Changed warning
+# flags rebuild too, so CI's -Werror sees every file.
 BUILD_FLAGS = src/.build-flags
+# This rule comes before PGXS's `all`; a bare `make` still builds.
+.DEFAULT_GOAL := all
 $(BUILD_FLAGS): FORCE
-	@echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR)' | cmp -s - $@ || echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR)' > $@
+	@echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR) $(PG_CFLAGS)' | cmp -s - $@ || echo '$(EXTVERSION) $(AQUAPEER_PAYLOAD_DIR) $(PG_CFLAGS)' > $@
 $(OBJS): $(BUILD_FLAGS)
 .PHONY: FORCE
 FORCE:

@@ -105,14 +105,18 @@ _PG_init(void)
 							   "Used only when aquapeer is in shared_preload_libraries.",
 							   &aquapeer_database, "postgres",
 							   process_shared_preload_libraries_in_progress ? PGC_POSTMASTER : PGC_SIGHUP,
-							   0, NULL, NULL, NULL);
+							   GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("aquapeer.restart_interval",
 							"Seconds to wait before starting a failed aquapeer worker again.",
 							NULL, &aquapeer_restart_interval, 5, 1, 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("aquapeer");
 
-	if (!process_shared_preload_libraries_in_progress)
+	/*
+	 * pg_upgrade runs the server in binary-upgrade mode to restore the
+	 * schema; a worker there would write to a database being rebuilt.
+	 */
+	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
 		return;
 
 	prev_shmem_request_hook = shmem_request_hook;
@@ -157,7 +161,7 @@ probe_database_lock(void)
 	if (!OidIsValid(MyDatabaseId))
 		return STOP_NONE;
 	SET_LOCKTAG_OBJECT(tag, InvalidOid, DatabaseRelationId, MyDatabaseId, 0);
-	for (int i = 0; i < lengthof(modes); i++)
+	for (size_t i = 0; i < lengthof(modes); i++)
 	{
 		if (LockAcquire(&tag, modes[i], true, true) == LOCKACQUIRE_NOT_AVAIL)
 			return reasons[i];
@@ -212,7 +216,7 @@ pin_settings(const char *application_name)
 		{"extra_float_digits", "3"},
 	};
 
-	for (int i = 0; i < lengthof(pinned); i++)
+	for (size_t i = 0; i < lengthof(pinned); i++)
 		SetConfigOption(pinned[i][0], pinned[i][1], PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("application_name", application_name, PGC_USERSET, PGC_S_SESSION);
 	pgstat_report_appname(application_name);
