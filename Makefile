@@ -4,7 +4,11 @@
 #   make install         install the extension, the Python payload and the CLI
 #   make uninstall       remove all of that again
 #   make dist            aquapeer-$(EXTVERSION).zip from git HEAD (PGXN release)
-#   make test            setup-debian, build, install, .venv, pytest tests
+#   make test            setup-debian, build, install, .venv, lint, pytest tests
+#   make test-unit       .venv, pytest tests/unit (no server, seconds)
+#   make test-db         like test, tests/db only (one cluster, no network)
+#   make test-net        like test, tests/net only (several clusters, aiortc)
+#   make lint            ruff over the Python
 #   make demo            setup-debian, build, install, .venv, scripts/demo.py
 #
 # Variables: PG_CONFIG, AQUAPEER_LIBDIR, AQUAPEER_BINDIR, PYTHON, VENV,
@@ -199,13 +203,28 @@ venv:
 	  echo "$$want" > '$(VENV_STAMP)'; \
 	fi
 
+# What the tests and the demo need to find the installed extension.
+TEST_ENV = AQUAPEER_LIBDIR='$(AQUAPEER_LIBDIR)' AQUAPEER_BINDIR='$(AQUAPEER_BINDIR)' AQUAPEER_PYTHON='$(PYTHON)' PG_CONFIG='$(PG_CONFIG)'
+
+.PHONY: lint test-unit test-db test-net
+
+lint: venv
+	'$(VENV)/bin/ruff' check python tests bench scripts
+
+# lint as a fresh make after prepare: the venv it needs exists by then.
 test: prepare
-	AQUAPEER_LIBDIR='$(AQUAPEER_LIBDIR)' AQUAPEER_BINDIR='$(AQUAPEER_BINDIR)' AQUAPEER_PYTHON='$(PYTHON)' PG_CONFIG='$(PG_CONFIG)' \
-	  '$(VENV)/bin/python' -m pytest tests $(PYTEST_ARGS)
+	$(MAKE) lint
+	$(TEST_ENV) '$(VENV)/bin/python' -m pytest tests $(PYTEST_ARGS)
+
+# The tiers: tests/unit needs no server, so only the venv.
+test-unit: venv
+	$(TEST_ENV) '$(VENV)/bin/python' -m pytest tests/unit $(PYTEST_ARGS)
+
+test-db test-net: test-%: prepare
+	$(TEST_ENV) '$(VENV)/bin/python' -m pytest tests/$* $(PYTEST_ARGS)
 
 demo: prepare
-	AQUAPEER_LIBDIR='$(AQUAPEER_LIBDIR)' AQUAPEER_BINDIR='$(AQUAPEER_BINDIR)' AQUAPEER_PYTHON='$(PYTHON)' PG_CONFIG='$(PG_CONFIG)' \
-	  '$(VENV)/bin/python' scripts/demo.py
+	$(TEST_ENV) '$(VENV)/bin/python' scripts/demo.py
 
 # Benchmarks: aquapeer beside PostgreSQL's own paths, in one run.
 bench: prepare
