@@ -8,7 +8,8 @@
 #   make test-unit       .venv, pytest tests/unit (no server, seconds)
 #   make test-db         like test, tests/db only (one cluster, no network)
 #   make test-net        like test, tests/net only (several clusters, aiortc)
-#   make lint            ruff over the Python
+#   make lint            ruff over the Python, and lint-sql
+#   make lint-sql        pgspot over the built install and upgrade scripts
 #   make demo            setup-debian, build, install, .venv, scripts/demo.py
 #
 # Variables: PG_CONFIG, AQUAPEER_LIBDIR, AQUAPEER_BINDIR, PYTHON, VENV,
@@ -23,13 +24,18 @@ endif
 
 MODULE_big = aquapeer
 OBJS = $(patsubst %.c,%.o,$(wildcard src/*.c))
-# The first release's script and the upgrade scripts are the source; the
-# current version's full script is built from them, so a fresh install runs
-# exactly the SQL an upgrade runs.
-BASE_SCRIPT = sql/aquapeer--0.1.0.sql
-UPGRADE_SCRIPTS = $(shell ls sql/aquapeer--*--*.sql 2>/dev/null | sort -V)
-DATA = $(BASE_SCRIPT) $(UPGRADE_SCRIPTS)
-DATA_built = sql/aquapeer--$(EXTVERSION).sql
+# SQL: the install script and the upgrade script from the previous release
+# are built from sql/'s sources by scripts/build_sql.py, and committed when
+# released (sql/released.sha256 then freezes them).  The scripts of the
+# versions before the first release are frozen history, installed as they are.
+# releases.txt records each release (version, commit); PREVIOUS_VERSION is the
+# newest one before this version.
+PREVIOUS_VERSION := $(shell awk '!/^\#/ && NF && $$1 != "$(EXTVERSION)" {v = $$1} END {print v}' releases.txt)
+SQL_SOURCES = sql/head.sql $(sort $(wildcard sql/incremental/*.sql sql/idempotent/*.sql)) sql/grants.sql sql/tail.sql
+SQL_INSTALL = sql/aquapeer--$(EXTVERSION).sql
+SQL_UPGRADE = sql/aquapeer--$(PREVIOUS_VERSION)--$(EXTVERSION).sql
+SQL_BUILT = $(SQL_INSTALL) $(SQL_UPGRADE)
+DATA = $(sort sql/aquapeer--0.1.0.sql $(wildcard sql/aquapeer--*--*.sql) $(SQL_BUILT))
 
 # Where the Python payload (pinned wheels + the aquapeer package) lives:
 # one directory per extension version, compiled into the C library.
@@ -89,8 +95,11 @@ PYTEST_ARGS ?=
 .PHONY: check-plpython install-payload install-cli uninstall-payload uninstall-cli \
 	setup prepare venv test demo dist
 
-sql/aquapeer--$(EXTVERSION).sql: $(BASE_SCRIPT) $(UPGRADE_SCRIPTS)
-	cat $^ > $@
+all: $(SQL_BUILT)
+$(SQL_INSTALL): $(SQL_SOURCES) scripts/build_sql.py
+	$(PYTHON) scripts/build_sql.py $(EXTVERSION) $@
+$(SQL_UPGRADE): $(SQL_SOURCES) scripts/build_sql.py releases.txt
+	$(PYTHON) scripts/build_sql.py $(EXTVERSION) $@ --from $(PREVIOUS_VERSION)
 
 # --- install ---------------------------------------------------------------
 
@@ -210,6 +219,13 @@ TEST_ENV = AQUAPEER_LIBDIR='$(AQUAPEER_LIBDIR)' AQUAPEER_BINDIR='$(AQUAPEER_BIND
 
 lint: venv
 	'$(VENV)/bin/ruff' check python tests bench scripts
+
+# pgspot over the scripts this tree builds; its allowlist, with the reasons,
+# is sql/pgspot.ignore (one option a line).
+.PHONY: lint-sql
+lint-sql: venv $(SQL_BUILT)
+	grep -v -e '^#' -e '^$$' sql/pgspot.ignore | tr '\n' '\0' | xargs -0 '$(VENV)/bin/pgspot' $(SQL_BUILT)
+lint: lint-sql
 
 # lint as a fresh make after prepare: the venv it needs exists by then.
 test: prepare

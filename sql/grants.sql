@@ -1,0 +1,154 @@
+-- Privileges, all in one place, applied on every install and upgrade.
+--
+-- Everything that changes state or reveals private data is for the extension
+-- owner and aquapeer_admin.  PUBLIC keeps what any session and a friend's
+-- executor (connected as the friend's role) must reach: the worker's helpers
+-- and bootstrap, peer.version(), peer.whoami(), the serving entry points of
+-- bundles (each checks that it runs in an executor for a friend the bundle is
+-- shared with), the row hashing a tracked table's capture trigger runs, and
+-- marking a handled message.  docs/sql-reference.md lists them.
+
+grant usage on schema peer to public;
+grant usage on schema bundle to aquapeer_admin;
+
+-- Tables, views and sequences: nothing for PUBLIC.
+revoke all on peer.migration, peer.config, peer.identity, peer.signal_server, peer.stun_server,
+    peer.turn_server, peer.signal_server_id_seq, peer.stun_server_id_seq, peer.turn_server_id_seq,
+    peer.friend, peer.friends, peer.friend_request, peer.friend_requests, peer.connections,
+    peer.stream_epoch, peer.outbox_stream, peer.outbox_position, peer.outbox_message,
+    peer.commit_order, peer.outbox_commit, peer.outbox, peer.inbox_stream, peer.inbox,
+    peer.topic_grant, peer.message_handler, peer.exposed_function, peer.bundle_share, peer.transfer,
+    peer.transfers from public;
+revoke all on bundle.bundle, bundle.tracked, bundle.head_row, bundle.changed_key, bundle.object,
+    bundle.pending, bundle.commit, bundle.head_node, bundle.merge, bundle.conflicts from public;
+
+grant select, update on peer.config to aquapeer_admin;
+grant select, insert, update, delete on peer.signal_server, peer.stun_server to aquapeer_admin;
+-- The TURN credential is readable only by the extension owner.
+grant select (id, url, username, priority), insert, update, delete on peer.turn_server to aquapeer_admin;
+grant usage on sequence peer.signal_server_id_seq, peer.stun_server_id_seq, peer.turn_server_id_seq
+    to aquapeer_admin;
+grant select on peer.friend, peer.friends, peer.friend_requests, peer.connections to aquapeer_admin;
+grant update (auto_connect, signal_server_id, stun_server_id) on peer.friend to aquapeer_admin;
+grant select on peer.outbox, peer.topic_grant, peer.message_handler, peer.exposed_function
+    to aquapeer_admin;
+grant select, delete on peer.inbox to aquapeer_admin;
+grant select on peer.bundle_share, peer.transfers, bundle.bundle, bundle.tracked, bundle.merge,
+    bundle.conflicts to aquapeer_admin;
+
+-- Functions and procedures, by area.
+-- worker
+revoke all on function peer._config_single_row(), peer._library_version(), peer._payload_dir(),
+    peer._should_stop(), peer._check_interrupts(), peer._executor_nonce(),
+    peer._arm_statement_timeout(integer), peer._register_worker(), peer._launcher_hold(boolean),
+    peer._launcher_check(), peer._start_executor(oid, text), peer._bootstrap(), peer.version(),
+    peer._worker_pid(), peer._worker_answers(), peer._await_worker(boolean, interval),
+    peer.start_worker(), peer.stop_worker(), peer.ping_worker(), peer.nudge_worker(),
+    peer.worker_status(), peer._run_in_executor(oid, oid, jsonb, double precision),
+    peer.run_in_executor(regrole, regprocedure, jsonb, interval) from public;
+grant execute on function peer._config_single_row(), peer._library_version(), peer._payload_dir(),
+    peer._should_stop(), peer._check_interrupts(), peer._executor_nonce(),
+    peer._arm_statement_timeout(integer), peer._bootstrap(), peer.version(), peer._worker_pid(),
+    peer._await_worker(boolean, interval) to public;
+grant execute on function peer.start_worker(), peer.stop_worker(), peer.ping_worker(),
+    peer.nudge_worker(), peer.worker_status() to aquapeer_admin;
+revoke all on procedure peer.worker_main(), peer.executor_main() from public;
+grant execute on procedure peer.executor_main() to public;
+
+-- identity
+revoke all on function peer._identity_single_row(), peer._new_identity(), peer.whoami(), peer.invite(),
+    peer.rotate_identity(), peer.reset_identity() from public;
+grant execute on function peer._identity_single_row(), peer.whoami() to public;
+grant execute on function peer.invite(), peer.rotate_identity() to aquapeer_admin;
+
+-- friends
+revoke all on function peer.add_friend(text, text), peer.accept_friend(text, text), peer.block(text),
+    peer.set_friend_role(text, regrole), peer.remove_friend(text, text) from public;
+grant execute on function peer.add_friend(text, text), peer.accept_friend(text, text), peer.block(text),
+    peer.set_friend_role(text, regrole), peer.remove_friend(text, text) to aquapeer_admin;
+
+-- connections
+revoke all on function peer.connect(text, interval), peer.reload_worker(), peer.disconnect(text),
+    peer._connections() from public;
+grant execute on function peer.connect(text, interval), peer.reload_worker(), peer.disconnect(text),
+    peer._connections() to aquapeer_admin;
+
+-- messages
+revoke all on function peer._wake_at_commit(), peer._stamp_commit(), peer._friend_for_sending(text),
+    peer.send(text, text, jsonb), peer.allow_topic(text, text), peer.disallow_topic(text, text),
+    peer.on_message(text, regprocedure), peer._message_handled(uuid),
+    peer.retry_message(uuid) from public;
+grant execute on function peer._stamp_commit(), peer._message_handled(uuid) to public;
+grant execute on function peer.send(text, text, jsonb), peer.allow_topic(text, text),
+    peer.disallow_topic(text, text), peer.on_message(text, regprocedure),
+    peer.retry_message(uuid) to aquapeer_admin;
+
+-- calls
+revoke all on function peer.expose(regprocedure, text, text), peer.unexpose(text, text),
+    peer.call(text, text, jsonb, interval) from public;
+grant execute on function peer.expose(regprocedure, text, text), peer.unexpose(text, text),
+    peer.call(text, text, jsonb, interval) to aquapeer_admin;
+
+-- bundle_tracking
+revoke all on function bundle._rows_query(regclass, text, name[], text), bundle._whole(text, regclass),
+    bundle._row_hashes_query(regclass, text, name[], text),
+    bundle._row_hashes(regclass, text, name[], text), bundle._capture(), bundle."create"(text),
+    bundle._bundle(text), bundle.track(text, regclass, text),
+    bundle._changes_query(text, bundle.tracked), bundle.status(text),
+    bundle._has_user_triggers(regclass), bundle._tracked_names(text), bundle._key(jsonb, name[]),
+    bundle._key_values(regclass, name[], text), bundle.rescan(text), bundle._forget(),
+    bundle._keep_name(), bundle._key_of_columns(jsonb, name[]), bundle._untracked(),
+    bundle.drop(text) from public;
+grant execute on function bundle._rows_query(regclass, text, name[], text),
+    bundle._row_hashes_query(regclass, text, name[], text),
+    bundle._row_hashes(regclass, text, name[], text), bundle._capture(), bundle._bundle(text) to public;
+grant execute on function bundle."create"(text), bundle.track(text, regclass, text), bundle.status(text),
+    bundle.rescan(text), bundle.drop(text) to aquapeer_admin;
+
+-- bundle_commit
+revoke all on function bundle._stage(text), bundle._rebuild(text, regclass, text[]),
+    bundle._rebuild_fans(text, regclass, text[]), bundle.commit(text, text), bundle.log(text),
+    bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea),
+    bundle._lines(bytea) from public;
+grant execute on function bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
+
+-- bundle_store
+revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text, text[]),
+    bundle._keep_commits(text, jsonb), bundle._describe(text), bundle._adopt(text, jsonb),
+    bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
+    bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
+    bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
+    bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
+    bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
+grant execute on function bundle.export(text), bundle.import(jsonb),
+    bundle.import_batch(jsonb[]) to aquapeer_admin;
+
+-- bundle_checkout
+revoke all on function bundle._node_diff(text, text, text), bundle._tree_diff(text, text, text),
+    bundle.diff(text, text, text), bundle._refuse_uncommitted(text, text), bundle._apply_begin(),
+    bundle._fk_order(regclass[]), bundle._apply(text, text), bundle.checkout(text, text, boolean),
+    bundle._tree_changes(text, text, text),
+    bundle._write_statement(regclass, name[], boolean) from public;
+grant execute on function bundle.diff(text, text, text),
+    bundle.checkout(text, text, boolean) to aquapeer_admin;
+
+-- bundle_merge
+revoke all on function bundle._ancestors(text, text), bundle._merge_base(text, text, text),
+    bundle._merge_rows(text, text, text, text), bundle._integrate(text, text, boolean),
+    bundle.resolve(text, regclass, jsonb, text, text, text), bundle.merge_abort(text) from public;
+grant execute on function bundle.resolve(text, regclass, jsonb, text, text, text),
+    bundle.merge_abort(text) to aquapeer_admin;
+
+-- bundle_sharing
+revoke all on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
+    peer._check_bundle_served(text, text, boolean, boolean),
+    peer._serve_bundle_head(text, text, boolean),
+    peer._serve_bundle_objects(text, text, boolean, text[]), peer.pull_bundle(text, text, boolean),
+    peer.push_bundle(text, text),
+    peer._serve_bundle_commits(text, text, boolean, text[], text[]) from public;
+grant execute on function peer._check_bundle_served(text, text, boolean, boolean),
+    peer._serve_bundle_head(text, text, boolean),
+    peer._serve_bundle_objects(text, text, boolean, text[]),
+    peer._serve_bundle_commits(text, text, boolean, text[], text[]) to public;
+grant execute on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
+    peer.pull_bundle(text, text, boolean), peer.push_bundle(text, text) to aquapeer_admin;
