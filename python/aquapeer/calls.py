@@ -14,8 +14,8 @@ import collections
 import os
 import time
 
-from . import node as node_module
-from . import transport
+from .net import node as node_module
+from .net import transport
 from .errors import AquapeerError
 
 # Results are remembered this long, for callers that retry after a drop.

@@ -125,7 +125,7 @@ def _log_to_stderr(err: Console, level: str):
 def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
     import logging
 
-    from aquapeer import signaling
+    from aquapeer.net import signaling
 
     err = Console(stderr=True)
     if (args.cert is None) != (args.key is None):
@@ -179,7 +179,8 @@ def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
     import logging
     import signal
 
-    from aquapeer import identity, lightpeer
+    from aquapeer import identity
+    from aquapeer.net import lightpeer
 
     err = Console(stderr=True)
     if args.count < 1:

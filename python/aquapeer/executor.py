@@ -19,7 +19,8 @@ import signal
 import socket
 import time
 
-from . import bundles, control, retention
+from . import control, retention
+from .bundles import store as bundle_store
 from .db import current_database
 from .errors import AquapeerError, DatabaseError
 
@@ -221,8 +222,8 @@ def handle_retention(db, args):
 
 
 HANDLERS = {"call": handle_call, "handle": handle_message, "retention": handle_retention,
-            "bundle_serve": lambda db, args: _answer(db, lambda: bundles.serve(db, args)),
-            "bundle_store": lambda db, args: _answer(db, lambda: bundles.store(db, args))}
+            "bundle_serve": lambda db, args: _answer(db, lambda: bundle_store.serve(db, args)),
+            "bundle_store": lambda db, args: _answer(db, lambda: bundle_store.store(db, args))}
 
 
 def _recv_exactly(sock, n):

@@ -37,8 +37,8 @@ import json
 import logging
 import uuid
 
-from . import transport, wire
 from .errors import AquapeerError, DatabaseError
+from .net import transport, wire
 
 log = logging.getLogger("aquapeer.messaging")
 

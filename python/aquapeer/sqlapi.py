@@ -15,7 +15,9 @@ import uuid
 
 import plpy
 
-from . import bundle_merge, bundles, control, executor, friends, identity
+from . import control, executor, friends, identity
+from .bundles import integrate
+from .bundles import store as bundle_store
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
 
@@ -258,12 +260,12 @@ def retry_message(message_id):
 
 @sql_errors
 def bundle_commit(name, message):
-    return bundles.commit(_db, name, message)
+    return bundle_store.commit(_db, name, message)
 
 
 @sql_errors
 def bundle_keep_commits(name, documents):
-    return bundles.keep_commits(_db, name, json.loads(documents))
+    return bundle_store.keep_commits(_db, name, json.loads(documents))
 
 
 # How often a long pull tells its caller how far it got.
@@ -278,7 +280,7 @@ def _transfer_client(transfer):
         _check_interrupts()
         if time.monotonic() - last[0] >= PROGRESS_NOTICE_S:
             last[0] = time.monotonic()
-            done = bundles.transfer_progress(_db, transfer)
+            done = bundle_store.transfer_progress(_db, transfer)
             if done["bytes_done"]:
                 total = f" of {done['rows_total']}" if done["rows_total"] else ""
                 plpy.notice(f"aquapeer: {done['rows_done']}{total} rows, {done['objects_done']} objects, "
@@ -290,15 +292,15 @@ def _transfer_client(transfer):
 def pull_bundle(friend, name, checkout):
     transfer = str(uuid.uuid4())
     with _transfer_client(transfer) as client:
-        return json.dumps(bundles.pull(_db, client, friend, name, checkout, transfer))
+        return json.dumps(bundle_store.pull(_db, client, friend, name, checkout, transfer))
 
 
 @sql_errors
 def push_bundle(friend, name):
     with _client() as client:
-        return json.dumps(bundles.push(_db, client, friend, name))
+        return json.dumps(bundle_store.push(_db, client, friend, name))
 
 
 @sql_errors
 def bundle_integrate(name, theirs, checkout):
-    return json.dumps(bundle_merge.integrate(_db, name, theirs, checkout))
+    return json.dumps(integrate.integrate(_db, name, theirs, checkout))

@@ -18,14 +18,15 @@ import os
 import platform
 import time
 
-from . import __version__, control, friends, transport
+from . import __version__, control, friends
+from .bundles.transfer import Transfers
 from .calls import Calls
 from .db import current_database
 from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
 from .messaging import Messaging
-from .node import PeerNode
-from .transfer import Transfers
+from .net import transport
+from .net.node import PeerNode
 
 STOP_POLL_S = 0.25
 LAG_TICK_S = 0.1

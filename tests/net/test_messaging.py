@@ -21,8 +21,10 @@ import psycopg
 import pytest
 
 import testbed as tb
-from aquapeer import identity, transport
-from aquapeer.node import MemoryFriendBook, PeerNode
+import aquapeer
+from aquapeer import identity
+from aquapeer.net import transport
+from aquapeer.net.node import MemoryFriendBook, PeerNode
 
 transport.configure_ice(["127.0.0.1"])  # the light peer of the misbehaving-peer test
 
@@ -569,7 +571,7 @@ def known_frame_kinds():
     """Every frame type the package's sources name ({"t": "..."}), and a few guesses."""
     kinds = {"msg", "message", "msgs", "ack", "nack", "reject", "call", "result", "cancel", "error", "config",
              "frag", "hello", "verified", "ping", "pong"}
-    for path in Path(transport.__file__).parent.glob("*.py"):
+    for path in Path(aquapeer.__file__).parent.rglob("*.py"):
         kinds.update(re.findall(r"""["']t["']\s*:\s*["'](\w+)["']""", path.read_text()))
     kinds.discard("bye")  # a well-formed goodbye closes the link, as it should
     return sorted(kinds)

@@ -6,8 +6,9 @@ import socket
 
 import pytest
 
-from aquapeer import identity, signaling, transport
-from aquapeer.node import ConnectError, MemoryFriendBook, PeerNode
+from aquapeer import identity
+from aquapeer.net import signaling, transport
+from aquapeer.net.node import ConnectError, MemoryFriendBook, PeerNode
 
 transport.configure_ice(["127.0.0.1"])
 

@@ -17,9 +17,9 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from aquapeer import signaling
+from aquapeer.net import signaling
 from aquapeer.identity import Identity
-from aquapeer.signaling import Limits, NotConnected, PeerOffline, SignalClient, SignalingError
+from aquapeer.net.signaling import Limits, NotConnected, PeerOffline, SignalClient, SignalingError
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 

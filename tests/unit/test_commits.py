@@ -6,7 +6,8 @@ import datetime
 
 import pytest
 
-from aquapeer import commits, identity
+from aquapeer import identity
+from aquapeer.bundles import commits
 
 TREE = "ab" * 32
 PARENT = "cd" * 32

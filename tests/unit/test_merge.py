@@ -1,6 +1,6 @@
 """Three-way merge of bundle rows at the level of fields (no server)."""
 
-from aquapeer.merge import Conflict, merge, merge_row
+from aquapeer.bundles.merge import Conflict, merge, merge_row
 
 K = ("public.widget", '["w-1"]')
 BASE = {"sku": "w-1", "name": "widget", "price": "10"}

@@ -8,7 +8,8 @@ import random
 import msgpack
 import pytest
 
-from aquapeer import bundles, wire
+from aquapeer.bundles import store as bundle_store
+from aquapeer.net import wire
 from aquapeer.errors import AquapeerError
 
 UID = bytes(range(16))
@@ -171,21 +172,21 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
     # Protocol 3: the i-th item is the i-th object asked for, nil where the friend lacks it, and the
     # answer may stop short (the rest is asked for again).
     bare = wire.unpack_body(wire.pack_body([objects[0], None, objects[1]]), wire.BODY_LIMIT)
-    assert bundles._objects(bare, asked, bare=True) == (ids, objects, [])
+    assert bundle_store._objects(bare, asked, bare=True) == (ids, objects, [])
     # Protocol 4: the size of an object too large for an answer, to be fetched in slices.
     sized = wire.unpack_body(wire.pack_body([objects[0], None, objects[1], 5 << 20]), wire.BODY_LIMIT)
-    assert bundles._objects(sized, asked, bare=True) == (ids, objects, [("f" * 64, 5 << 20)])
+    assert bundle_store._objects(sized, asked, bare=True) == (ids, objects, [("f" * 64, 5 << 20)])
     # Protocol 2: [id, bytes] pairs, the ids as sent (a wrong one is refused when kept).
     pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects)]), wire.BODY_LIMIT)
-    assert bundles._objects(pairs, asked, bare=False) == (ids, objects, [])
+    assert bundle_store._objects(pairs, asked, bare=False) == (ids, objects, [])
     for body, bare_form in ((pairs, True), (objects * 3, True), (objects, False), ("x", True),
                             ([[b"short", b"x"]], False), ([0], True), ([True], True), ([-4], True)):
         with pytest.raises(wire.WireError, match="an objects answer is a list of"):
-            bundles._objects(body, asked, bare=bare_form)
+            bundle_store._objects(body, asked, bare=bare_form)
 
 
 class FriendsStore:
-    """Stands in for the adapter bundles.serve reads a friend's objects through.  (How many
+    """Stands in for the adapter bundle_store.serve reads a friend's objects through.  (How many
     commits an answer holds is counted in SQL: test_commits_come_in_pages_when_one_answer_cannot_hold_them.)"""
 
     def __init__(self, objects):
@@ -202,7 +203,7 @@ def test_objects_answers_list_large_objects_by_size_from_protocol_4_and_refuse_t
     ids = [hashlib.sha256(o).digest() for o in (small, large)]
 
     def serve(protocol, asked=ids):
-        return wire.unpack_body(bundles.serve(store, {
+        return wire.unpack_body(bundle_store.serve(store, {
             "bundle": "b", "friend": "f", "granted": False, "want": "objects", "ids": asked, "limit": 1000,
             "protocol": protocol, "offset": 0, "starts": None}), wire.BODY_LIMIT)
 
@@ -217,8 +218,8 @@ def test_objects_answers_list_large_objects_by_size_from_protocol_4_and_refuse_t
 
 
 def bucket(*blobs):
-    """A bucket naming blobs (key hashes made up: bundles._bucket_blob_ids reads only the blob ids)."""
-    return bundles.BUCKET_HEADER + b"".join(
+    """A bucket naming blobs (key hashes made up: bundle_store._bucket_blob_ids reads only the blob ids)."""
+    return bundle_store.BUCKET_HEADER + b"".join(
         b"%04x%s %s\n" % (n, b"0" * 60, hashlib.sha256(b).hexdigest().encode()) for n, b in enumerate(blobs))
 
 
@@ -229,7 +230,7 @@ def test_from_protocol_5_a_clones_buckets_come_with_their_blobs_as_many_as_an_an
     ids = [hashlib.sha256(o).digest() for o in (fan, first, second)]
 
     def serve(limit, protocol=5, asked=ids):
-        return wire.unpack_body(bundles.serve(store, {
+        return wire.unpack_body(bundle_store.serve(store, {
             "bundle": "b", "friend": "f", "granted": False, "want": "objects", "ids": asked, "limit": limit,
             "protocol": protocol, "offset": 0, "starts": None, "blobs": True}), wire.BODY_LIMIT)
 
@@ -245,8 +246,8 @@ def test_from_protocol_5_a_clones_buckets_come_with_their_blobs_as_many_as_an_an
 
     # The asker takes the blobs' ids from their bucket (bundle._keep checks each against its bytes).
     answer = serve(10_000)
-    assert bundles._carried_blobs(*answer) == ([hashlib.sha256(b).hexdigest() for b in blobs], blobs)
+    assert bundle_store._carried_blobs(*answer) == ([hashlib.sha256(b).hexdigest() for b in blobs], blobs)
     for objects, carried in (([first], [blobs[:2]]), ([fan], [[blobs[0]]]), ([first], [blobs[:3], None]),
                              ([first], [[*blobs[:2], 7]]), ([first], "x")):
         with pytest.raises(wire.WireError, match="an objects answer with blobs"):
-            bundles._carried_blobs(objects, carried)
+            bundle_store._carried_blobs(objects, carried)

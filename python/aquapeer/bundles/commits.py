@@ -19,8 +19,8 @@ import heapq
 import json
 import re
 
-from . import identity
-from .errors import AquapeerError
+from .. import identity
+from ..errors import AquapeerError
 
 FORMAT = "aquapeer-bundle/1"
 COMMIT_DOMAIN = b"aquapeer-commit/1\0"

@@ -6,8 +6,8 @@ the rows both sides changed come here.  See docs/bundles.md."""
 
 import json
 
+from ..errors import AquapeerError
 from . import merge
-from .errors import AquapeerError
 
 REFUSE_ADVICE = ("Commit them first, or pull with checkout => false (that keeps the commits and only moves "
                  "the head when it fast-forwards).")

@@ -5,8 +5,10 @@ See docs/bundles.md."""
 import datetime
 import json
 
-from . import commits, friends, wire
-from .errors import AquapeerError
+from .. import friends
+from ..errors import AquapeerError
+from ..net import wire
+from . import commits
 
 
 def _texts(n):

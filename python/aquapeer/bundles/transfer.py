@@ -14,7 +14,7 @@ protocol 5 a clone asks for buckets with their blobs: one request, and one
 step keeping each bucket complete, instead of the bucket, then its blobs by id,
 then a walk at the end checking that each is there.  Moving
 the head, merging and checking out are left to the caller's transaction
-(bundles.pull).
+(bundle_store.pull).
 
 A push asks the friend to pull from us.  Until that pull ends, the friend
 may read the bundle, shared or not.  The friend then only fast-forwards its
@@ -22,8 +22,8 @@ head.
 
 The network worker runs no SQL of its own here beyond looking up a friend.
 The puller's steps run in executors connected as the worker's role
-(bundles.store).  What a friend may read is served by executors connected as
-the friend's role (bundles.serve), which check that it is shared.
+(bundle_store.store).  What a friend may read is served by executors connected as
+the friend's role (bundle_store.serve), which check that it is shared.
 """
 
 import asyncio
@@ -32,10 +32,12 @@ import logging
 import os
 import uuid
 
-from . import node as node_module
-from . import bundles, commits, transport, wire
-from .calls import Unreachable
-from .errors import AquapeerError
+from ..calls import Unreachable
+from ..errors import AquapeerError
+from ..net import node as node_module
+from ..net import transport, wire
+from . import commits
+from . import store as bundle_store
 
 OBJECTS_PER_REQUEST = 5000
 # A clone's buckets come with their blobs (protocol 5): about 5 kB each in a table of a million
@@ -309,7 +311,7 @@ class Transfers:
 
     async def _serve(self, friend, link, bundle, want, ids, push=False, offset=0, starts=None, blobs=False):
         # An answer, compressed or not, must stay under what the friend accepts in one frame.
-        limit = min(bundles.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
+        limit = min(bundle_store.SERVE_RAW_LIMIT, (link.friend_max_message_bytes or wire.FRAGMENT_BYTES) // 2)
         reply = await self.executors.run(friend["role"], {"op": "bundle_serve", "args": {
             "bundle": bundle, "friend": friend["name"], "granted": (link.peer_id, bundle) in self.push_grants,
             "want": "push" if push else want, "ids": ids, "limit": limit, "offset": offset, "starts": starts,

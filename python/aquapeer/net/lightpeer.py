@@ -21,7 +21,8 @@ import json
 import logging
 import os
 
-from . import identity, transport
+from .. import identity
+from . import transport
 from .node import MemoryFriendBook, PeerNode
 
 log = logging.getLogger("aquapeer.lightpeer")

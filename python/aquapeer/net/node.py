@@ -20,9 +20,10 @@ import time
 
 import msgpack
 
-from . import identity, transport, wire
-from .errors import AquapeerError
-from .friends import Friend
+from .. import identity
+from ..errors import AquapeerError
+from ..friends import Friend
+from . import transport, wire
 from .signaling import PeerOffline, SignalClient
 
 log = logging.getLogger("aquapeer.node")

@@ -56,8 +56,8 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.uri import parse_uri
 
-from . import identity as idmod
-from .errors import AquapeerError
+from .. import identity as idmod
+from ..errors import AquapeerError
 
 log = logging.getLogger("aquapeer.signaling")
 _ws_log = logging.getLogger("aquapeer.signaling.ws")

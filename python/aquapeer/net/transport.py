@@ -28,8 +28,9 @@ import aioice.turn
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from . import identity, wire
-from .errors import AquapeerError
+from .. import identity
+from ..errors import AquapeerError
+from . import wire
 
 ICE_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # Bytes handed to aiortc at most; the rest waits in our priority queues.

@@ -32,7 +32,7 @@ bundle_get   id (16 bytes), bundle, want ("head", "commits" or "objects"),
              ids [32-byte ids]: for commits those the asker has, for
              objects those it wants
 bundle_push  id, bundle, head (32-byte id): take my commits up to head
-bundle_data  id, ok, data (zlib-compressed msgpack, see transfer.py) or nil,
+bundle_data  id, ok, data (zlib-compressed msgpack, see bundles/transfer.py) or nil,
              error {message, sqlstate} or nil
 ===========  ==============================================================
 
@@ -67,7 +67,7 @@ import zlib
 
 import msgpack
 
-from .errors import AquapeerError
+from ..errors import AquapeerError
 
 PROTOCOL_MIN, PROTOCOL_MAX = 1, 5
 BUNDLES_PROTOCOL = 2
