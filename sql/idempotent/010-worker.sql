@@ -3,21 +3,27 @@
 -- C helpers ------------------------------------------------------------------
 create or replace function peer._library_version() returns text
     language c strict as 'MODULE_PATHNAME', 'aquapeer_library_version';
+comment on function peer._library_version() is 'the aquapeer version the loaded C library was built as';
 
 create or replace function peer._payload_dir() returns text
     language c strict as 'MODULE_PATHNAME', 'aquapeer_payload_dir';
+comment on function peer._payload_dir() is 'where the loaded C library looks for this version''s Python payload';
 
 create or replace function peer._should_stop() returns text
     language c as 'MODULE_PATHNAME', 'aquapeer_should_stop';
+comment on function peer._should_stop() is 'why the calling worker or executor should leave its loop, or null; lets cancels through';
 
 create or replace function peer._check_interrupts() returns void
     language c as 'MODULE_PATHNAME', 'aquapeer_check_interrupts';
+comment on function peer._check_interrupts() is 'raise a pending cancel, statement timeout or termination now';
 
 create or replace function peer._executor_nonce() returns text
     language c as 'MODULE_PATHNAME', 'aquapeer_executor_nonce';
+comment on function peer._executor_nonce() is 'the nonce an executor proves itself with to the worker; refused outside an executor';
 
 create or replace function peer._arm_statement_timeout(ms integer) returns void
     language c strict as 'MODULE_PATHNAME', 'aquapeer_arm_statement_timeout';
+comment on function peer._arm_statement_timeout(integer) is 'arm (ms > 0) or disarm (0) an executor''s statement timeout; refused outside an executor';
 
 create or replace function peer._register_worker() returns integer
     language c as 'MODULE_PATHNAME', 'aquapeer_register_worker_sql';
@@ -96,6 +102,7 @@ if aquapeer.__version__ != extversion:
 from aquapeer import sqlapi
 GD["aquapeer"] = sqlapi
 $$;
+comment on function peer._bootstrap() is 'load this version''s Python payload into the session, once, checking that the versions agree';
 
 create or replace function peer.version() returns text
 language plpython3u as $$
@@ -113,6 +120,7 @@ if "aquapeer" not in GD:
     plpy.execute("select peer._bootstrap()")
 GD["aquapeer"].worker_main()
 $$;
+comment on procedure peer.worker_main() is 'the loop of this database''s aquapeer worker, which the launcher or peer.start_worker() runs';
 
 create or replace procedure peer.executor_main()
 language plpython3u as $$
@@ -128,6 +136,7 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
     where backend_type = 'aquapeer worker' and datname = current_database()
     order by backend_start limit 1
 $$;
+comment on function peer._worker_pid() is 'the pid of this database''s aquapeer worker, or null';
 
 create or replace function peer._worker_answers() returns boolean
 language plpython3u as $$
@@ -159,6 +168,7 @@ begin
     end loop;
 end
 $$;
+comment on function peer._await_worker(boolean, interval) is 'wait up to timeout for the worker to answer (running) or to be gone; its pid, or null';
 
 create or replace function peer.start_worker() returns text
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -272,5 +282,6 @@ begin
     return new;
 end
 $$;
+comment on function peer._config_single_row() is 'keeps peer.config to one row: a restored row replaces the default one';
 create or replace trigger config_single_row before insert on peer.config
     for each row execute function peer._config_single_row();

@@ -12,6 +12,7 @@ begin
     return new;
 end
 $$;
+comment on function peer._identity_single_row() is 'keeps peer.identity to one row: a restored identity replaces the one CREATE EXTENSION made';
 create or replace trigger identity_single_row before insert on peer.identity
     for each row execute function peer._identity_single_row();
 

@@ -58,6 +58,8 @@ comment on function peer.set_friend_role(text, regrole) is 'the role a friend ac
 
 create or replace view peer.friends as
     select name, peer_id, state, role, added_at, last_seen from peer.friend;
+comment on view peer.friends is 'friends: local name, peer id, state, the role they act as, when last seen';
 
 create or replace view peer.friend_requests as
     select peer_id, claimed_name as name, first_seen, attempts from peer.friend_request;
+comment on view peer.friend_requests is 'peers that tried to connect without being friends; peer.accept_friend makes one a friend';

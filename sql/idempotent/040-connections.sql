@@ -23,6 +23,7 @@ if "aquapeer" not in GD:
     plpy.execute("select peer._bootstrap()")
 return GD["aquapeer"].disconnect(name)
 $$;
+comment on function peer.disconnect(text) is 'close the connection to a friend; false when there was none';
 
 create or replace function peer._connections(
     out friend text, out state text, out connected_since timestamptz, out rtt_ms double precision,

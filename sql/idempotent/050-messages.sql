@@ -1,5 +1,9 @@
 -- Durable messages: the outbox, the inbox, topics and handlers.
 
+-- Comments on this area's tables (sql/incremental creates them); here, so that an upgrade
+-- applies a changed comment too.
+comment on table peer.message_handler is 'the function run for each message on a topic; peer.on_message sets it';
+
 create or replace function peer._wake_at_commit() returns void
     language c as 'MODULE_PATHNAME', 'aquapeer_wake_at_commit';
 comment on function peer._wake_at_commit() is 'wake the worker once this transaction commits (nothing if it aborts)';
@@ -12,6 +16,7 @@ begin
     return null;
 end
 $$;
+comment on function peer._stamp_commit() is 'gives each transaction that queued messages its place in commit order, as it commits';
 -- OR REPLACE does not take constraint triggers.
 drop trigger if exists stamp_commit on peer.outbox_commit;
 create constraint trigger stamp_commit after insert on peer.outbox_commit
@@ -114,6 +119,7 @@ begin
         handler_attempts = handler_attempts + 1 where inbox.id = _message_handled.id;
 end
 $$;
+comment on function peer._message_handled(uuid) is 'mark an inbox message handled; only the executor running its handler may';
 
 create or replace function peer.retry_message(id uuid) returns boolean
 language plpython3u security definer set search_path = pg_catalog, pg_temp as $$

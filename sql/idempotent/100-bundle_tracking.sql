@@ -1,5 +1,10 @@
 -- Bundles: creating them, tracking tables, capturing changes, status.
 
+-- Comments on this area's tables (sql/incremental creates them); here, so that an upgrade
+-- applies a changed comment too.
+comment on table bundle.bundle is 'bundles: name, head commit, the commit checked out';
+comment on table bundle.tracked is 'the tables each bundle tracks, with their row filters and key columns';
+
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
 -- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).  The blob,
 -- jsonb_strip_nulls(jsonb_build_object(column, text, ...))::text, is written out directly, which
@@ -18,6 +23,7 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
          from pg_attribute a where a.attrelid = relation and a.attnum > 0 and not a.attisdropped),
         relation, coalesce(filter, 'true'), coalesce(narrowing, 'true'))
 $$;
+comment on function bundle._rows_query(regclass, text, name[], text) is 'the statement that yields the key and blob of a tracked table''s rows';
 
 -- Whether a bundle compares a tracked table as a whole: changed_key holds the JSON null key for
 -- it (a real key is an array) from bundle.track until the next commit, so track need not write
@@ -51,6 +57,7 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
                          join pg_attribute a on a.attrelid = relation and a.attname = u.k)),
                     changed_in, relation::oid) end)
 $$;
+comment on function bundle._row_hashes_query(regclass, text, name[], text) is 'the statement bundle._row_hashes runs';
 
 -- (key, key hash, blob, blob id) of a tracked table's rows (bundle._row_hashes_query), under the
 -- settings that make a column's text the same on any server and in any session.
@@ -65,6 +72,7 @@ begin
     return query execute bundle._row_hashes_query(relation, filter, key_columns, changed_in);
 end
 $$;
+comment on function bundle._row_hashes(regclass, text, name[], text) is 'key, key hash, blob and blob id of a tracked table''s rows, the same on any server';
 
 create or replace function bundle.create(name text) returns text
 language plpgsql security definer set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -78,6 +86,7 @@ when unique_violation then
     raise exception 'bundle "%" already exists', name using errcode = '42710';
 end
 $$;
+comment on function bundle.create(text) is 'create an empty bundle; returns its name';
 
 create or replace function bundle._bundle(name text) returns bundle.bundle
 language plpgsql stable set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -92,6 +101,7 @@ begin
     return b;
 end
 $$;
+comment on function bundle._bundle(text) is 'a bundle''s row; an error when there is no such bundle';
 
 create or replace function bundle.track(bundle_name text, relation regclass, filter text default null) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -127,6 +137,7 @@ exception when unique_violation then
     raise exception 'bundle "%" already tracks %', bundle_name, relation using errcode = '42710';
 end
 $$;
+comment on function bundle.track(text, regclass, text) is 'add a table with a primary key to a bundle (filter: only the rows it selects)';
 
 -- The settings are those of bundle._row_hashes: the statements hash rows.
 create or replace function bundle.status(bundle_name text)
@@ -163,6 +174,7 @@ begin
         where c.bundle = bundle_name order by 1, 2;
 end
 $$;
+comment on function bundle.status(text) is 'the rows of the bundle''s tables added, modified or deleted since its head, and conflicts of a merge';
 
 -- Every row of a tree.
 -- Whether a table has triggers of its own beyond the capture triggers, which may change what a
@@ -278,6 +290,7 @@ begin
     return null;
 end
 $$;
+comment on function bundle._capture() is 'capture trigger of tracked tables: records the keys each statement wrote';
 
 -- A row's key (as bundle.changed_key and bundle.head_row hold it) from its fields.  Without a
 -- SET clause or a subquery, so that a statement calling it inlines it: a clone computes a

@@ -109,6 +109,7 @@ language sql stable security definer set search_path = pg_catalog, pg_temp set j
     select id, parents, author, message, committed_at, rows_changed from history
     order by committed_at desc, depth
 $$;
+comment on function bundle.log(text) is 'the bundle''s history from its head back, newest first';
 
 -- Comparing tree nodes line by line.  Two versions of a node at the same place in a tree (a fan
 -- node of 256 children, a bucket of its rows) mostly share their lines, in the same order, so

@@ -1,5 +1,10 @@
 -- Three-way merges of bundles, conflicts and their resolution.
 
+-- Comments on this area's tables (sql/incremental creates them); here, so that an upgrade
+-- applies a changed comment too.
+comment on table bundle.merge is 'the merge in progress of each bundle: the commits merged and their base';
+comment on table bundle.conflicts is 'the fields both sides of a merge changed differently; bundle.resolve settles each';
+
 -- The commits a commit descends from, itself included.
 create or replace function bundle._ancestors(bundle_name text, commit_id text) returns setof text
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$

@@ -1,5 +1,9 @@
 -- Sharing bundles with friends, serving them, pull and push.
 
+-- Comments on this area's tables (sql/incremental creates them); here, so that an upgrade
+-- applies a changed comment too.
+comment on table peer.bundle_share is 'which friends may pull, and push to, which bundles; peer.share_bundle sets it';
+
 create or replace function peer.share_bundle(bundle_name text, friend text, can_push boolean default false) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
@@ -36,6 +40,7 @@ begin
     end if;
 end
 $$;
+comment on function peer._check_bundle_served(text, text, boolean, boolean) is 'refuse unless an executor serves a friend the bundle is shared with';
 
 create or replace function peer._serve_bundle_head(bundle_name text, friend text, granted boolean) returns jsonb
 language plpgsql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -45,6 +50,7 @@ begin
             from bundle.bundle b where b.name = bundle_name);
 end
 $$;
+comment on function peer._serve_bundle_head(text, text, boolean) is 'a shared bundle''s head and tables, for a friend''s pull (executors only)';
 
 create or replace function peer.pull_bundle(friend text, bundle_name text, checkout boolean default true) returns jsonb
 language plpython3u security definer set search_path = pg_catalog, pg_temp set jit = off as $$
@@ -75,6 +81,7 @@ begin
         cross join lateral (select o.id, o.data from bundle.object o where o.bundle = bundle_name and o.id = a.i limit 1) o;
 end
 $$;
+comment on function peer._serve_bundle_objects(text, text, boolean, text[]) is 'the objects of a shared bundle a friend asked for (executors only)';
 
 create or replace function peer._serve_bundle_commits(bundle_name text, friend text, granted boolean, have text[],
                                            starts text[] default null)
@@ -94,6 +101,7 @@ begin
         order by c.committed_at desc, c.id;
 end
 $$;
+comment on function peer._serve_bundle_commits(text, text, boolean, text[], text[]) is 'the commits of a shared bundle a friend lacks (executors only)';
 
 create or replace view peer.transfers as
     select id, friend, bundle, direction, state, bytes_done, rows_done, rows_total, objects_done, commits,
