@@ -1,0 +1,269 @@
+"""ALTER EXTENSION aquapeer UPDATE from the previous release, for real.
+
+The previous release is built and installed from its recorded commit
+(releases.txt) in a git worktree, a cluster gets the extension at that version
+with data in every table, then this tree is installed over it, the server
+restarts (the library is preloaded and compiled for one payload), and the
+update runs.  Nothing may be lost, the worker must come back on the new code,
+and the upgraded schema must be the schema a fresh install makes.  Whatever
+happens, this tree's version is installed again at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import testbed as tb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = re.search(r"^default_version = '([^']+)'", (REPO / "aquapeer.control").read_text(), re.M).group(1)
+DATA_DB = "upgraded"
+FRESH_DB = "fresh"
+
+
+def previous_release() -> tuple[str, str]:
+    rows = [line.split("\t")[:2] for line in (REPO / "releases.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    return next((v, c) for v, c in reversed(rows) if v != VERSION)
+
+
+def make_env() -> dict[str, str]:
+    # No make variables of an outer `make test`, no venv Python for the build.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV") and not k.startswith("PYTHON")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p)
+    return env
+
+
+def make_install(tree: Path) -> None:
+    proc = subprocess.run(["make", "-s", "install"], cwd=tree, env=make_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"make install in {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture
+def previous_release_installed(tmp_path):
+    version, commit = previous_release()
+    known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+                           capture_output=True)
+    assert known.returncode == 0, (
+        f"release {version}'s commit {commit} is not in this clone: fetch the history (git fetch --unshallow)")
+    worktree = tmp_path / f"aquapeer-{version}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), commit],
+                   check=True, capture_output=True)
+    try:
+        make_install(worktree)
+        yield version
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                       capture_output=True)
+        make_install(REPO)
+
+
+# Data in every table of the previous release, through its API where it has one.
+FILL = """
+update peer.config set executor_pool_size = 3, outbox_retention = '2 days';
+insert into peer.signal_server (url) values ('ws://127.0.0.1:9');
+insert into peer.stun_server (url) values ('stun:127.0.0.1:9');
+insert into peer.turn_server (url, username, credential) values ('turn:127.0.0.1:9', 'u', 'secret');
+select peer.add_friend('bob', %(invite)s);
+insert into peer.friend_request (peer_id, claimed_name, chain) values ('stranger-id', 'carol', '\\x00');
+select peer.allow_topic('greetings', 'bob');
+select peer.on_message('greetings', 'app.on_greeting(peer.inbox)'::regprocedure);
+select peer.expose('app.echo(jsonb)'::regprocedure, 'bob', 'echo');
+select peer.send('bob', 'greetings', '{"n": 1}');
+select peer.send('bob', 'greetings', '{"n": 2}');
+insert into peer.inbox_stream (peer_id, epoch, hwm) values ('bob-id', gen_random_uuid(), 1);
+insert into peer.inbox (id, friend, topic, payload, sent_at) values (gen_random_uuid(), 'bob', 'greetings', '{}', now());
+insert into peer.stream_epoch (epoch, system_identifier, timeline, database_oid)
+    values (gen_random_uuid(), 1, 1, 1) on conflict do nothing;
+insert into peer.outbox_stream (peer_id, epoch, last_seq) select peer_id, gen_random_uuid(), 0 from peer.friend;
+select bundle.create('widgets');
+select bundle.track('widgets', 'app.widget');
+select bundle.commit('widgets', 'first');
+update app.widget set name = name || '!' where id <= 2;
+select bundle.commit('widgets', 'second');
+update app.widget set name = 'changed' where id = 3;
+select peer.share_bundle('widgets', 'bob', true);
+insert into bundle.pending (bundle, id, kind, data) values ('widgets', repeat('ab', 32), 'fan', '\\x00');
+insert into peer.transfer (id, friend, bundle, direction) values (gen_random_uuid(), 'bob', 'widgets', 'pull');
+insert into bundle.merge (bundle, theirs, ours) values ('widgets', repeat('cd', 32), repeat('ef', 32));
+insert into bundle.conflicts (bundle, relation, key, column_name, ours, theirs)
+    values ('widgets', 'app.widget', '["1"]', 'name', 'a', 'b');
+"""
+
+APP = """
+create schema app;
+create table app.widget (id integer primary key, name text not null);
+insert into app.widget select i, 'widget ' || i from generate_series(1, 50) i;
+create function app.on_greeting(m peer.inbox) returns void language sql as 'select null';
+create function app.echo(arg jsonb) returns jsonb language sql as 'select arg';
+"""
+
+# Every table of the extension, as md5 of its rows in order: what must survive.
+TABLE_CONTENTS = """
+select c.oid::regclass::text, count_and_md5
+from pg_class c
+join pg_depend d on d.classid = 'pg_class'::regclass and d.objid = c.oid and d.deptype = 'e'
+join pg_extension e on e.oid = d.refobjid and e.extname = 'aquapeer'
+cross join lateral (
+    select (xpath('/row/c/text()',
+                  query_to_xml(format('select count(*) || '' '' || coalesce(md5(string_agg(t::text, ''|'' order by t::text)), '''') as c from %s t',
+                                      c.oid::regclass), false, true, '')))[1]::text as count_and_md5
+) x
+where c.relkind = 'r' and c.relname <> 'migration'
+order by 1
+"""
+
+# The extension's schema as the catalog holds it, one line an item, in a stable order.
+CATALOG = r"""
+with members as (
+    select d.classid, d.objid from pg_depend d
+    join pg_extension e on e.oid = d.refobjid and e.extname = 'aquapeer'
+    where d.deptype = 'e'
+)
+select 'function ' || p.oid::regprocedure || E'\n' || pg_get_functiondef(p.oid)
+       || E'\nconfig ' || coalesce(array_to_string(p.proconfig, ','), '')
+       || E'\nacl ' || coalesce((select string_agg(case when a.grantee = 0 then 'public' else a.grantee::regrole::text end
+                                                   || '=' || a.privilege_type, ',' order by 1)
+                                 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                                 where a.grantee <> p.proowner), '')
+       || E'\ncomment ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+from members m join pg_proc p on m.classid = 'pg_proc'::regclass and p.oid = m.objid
+union all
+select 'relation ' || c.oid::regclass || ' ' || c.relkind::text
+       || E'\nacl ' || coalesce((select string_agg(case when a.grantee = 0 then 'public' else a.grantee::regrole::text end
+                                                   || '=' || a.privilege_type, ',' order by 1)
+                                 from aclexplode(c.relacl) a where a.grantee <> c.relowner), '')
+       || E'\ncomment ' || coalesce(obj_description(c.oid, 'pg_class'), '')
+       || E'\noptions ' || coalesce(array_to_string(c.reloptions, ','), '')
+       || coalesce(E'\nview ' || pg_get_viewdef(c.oid), '')
+       || coalesce((select string_agg(E'\ncolumn ' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                      || case when a.attnotnull then ' not null' else '' end
+                                      || coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), '')
+                                      || coalesce(' collate ' || nullif(co.collname, 'default'), '')
+                                      || coalesce(' compression ' || nullif(a.attcompression::text, ''), '')
+                                      || coalesce(' identity ' || nullif(a.attidentity::text, ''), '')
+                                      || coalesce(' acl ' || a.attacl::text, '')
+                                      || coalesce(' comment ' || col_description(c.oid, a.attnum), ''),
+                                      '' order by a.attnum)
+                   from pg_attribute a
+                   left join pg_attrdef ad on ad.adrelid = a.attrelid and ad.adnum = a.attnum
+                   left join pg_collation co on co.oid = a.attcollation
+                   where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '')
+       || coalesce((select string_agg(E'\nconstraint ' || x.conname || ' ' || pg_get_constraintdef(x.oid), '' order by x.conname)
+                    from pg_constraint x where x.conrelid = c.oid), '')
+       || coalesce((select string_agg(E'\nindex ' || pg_get_indexdef(i.indexrelid), '' order by 1)
+                    from pg_index i where i.indrelid = c.oid), '')
+       || coalesce((select string_agg(E'\ntrigger ' || pg_get_triggerdef(t.oid), '' order by t.tgname)
+                    from pg_trigger t where t.tgrelid = c.oid and not t.tgisinternal), '')
+       || case when c.relkind = 'S' then coalesce((select E'\nowned by ' || d.refobjid::regclass || '.' || d.refobjsubid
+                                                   from pg_depend d where d.classid = 'pg_class'::regclass
+                                                   and d.objid = c.oid and d.deptype in ('a', 'i')), '') else '' end
+from members m join pg_class c on m.classid = 'pg_class'::regclass and c.oid = m.objid
+union all
+select 'schema ' || n.nspname || ' acl ' || coalesce(n.nspacl::text, '')
+from pg_namespace n where n.nspname in ('peer', 'bundle')
+union all
+select 'dumped with pg_dump: ' || coalesce((select string_agg(r::regclass::text, ', ' order by r::regclass::text)
+                                           from unnest(e.extconfig) r), '')
+from pg_extension e where e.extname = 'aquapeer'
+order by 1
+"""
+
+
+def dump_schema(cluster, dbname: str) -> list[str]:
+    """pg_dump --schema-only of the extension's objects (binary-upgrade mode lists them one by one), less
+    what differs between any two databases: oids, xids, sequence values, the dump's own random key,
+    user objects."""
+    out = subprocess.run(
+        ["runuser", "-u", tb.server_user()[0], "--", os.path.join(tb.pg_bindir(), "pg_dump"),
+         "-h", cluster.sock_dir, "-p", str(cluster.port), "-U", "postgres",
+         "--schema-only", "--binary-upgrade", "--exclude-schema=app", dbname],
+        capture_output=True, text=True, timeout=120, cwd="/", check=True).stdout
+    noise = re.compile(r"binary_upgrade_|relfrozenxid|pg_catalog.setval|^WHERE oid = |^\\(un)?restrict |^--|^$")
+    return [line for line in out.splitlines() if not noise.search(line)]
+
+
+def table_contents(cluster, dbname: str) -> dict[str, str]:
+    return dict(cluster.sql(TABLE_CONTENTS, dbname=dbname))
+
+
+def catalog(cluster, dbname: str) -> list[str]:
+    return [row[0] for row in cluster.sql(CATALOG, dbname=dbname)]
+
+
+def assert_same(upgraded: list[str], fresh: list[str], what: str) -> None:
+    diff = list(difflib.unified_diff(fresh, upgraded, "fresh install", "upgraded", lineterm="", n=1))
+    assert not diff, f"{what} of the upgraded database differs from a fresh install:\n" + "\n".join(diff[:80])
+
+
+@pytest.mark.timeout(1500)
+def test_update_from_the_previous_release_loses_nothing_and_matches_a_fresh_install(
+        previous_release_installed, make_testbed):
+    previous = previous_release_installed
+    cluster = make_testbed(1, names=["upgrade"], extra_conf={"aquapeer.restart_interval": 1})[0]
+
+    # The previous release: its worker runs in postgres; the data lives in a database without one.
+    cluster.sql("create extension aquapeer cascade")
+    assert cluster.scalar("select extversion from pg_extension where extname = 'aquapeer'") == previous
+    tb.wait_for(lambda: cluster.scalar("select (peer.worker_status()).aquapeer_version") == previous, 30)
+    invite = cluster.scalar("select peer.invite()")
+    cluster.sql(f'create database "{DATA_DB}"')
+    cluster.sql("create extension aquapeer cascade", dbname=DATA_DB)
+    cluster.sql(APP, dbname=DATA_DB)
+    for statement in filter(str.strip, FILL.split(";\n")):
+        if "%(invite)s" in statement:
+            cluster.sql(statement, {"invite": invite}, dbname=DATA_DB)
+        else:
+            cluster.sql(statement, dbname=DATA_DB)
+    before = table_contents(cluster, DATA_DB)
+    empty = sorted(name for name, contents in before.items() if contents.startswith("0 "))
+    assert not empty, f"the test leaves these tables empty: {empty}"
+
+    # This tree over it; the preloaded library only changes with a restart.
+    make_install(REPO)
+    cluster.restart()
+    with pytest.raises(psycopg.Error, match="ALTER EXTENSION aquapeer UPDATE"):
+        cluster.sql("select peer.ping_worker()", dbname=DATA_DB)
+
+    for db in ("postgres", DATA_DB):
+        cluster.sql("alter extension aquapeer update", dbname=db)
+        assert cluster.scalar("select extversion from pg_extension where extname = 'aquapeer'", dbname=db) == VERSION
+
+    # The worker comes back on the new code, and what was there is all still there.
+    tb.wait_for(lambda: _worker_version(cluster) == VERSION, 30,
+                message=f"the worker to come back on {VERSION}")
+    assert cluster.scalar("select peer.version()", dbname=DATA_DB) == VERSION
+    assert table_contents(cluster, DATA_DB) == before
+    assert cluster.sql("select name, applied_in from peer.migration order by name", dbname=DATA_DB) == [
+        (step, previous) for step in ("001-peer_settings", "002-peer_friends", "003-peer_messages", "004-bundles")]
+    assert cluster.scalar("select count(*) from bundle.log('widgets')", dbname=DATA_DB) == 2
+    assert ("app.widget", ["3"]) in cluster.sql("select relation::text, key from bundle.status('widgets')",
+                                               dbname=DATA_DB)
+    cluster.sql("delete from bundle.merge", dbname=DATA_DB)
+    cluster.sql("select bundle.commit('widgets', 'third, after the update')", dbname=DATA_DB)
+    assert cluster.scalar("select count(*) from bundle.log('widgets')", dbname=DATA_DB) == 3
+
+    # The schema an upgrade leaves is the schema a fresh install makes.
+    cluster.sql(f'create database "{FRESH_DB}"')
+    cluster.sql("create extension aquapeer cascade", dbname=FRESH_DB)
+    cluster.sql(APP, dbname=FRESH_DB)  # pg_dump orders by dependencies, which user objects add to
+    assert_same(catalog(cluster, DATA_DB), catalog(cluster, FRESH_DB), "the catalog")
+    assert_same(dump_schema(cluster, DATA_DB), dump_schema(cluster, FRESH_DB), "pg_dump --schema-only")
+
+
+def _worker_version(cluster):
+    try:
+        return cluster.scalar("select (peer.worker_status()).aquapeer_version")
+    except psycopg.Error:
+        return None
