@@ -10,6 +10,7 @@
 #   make test-net        like test, tests/net only (several clusters, aiortc)
 #   make lint            ruff over the Python, and lint-sql
 #   make lint-sql        pgspot over the built install and upgrade scripts
+#   make docs/sql-reference.md   the SQL reference, from a fresh install's catalog
 #   make demo            setup-debian, build, install, .venv, scripts/demo.py
 #
 # Variables: PG_CONFIG, AQUAPEER_LIBDIR, AQUAPEER_BINDIR, PYTHON, VENV,
@@ -226,6 +227,12 @@ lint: venv
 lint-sql: venv $(SQL_BUILT)
 	grep -v -e '^#' -e '^$$' sql/pgspot.ignore | tr '\n' '\0' | xargs -0 '$(VENV)/bin/pgspot' $(SQL_BUILT)
 lint: lint-sql
+
+# The SQL reference: install this tree, create the extension in a throwaway
+# cluster and describe its catalog (tests/db/test_sql_reference.py checks it).
+docs/sql-reference.md: $(SQL_BUILT) scripts/sql_reference.py | venv
+	$(MAKE) install
+	$(TEST_ENV) '$(VENV)/bin/python' scripts/sql_reference.py -o $@
 
 # lint as a fresh make after prepare: the venv it needs exists by then.
 test: prepare
