@@ -38,6 +38,12 @@ SQL_UPGRADE = sql/aquapeer--$(PREVIOUS_VERSION)--$(EXTVERSION).sql
 SQL_BUILT = $(SQL_INSTALL) $(SQL_UPGRADE)
 DATA = $(sort sql/aquapeer--0.1.0.sql $(wildcard sql/aquapeer--*--*.sql) $(SQL_BUILT))
 
+# make installcheck (and pgxn check): test/sql/*.sql against test/expected/,
+# in a new database of the running server PGHOST, PGPORT and PGUSER name, with
+# the extension installed (tests/db/test_installcheck.py runs it).
+REGRESS = $(patsubst test/sql/%.sql,%,$(sort $(wildcard test/sql/*.sql)))
+REGRESS_OPTS = --inputdir=test --load-extension=plpython3u --load-extension=aquapeer
+
 # Where the Python payload (pinned wheels + the aquapeer package) lives:
 # one directory per extension version, compiled into the C library.
 AQUAPEER_LIBDIR ?= /usr/local/lib/aquapeer
