@@ -245,39 +245,15 @@ begin
 end
 $$;
 
--- Make a bundle's tables equal to a commit (default: the head): the rows to write come from a
--- walk of the two trees, and each table's are written in one statement.  A bundle without head
--- rows inserts them without probing, and the keys recorded while writing are looked for only
--- when there are any.
-create or replace function bundle.checkout(bundle_name text, commit_id text default null, force boolean default false)
-returns text
-language plpgsql security definer set search_path = pg_catalog, pg_temp set jit = off set work_mem = '256MB' as $$
-declare
-    b bundle.bundle;
-    target text;
-    target_root text;
-    wrong text;
+-- What differs between the commit checked out and the target: the head tree (bundle.head_node)
+-- takes the target's nodes, and the rows to write go to pg_temp.bundle_apply (their head rows
+-- move with them in bundle._move_head_rows, so the head tree and the head rows stay the same
+-- commit's).  The differences go through a table with statistics: a clone's million rows then
+-- read their blobs in one pass over the store instead of a lookup each (2 s instead of 9).
+create or replace function bundle._checkout_changes(bundle_name text, from_root text, target_root text)
+returns void
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
-    perform bundle._bundle(bundle_name);
-    select * into b from bundle.bundle where name = bundle_name for update;
-    target := coalesce(commit_id, b.head);
-    if target is null then
-        raise exception 'bundle "%" has no commit to check out', bundle_name using errcode = '55000',
-            hint = 'Commit its rows first: select bundle.commit(name, message).';
-    end if;
-    target_root := bundle._tree(bundle_name, target);
-    perform bundle._check_root(bundle_name, target_root);
-    if force then
-        delete from bundle.merge m where m.bundle = bundle_name;  -- given up, with its conflicts
-    else
-        perform bundle._refuse_uncommitted(bundle_name, 'Commit them, or pass force => true to overwrite them.');
-    end if;
-    perform bundle._apply_begin();
-    -- What differs between the commit checked out and the target, with statistics: a clone's
-    -- million rows then read their blobs in one pass over the store instead of a lookup each
-    -- (2 s instead of 9).  The head tree (bundle.head_node) takes the target's nodes; the rows go
-    -- to bundle_apply, and their head rows move with them below (so the head tree and the head
-    -- rows stay the same commit's).
     if to_regclass('pg_temp.bundle_changes') is null then
         create temporary table bundle_changes (relation regclass not null, key_columns name[] not null,
                                                is_row boolean not null, path text not null, b_id text) on commit drop;
@@ -285,7 +261,7 @@ begin
     truncate pg_temp.bundle_changes;
     insert into pg_temp.bundle_changes
         select n.relation, n.key_columns, length(d.path) = 64, d.path, d.b_id
-        from bundle._tree_changes(bundle_name, bundle._tree(bundle_name, b.checked_out), target_root) d
+        from bundle._tree_changes(bundle_name, from_root, target_root) d
         join bundle._tracked_names(bundle_name) n using (relation_name);
     analyze pg_temp.bundle_changes;
     insert into bundle.head_node select bundle_name, c.relation, c.path, c.b_id from pg_temp.bundle_changes c
@@ -306,29 +282,20 @@ begin
         select bundle_name, n.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex')
         from bundle._tracked_names(bundle_name) n
         on conflict do nothing;
-    if force then
-        -- The other rows changed since: back to the head rows (the target has them unchanged).
-        insert into pg_temp.bundle_apply (relation, key, fields)
-            select c.relation, c.key, convert_from(o.data, 'UTF8')::jsonb
-            from bundle.changed_key c
-            left join bundle.head_row h on h.bundle = c.bundle and h.relation = c.relation
-                 and h.key_hash = encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')
-            left join bundle.object o on o.bundle = c.bundle and o.id = h.blob
-            where c.bundle = bundle_name
-              and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
-    end if;
-    if not force then  -- (forced, it also writes back rows whose keys must stay recorded)
-        perform set_config('bundle.checking_out', bundle_name, true);
-    end if;
-    perform bundle._apply(bundle_name, format('check out commit %s', target));
-    perform set_config('bundle.checking_out', '', true);
+end
+$$;
+
+-- The head rows of the rows pg_temp.bundle_apply wrote.  An update, then an insert of the rest,
+-- rather than an insert "on conflict": a clone inserts a million head rows, 1.5 s so instead of
+-- 3.4 s.  The caller holds the bundle's row locked, so nothing else writes them meanwhile.  A
+-- bundle without head rows (a clone, a first checkout) has none to update or to probe: a
+-- head_row emptied and vacuumed looks empty to the planner, which then scanned it whole for each
+-- row inserted, quadratic in the rows.
+create or replace function bundle._move_head_rows(bundle_name text) returns void
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+begin
     delete from bundle.head_row h using pg_temp.bundle_apply a
         where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash and a.blob_id is null;
-    -- (An update, then an insert of the rest, rather than an insert "on conflict": a clone
-    -- inserts a million head rows, 1.5 s so instead of 3.4 s.  The bundle's row is locked, so
-    -- nothing else writes them meanwhile.)  A bundle without head rows (a clone, a first
-    -- checkout) has none to update or to probe: a head_row emptied and vacuumed looks empty to
-    -- the planner, which then scanned it whole for each row inserted, quadratic in the rows.
     if exists (select from bundle.head_row h where h.bundle = bundle_name) then
         update bundle.head_row h set blob = a.blob_id from pg_temp.bundle_apply a
             where h.bundle = bundle_name and h.relation = a.relation and h.key_hash = a.key_hash
@@ -348,12 +315,18 @@ begin
         analyze bundle.head_row;
         analyze bundle.head_node;
     end if;
-    -- The capture triggers recorded every key written.  Those rows now match the target unless a
-    -- user trigger changed them on the way in, so only tables with user triggers keep the keys for
-    -- bundle.status to compare.  Without force, the check for uncommitted changes has compared
-    -- the rest, so a whole-table comparison pending since bundle.track is done too.
-    -- (Most often none are recorded, a clone's never: then the join of a million rows, 0.9 s, is
-    -- not needed.)
+end
+$$;
+
+-- The capture triggers recorded every key a checkout wrote.  Those rows now match the target
+-- unless a user trigger changed them on the way in, so only tables with user triggers keep the
+-- keys for bundle.status to compare.  Without force, the check for uncommitted changes has
+-- compared the rest, so a whole-table comparison pending since bundle.track is done too.  (Most
+-- often none are recorded, a clone's never: then the join of a million rows, 0.9 s, is not
+-- needed.)
+create or replace function bundle._forget_written_keys(bundle_name text, force boolean) returns void
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+begin
     if exists (select from bundle.changed_key c where c.bundle = bundle_name and c.key <> 'null'::jsonb) then
         analyze pg_temp.bundle_apply;
         delete from bundle.changed_key c using pg_temp.bundle_apply a
@@ -365,7 +338,16 @@ begin
         delete from bundle.changed_key c
         where c.bundle = bundle_name and c.key = 'null'::jsonb and not bundle._has_user_triggers(c.relation);
     end if;
-    -- The head tree must now be the target's, table by table (a table it lacks is empty).
+end
+$$;
+
+-- After a checkout the head tree must be the target's, table by table (a table it lacks is
+-- empty); anything else is a bug, and the checkout is undone.
+create or replace function bundle._check_head_tree(bundle_name text, target text, target_root text) returns void
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+declare
+    wrong text;
+begin
     select n.relation_name into wrong from bundle._tracked_names(bundle_name) n
     left join bundle.head_node h on h.bundle = bundle_name and h.relation = n.relation and h.path = ''
     left join (select e.* from bundle.object o cross join bundle._entries(o.data) e
@@ -376,6 +358,54 @@ begin
         raise exception 'bundle "%": the rows kept for % do not match commit % after the checkout', bundle_name, wrong, target
             using errcode = 'XX000', hint = 'Nothing was changed. This is a bug in aquapeer; please report it.';
     end if;
+end
+$$;
+
+-- Make a bundle's tables equal to a commit (default: the head): the rows to write come from a
+-- walk of the two trees, and each table's are written in one statement.
+create or replace function bundle.checkout(bundle_name text, commit_id text default null, force boolean default false)
+returns text
+language plpgsql security definer set search_path = pg_catalog, pg_temp set jit = off set work_mem = '256MB' as $$
+declare
+    b bundle.bundle;
+    target text;
+    target_root text;
+begin
+    perform bundle._bundle(bundle_name);
+    select * into b from bundle.bundle where name = bundle_name for update;
+    target := coalesce(commit_id, b.head);
+    if target is null then
+        raise exception 'bundle "%" has no commit to check out', bundle_name using errcode = '55000',
+            hint = 'Commit its rows first: select bundle.commit(name, message).';
+    end if;
+    target_root := bundle._tree(bundle_name, target);
+    perform bundle._check_root(bundle_name, target_root);
+    if force then
+        delete from bundle.merge m where m.bundle = bundle_name;  -- given up, with its conflicts
+    else
+        perform bundle._refuse_uncommitted(bundle_name, 'Commit them, or pass force => true to overwrite them.');
+    end if;
+    perform bundle._apply_begin();
+    perform bundle._checkout_changes(bundle_name, bundle._tree(bundle_name, b.checked_out), target_root);
+    if force then
+        -- The other rows changed since: back to the head rows (the target has them unchanged).
+        insert into pg_temp.bundle_apply (relation, key, fields)
+            select c.relation, c.key, convert_from(o.data, 'UTF8')::jsonb
+            from bundle.changed_key c
+            left join bundle.head_row h on h.bundle = c.bundle and h.relation = c.relation
+                 and h.key_hash = encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')
+            left join bundle.object o on o.bundle = c.bundle and o.id = h.blob
+            where c.bundle = bundle_name
+              and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
+    end if;
+    if not force then  -- (forced, it also writes back rows whose keys must stay recorded)
+        perform set_config('bundle.checking_out', bundle_name, true);
+    end if;
+    perform bundle._apply(bundle_name, format('check out commit %s', target));
+    perform set_config('bundle.checking_out', '', true);
+    perform bundle._move_head_rows(bundle_name);
+    perform bundle._forget_written_keys(bundle_name, force);
+    perform bundle._check_head_tree(bundle_name, target, target_root);
     update bundle.bundle set checked_out = target where name = bundle_name;
     if target is distinct from b.head then
         raise notice 'the tables of bundle "%" now hold commit %, not its head %', bundle_name, target, b.head
