@@ -129,7 +129,8 @@ revoke all on function bundle._node_diff(text, text, text), bundle._tree_diff(te
     bundle._fk_order(regclass[]), bundle._apply(text, text), bundle.checkout(text, text, boolean),
     bundle._tree_changes(text, text, text), bundle._write_statement(regclass, name[], boolean),
     bundle._checkout_changes(text, text, text), bundle._move_head_rows(text),
-    bundle._forget_written_keys(text, boolean), bundle._check_head_tree(text, text, text) from public;
+    bundle._forget_written_keys(text, boolean), bundle._check_head_tree(text, text, text),
+    bundle._advance_sequences(regclass[]) from public;
 grant execute on function bundle.diff(text, text, text),
     bundle.checkout(text, text, boolean) to aquapeer_admin;
 

@@ -170,12 +170,31 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     group by s.source, s.same_key
 $$;
 
+-- Sequences owned by the given tables' columns (serial and identity) move past the highest value
+-- written, never back.
+create or replace function bundle._advance_sequences(tables regclass[]) returns void
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+declare
+    t record;
+begin
+    for t in select d.objid::regclass as seq, a.attname, a.attrelid::regclass as relation
+             from pg_depend d join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
+             where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
+               and d.deptype in ('a', 'i') and d.refobjid = any (tables::oid[])
+               and exists (select from pg_class s where s.oid = d.objid and s.relkind = 'S') loop
+        execute format('select pg_catalog.setval(%L, x.m) from (select max(t.%I)::bigint as m from only %s t) x, %s s '
+                       'where x.m > s.last_value or (x.m = s.last_value and not s.is_called)',
+                       t.seq, t.attname, t.relation, t.seq);
+    end loop;
+end
+$$;
+
 -- Write pg_temp.bundle_apply's rows to the bundle's tables: one statement per table and
 -- operation, each through bundle._write_statement, told whether the table is empty; inserts and
 -- updates parents first, then deletes children first, so every row written refers only to rows
 -- that are there (a table referring to itself is written in one statement, and foreign keys are
--- checked at its end).  Triggers fire as usual.  Sequences owned by the tables' columns are moved
--- past the highest value.  doing names the operation in errors.
+-- checked at its end).  Triggers fire as usual; then bundle._advance_sequences.  doing names the
+-- operation in errors.
 create or replace function bundle._apply(bundle_name text, doing text) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -232,16 +251,7 @@ begin
             hint = 'The rows do not satisfy a constraint of this database, so nothing was changed. '
                    'Change the local rows or the constraint, then try again.';
     end;
-    -- Sequences owned by the tables' columns (serial and identity): past the highest value, never back.
-    for t in select d.objid::regclass as seq, a.attname, a.attrelid::regclass as relation
-             from pg_depend d join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
-             where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass
-               and d.deptype in ('a', 'i') and d.refobjid = any (changed::oid[])
-               and exists (select from pg_class s where s.oid = d.objid and s.relkind = 'S') loop
-        execute format('select pg_catalog.setval(%L, x.m) from (select max(t.%I)::bigint as m from only %s t) x, %s s '
-                       'where x.m > s.last_value or (x.m = s.last_value and not s.is_called)',
-                       t.seq, t.attname, t.relation, t.seq);
-    end loop;
+    perform bundle._advance_sequences(changed);
 end
 $$;
 
