@@ -36,7 +36,7 @@ SQL_SOURCES = sql/head.sql $(sort $(wildcard sql/incremental/*.sql sql/idempoten
 SQL_INSTALL = sql/aquapeer--$(EXTVERSION).sql
 SQL_UPGRADE = sql/aquapeer--$(PREVIOUS_VERSION)--$(EXTVERSION).sql
 SQL_BUILT = $(SQL_INSTALL) $(SQL_UPGRADE)
-DATA = $(sort sql/aquapeer--0.1.0.sql $(wildcard sql/aquapeer--*--*.sql) $(SQL_BUILT))
+DATA = $(sort $(wildcard sql/aquapeer--*.sql) $(SQL_BUILT))
 
 # make installcheck (and pgxn check): test/sql/*.sql against test/expected/,
 # in a new database of the running server PGHOST, PGPORT and PGUSER name, with
