@@ -89,10 +89,10 @@ def test_the_wake_sent_at_commit_is_the_frame_the_worker_reads(shared_cluster):
 # --------------------------------------------------------------------------
 
 def test_only_superusers_see_which_database_runs_the_worker(shared_cluster):
-    shared_cluster.sql("create role wake_reader login")
+    shared_cluster.sql("create role settings_reader login")
     try:
         assert shared_cluster.scalar("show aquapeer.database") == "postgres"
-        with shared_cluster.connect(user="wake_reader") as conn:
+        with shared_cluster.connect(user="settings_reader") as conn:
             # Its sibling setting is visible: the role can read settings at all.
             assert conn.execute("show aquapeer.restart_interval").fetchone()[0] == "5s"
             with pytest.raises(psycopg.errors.InsufficientPrivilege,
@@ -102,7 +102,7 @@ def test_only_superusers_see_which_database_runs_the_worker(shared_cluster):
             assert conn.execute("select count(*) from pg_settings "
                                 "where name = 'aquapeer.database'").fetchone()[0] == 0
     finally:
-        shared_cluster.sql("drop role wake_reader")
+        shared_cluster.sql("drop role settings_reader")
 
 
 # --------------------------------------------------------------------------
