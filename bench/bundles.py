@@ -387,7 +387,8 @@ def report(args, rounds, errors):
     table.add_row("", "the same, the first after the clone", fmt(best(rounds, "incremental_after_clone_s"), 3),
                   "", "", "", "", "", "", "")
     if last.get("incremental_fetch_s") is not None:
-        table.add_row("", "of which fetching and keeping", fmt(last["incremental_fetch_s"], 3), "", "", "", "", "", "", "")
+        table.add_row("", "of which fetching and keeping", fmt(last["incremental_fetch_s"], 3),
+                      "", "", "", "", "", "", "")
     if last.get("incremental_bytes") is not None:
         table.add_row("", "on the wire", f"{last['incremental_bytes'] / 2**10:,.1f} KB", "", "", "", "", "", "", "")
     console.print(table)

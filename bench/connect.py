@@ -373,7 +373,8 @@ def main():
                       f"{f['rate_limited_logged']} 'over its rate limit' warnings in the server log")
         if "diagnosis" in f:
             console.print("storm diagnosis:", json.dumps(f["diagnosis"]))
-        summary.update(storm_friend_requests=f["friend_requests"], storm_connected=f["connected"], storm_all_connected_s=(
+        summary.update(storm_friend_requests=f["friend_requests"], storm_connected=f["connected"],
+                       storm_all_connected_s=(
             None if f["all_connected_s"] is None else round(f["all_connected_s"], 2)),
             storm_timeout_s=args.storm_timeout, storm_rate_limited_logged=f["rate_limited_logged"])
     print(json.dumps(summary), flush=True)

@@ -287,7 +287,8 @@ def setup_aquapeer(alice, bob, signal_url):
         tb.wait_for(lambda: alice.scalar("select state from peer.outbox where id = %s", key) == "acked", 30,
                     message="alice to see the first message acked")
     except TimeoutError as e:
-        raise RuntimeError(f"{e}; on alice: {alice.sql('select state, reason from peer.outbox where id = %s', key)}")
+        state = alice.sql("select state, reason from peer.outbox where id = %s", key)
+        raise RuntimeError(f"{e}; on alice: {state}") from e
 
 
 class Workers:
@@ -365,8 +366,8 @@ def aquapeer_throughput(alice, bob, args, pad, figures, workers):
                     acked = time.perf_counter()
                     break
                 if state in ("rejected", "expired"):
-                    raise RuntimeError(f"a message of the throughput part was {state}: "
-                                       f"{alice.sql('select state, reason from peer.outbox where id = %s', run['last'])}")
+                    reason = alice.sql("select state, reason from peer.outbox where id = %s", run["last"])
+                    raise RuntimeError(f"a message of the throughput part was {state}: {reason}")
                 time.sleep(0.01)
     run["acked"] = acked
     after = workers.snapshot()

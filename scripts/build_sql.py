@@ -103,7 +103,8 @@ def build(version: str, previous: str | None = None) -> str:
         parts.append(record_pre_layout_steps(previous))
     parts += [run_once(step, version) for step in incremental_steps()]
     parts += [f"-- {path.relative_to(SQL.parent)}\n{path.read_text()}" for path in idempotent_files()]
-    parts += [f"-- {path.relative_to(SQL.parent)}\n{path.read_text()}" for path in (SQL / "grants.sql", SQL / "tail.sql")]
+    parts += [f"-- {path.relative_to(SQL.parent)}\n{path.read_text()}"
+              for path in (SQL / "grants.sql", SQL / "tail.sql")]
     return "\n".join(part.rstrip("\n") + "\n" for part in parts)
 
 

@@ -102,7 +102,7 @@ class Demo:
                     fields.append(c)
             for i, row in enumerate(rows or [()]):
                 t.add_column(name if len(rows) <= 1 else f"{name} #{i + 1}", overflow="fold")
-                columns.append(dict(zip(cols, row)))
+                columns.append(dict(zip(cols, row, strict=False)))  # () when a cluster has no rows
         for f in fields:
             t.add_row(f, *(self.fmt(col.get(f)) for col in columns))
         return t
@@ -145,7 +145,7 @@ class Demo:
             for c in self.bed:
                 t0 = time.monotonic()
                 try:
-                    tb.wait_for(lambda: c.scalar("select state from peer.worker_status()")
+                    tb.wait_for(lambda c=c: c.scalar("select state from peer.worker_status()")
                                 == "running", timeout, interval=0.1,
                                 message=f"{c.name}'s worker")
                 except TimeoutError as exc:
@@ -210,7 +210,8 @@ class Demo:
             bob.sql("""select peer.send('alice', 'chat', '{"text": "hi alice, all good"}')""")
             alice.sql("""select peer.send('bob', 'secret', '{"text": "bob never allowed this topic"}')""")
             for cluster, expected in ((bob, 2), (alice, 1)):
-                tb.wait_for(lambda: cluster.scalar("select count(*) from peer.inbox") >= expected, 15)
+                tb.wait_for(lambda cluster=cluster, expected=expected:
+                            cluster.scalar("select count(*) from peer.inbox") >= expected, 15)
             tb.wait_for(lambda: alice.scalar("select count(*) from peer.outbox where state = 'queued'") == 0, 15)
             console.print(self.table("peer.inbox: what arrived", {
                 c.name: self.query(c, "select friend, topic, payload, received_at - sent_at as took "
@@ -223,7 +224,8 @@ class Demo:
         with self.step("alice: select peer.call('bob', 'public.price_of', '{\"sku\": \"w-1\"}')"):
             alice, bob = self.bed.alice, self.bed.bob
             bob.sql("""create or replace function public.price_of(item jsonb) returns jsonb language sql as $$
-                         select jsonb_build_object('sku', item->>'sku', 'price', 42.50, 'served_by', current_user) $$""")
+                         select jsonb_build_object('sku', item->>'sku', 'price', 42.50,
+                                                   'served_by', current_user) $$""")
             bob.sql("select peer.expose('public.price_of(jsonb)'::regprocedure, 'alice')")
             with alice.connect() as conn:
                 conn.execute("""select peer.call('bob', 'public.price_of', '{"sku": "w-0"}')""")  # warm

@@ -43,9 +43,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any
 
 __all__ = [
     "TestbedError",
@@ -159,7 +160,7 @@ def _as_server_user(argv: list[str]) -> list[str]:
     return argv
 
 
-def _server_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def _server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in _ENV_DROP and not k.startswith(_ENV_DROP_PREFIXES)}
     env["PATH"] = _SERVER_PATH
@@ -174,7 +175,7 @@ def _server_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
 # --------------------------------------------------------------------------
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, *,
-             message: Optional[str] = None,
+             message: str | None = None,
              ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """Call ``predicate()`` until it returns something truthy; return that value.
 
@@ -184,7 +185,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
     ignored exception, if any.
     """
     deadline = time.monotonic() + timeout
-    last_exc: Optional[BaseException] = None
+    last_exc: BaseException | None = None
     while True:
         try:
             value = predicate()
@@ -223,7 +224,7 @@ def free_port() -> int:
     raise TestbedError("could not find a free TCP port on 127.0.0.1")
 
 
-def _release_port(port: Optional[int]) -> None:
+def _release_port(port: int | None) -> None:
     with _port_lock:
         _ports_in_use.discard(port)  # type: ignore[arg-type]
 
@@ -250,7 +251,7 @@ def _conninfo_quote(value: Any) -> str:
 # /proc helpers
 # --------------------------------------------------------------------------
 
-def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, None when it does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -261,7 +262,7 @@ def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
     return rest[0], int(rest[1])
 
 
-def _proc_starttime(pid: int) -> Optional[str]:
+def _proc_starttime(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read().decode(errors="replace")
@@ -270,7 +271,7 @@ def _proc_starttime(pid: int) -> Optional[str]:
     return data.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: Optional[int]) -> bool:
+def _alive(pid: int | None) -> bool:
     """True for an existing process that is not a zombie."""
     if not pid:
         return False
@@ -319,7 +320,7 @@ def _all_pids() -> list[int]:
     return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
-def _proc_cwd(pid: int) -> Optional[str]:
+def _proc_cwd(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
@@ -362,7 +363,7 @@ def _kill_all(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def _kill_tree_and_dir(root_pid: Optional[int], path: str, timeout: float = 15.0) -> None:
+def _kill_tree_and_dir(root_pid: int | None, path: str, timeout: float = 15.0) -> None:
     """SIGKILL ``root_pid`` with its descendants and every process running in
     ``path``; wait until they are gone (zombies count as gone)."""
     if root_pid and _alive(root_pid):
@@ -389,7 +390,7 @@ def _kill_tree_and_dir(root_pid: Optional[int], path: str, timeout: float = 15.0
 # --------------------------------------------------------------------------
 
 _registry_lock = threading.Lock()
-_live_clusters: set["Cluster"] = set()
+_live_clusters: set[Cluster] = set()
 _live_base_dirs: set[str] = set()
 _live_signal_servers: set = set()  # Popen of `aquapeer signal` servers started here
 _safety_net_installed = False
@@ -444,7 +445,7 @@ def _install_safety_net() -> None:
                 pass
 
 
-def make_base_dir(parent: Optional[str] = None) -> str:
+def make_base_dir(parent: str | None = None) -> str:
     """Create ``/tmp/aqp-XXXXXXXX`` (short, for unix socket paths), owned by
     the server user, registered for cleanup at exit.  ``parent`` defaults to
     ``$AQUAPEER_TESTBED_DIR`` or ``/tmp`` (deliberately not ``$TMPDIR``)."""
@@ -470,7 +471,7 @@ def remove_base_dir(path: str) -> None:
         _live_base_dirs.discard(path)
 
 
-def reap_stale(parent: Optional[str] = None) -> list[str]:
+def reap_stale(parent: str | None = None) -> list[str]:
     """Remove ``aqp-*`` base dirs (and kill their servers) left by test
     processes that no longer exist.  Returns the removed paths."""
     parent = parent or os.environ.get("AQUAPEER_TESTBED_DIR") or "/tmp"
@@ -574,8 +575,8 @@ class Cluster(_Client):
 
     backend = "local"
 
-    def __init__(self, name: str, base_dir: str, extra_conf: Optional[dict] = None,
-                 preload: bool = True, env: Optional[Mapping[str, str]] = None):
+    def __init__(self, name: str, base_dir: str, extra_conf: dict | None = None,
+                 preload: bool = True, env: Mapping[str, str] | None = None):
         self.name = name
         self.base_dir = str(base_dir)
         self.dir = os.path.join(self.base_dir, name)
@@ -586,8 +587,8 @@ class Cluster(_Client):
         self.extra_conf: dict[str, Any] = dict(extra_conf or {})
         self.preload = preload
         self.env = dict(env or {})
-        self.port: Optional[int] = None
-        self._pm_pid: Optional[int] = None
+        self.port: int | None = None
+        self._pm_pid: int | None = None
         self._initialized = False
         self._destroyed = False
 
@@ -612,7 +613,7 @@ class Cluster(_Client):
 
     # ---- setup ----
 
-    def init(self) -> "Cluster":
+    def init(self) -> Cluster:
         """initdb and write the configuration; does not start the server."""
         if self._initialized:
             return self
@@ -673,8 +674,8 @@ class Cluster(_Client):
             os.chown(tmp, uid, gid)
         os.replace(tmp, self.conf_path)
 
-    def configure(self, settings: Optional[Mapping[str, Any]] = None, *, reload: bool = False,
-                  **kw: Any) -> "Cluster":
+    def configure(self, settings: Mapping[str, Any] | None = None, *, reload: bool = False,
+                  **kw: Any) -> Cluster:
         """Add/replace extra settings (``None`` removes one) and rewrite the
         conf file.  Takes effect at the next start, or now with reload=True
         for reloadable settings."""
@@ -709,7 +710,7 @@ class Cluster(_Client):
             except FileNotFoundError:
                 pass
 
-    def start(self, wait: bool = True) -> "Cluster":
+    def start(self, wait: bool = True) -> Cluster:
         """Start the server (pg_ctl -w -t 60).  If the port was taken
         meanwhile, pick another one and retry."""
         if not self._initialized:
@@ -750,7 +751,7 @@ class Cluster(_Client):
         _reap_our_zombies()
         return elapsed
 
-    def restart(self, mode: str = "fast") -> "Cluster":
+    def restart(self, mode: str = "fast") -> Cluster:
         if self.is_running():
             self.stop(mode)
         return self.start()
@@ -758,14 +759,14 @@ class Cluster(_Client):
     def reload(self) -> None:
         self._run([self._bin("pg_ctl"), "reload", "-D", self.data_dir])
 
-    def _read_pidfile(self) -> Optional[int]:
+    def _read_pidfile(self) -> int | None:
         try:
             with open(os.path.join(self.data_dir, "postmaster.pid")) as f:
                 return int(f.readline().strip())
         except (OSError, ValueError):
             return None
 
-    def postmaster_pid(self) -> Optional[int]:
+    def postmaster_pid(self) -> int | None:
         """PID of the running postmaster, None when not running."""
         for pid in (self._read_pidfile(), self._pm_pid):
             if pid and _alive(pid) and _proc_cwd(pid) == os.path.realpath(self.data_dir):
@@ -783,7 +784,7 @@ class Cluster(_Client):
         out += [p for p in _pids_with_cwd_under(self.data_dir) if p not in out]
         return out
 
-    def backend_pids(self, backend_type: Optional[str] = None) -> list[int]:
+    def backend_pids(self, backend_type: str | None = None) -> list[int]:
         """PIDs from pg_stat_activity (optionally of one backend_type, e.g.
         'aquapeer worker' or 'client backend')."""
         if backend_type is None:
@@ -851,7 +852,7 @@ class Cluster(_Client):
             return ""
         return "\n--- server log (tail) ---\n" + "\n".join(text.splitlines()[-n:])
 
-    def wait_for_log(self, pattern: str, timeout: float = 10, since: int = 0) -> "re.Match":
+    def wait_for_log(self, pattern: str, timeout: float = 10, since: int = 0) -> re.Match:
         """Wait until the regex ``pattern`` appears in the log after ``since``."""
         rx = re.compile(pattern)
         return wait_for(lambda: rx.search(self.log(since)), timeout,
@@ -873,11 +874,11 @@ class Cluster(_Client):
 # --------------------------------------------------------------------------
 
 DOCKER_IMAGE_TAG = os.environ.get("AQUAPEER_TEST_IMAGE", "aquapeer-test:latest")
-_docker_image_built: Optional[str] = None
+_docker_image_built: str | None = None
 _docker_build_lock = threading.Lock()
 
 
-def docker_engine_error() -> Optional[str]:
+def docker_engine_error() -> str | None:
     """None when a Docker engine answers a ping, otherwise why not."""
     try:
         import docker  # installed with testcontainers
@@ -917,15 +918,15 @@ class DockerCluster(_Client):
 
     backend = "docker"
 
-    def __init__(self, name: str, base_dir: Optional[str] = None,
-                 extra_conf: Optional[dict] = None, preload: bool = True,
-                 env: Optional[Mapping[str, str]] = None, image: Optional[str] = None):
+    def __init__(self, name: str, base_dir: str | None = None,
+                 extra_conf: dict | None = None, preload: bool = True,
+                 env: Mapping[str, str] | None = None, image: str | None = None):
         self.name = name
         self.extra_conf = dict(extra_conf or {})
         self.preload = preload
         self.env = dict(env or {})
         self.image = image
-        self.port: Optional[int] = None
+        self.port: int | None = None
         self.host = "127.0.0.1"
         self._container = None
 
@@ -942,7 +943,7 @@ class DockerCluster(_Client):
         s.update(self.extra_conf)
         return s
 
-    def init(self) -> "DockerCluster":
+    def init(self) -> DockerCluster:
         from testcontainers.core.container import DockerContainer
 
         image = self.image or build_docker_image()
@@ -964,7 +965,7 @@ class DockerCluster(_Client):
     def _wrapped(self):
         return self._container.get_wrapped_container()
 
-    def start(self, wait: bool = True) -> "DockerCluster":
+    def start(self, wait: bool = True) -> DockerCluster:
         if self._container is None:
             self.init()
         if getattr(self._container, "_container", None) is None:
@@ -983,7 +984,7 @@ class DockerCluster(_Client):
         w.wait(timeout=timeout)
         return time.monotonic() - t0
 
-    def restart(self, mode: str = "fast") -> "DockerCluster":
+    def restart(self, mode: str = "fast") -> DockerCluster:
         if self.is_running():
             self.stop(mode)
         return self.start()
@@ -1055,10 +1056,10 @@ class Testbed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, n: int = 2, *, names: Optional[list[str]] = None,
-                 extra_conf: Optional[dict] = None, preload: bool = True,
+    def __init__(self, n: int = 2, *, names: list[str] | None = None,
+                 extra_conf: dict | None = None, preload: bool = True,
                  start: bool = True, parallel: bool = True, backend: str = "local",
-                 env: Optional[Mapping[str, str]] = None):
+                 env: Mapping[str, str] | None = None):
         if names is None:
             if n > len(CLUSTER_NAMES):
                 raise ValueError(f"at most {len(CLUSTER_NAMES)} default names")
@@ -1070,7 +1071,7 @@ class Testbed:
         self.autostart = start
         self.parallel = parallel
         self.backend = backend
-        self.base_dir: Optional[str] = None
+        self.base_dir: str | None = None
         self.clusters: list[Cluster] = []
         self._closed = False
 
@@ -1115,7 +1116,7 @@ class Testbed:
             for c in clusters:
                 fn(c)
 
-    def setup(self) -> "Testbed":
+    def setup(self) -> Testbed:
         if self.base_dir is None and self.backend == "local":
             self.base_dir = make_base_dir()
         new = [self._make(name) for name in self.names]
@@ -1131,7 +1132,7 @@ class Testbed:
             return DockerCluster(name, **kw)
         return Cluster(name, self.base_dir, **kw)
 
-    def add(self, name: Optional[str] = None, start: bool = True, **overrides: Any):
+    def add(self, name: str | None = None, start: bool = True, **overrides: Any):
         """Add (init, and start unless start=False) one more cluster."""
         if name is None:
             taken = {c.name for c in self.clusters}
@@ -1184,7 +1185,7 @@ class Testbed:
             for c in self.clusters:
                 destroy(c)
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         try:
             return self.setup()
         except BaseException:
@@ -1215,14 +1216,14 @@ AQUAPEER_CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"),
 class SignalServer:
     """`aquapeer signal` (the installed command) on a free loopback port."""
 
-    def __init__(self, cli: Optional[str] = None, log_path: Optional[str] = None):
+    def __init__(self, cli: str | None = None, log_path: str | None = None):
         self.cli = cli or AQUAPEER_CLI
         self.log_path = log_path  # where its log goes (default: nowhere)
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "SignalServer":
+    def start(self) -> SignalServer:
         _install_safety_net()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
@@ -1271,7 +1272,7 @@ def befriend(a, a_name: str, b, b_name: str) -> None:
     b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
 
 
-def connection_state(cluster, friend: str) -> Optional[str]:
+def connection_state(cluster, friend: str) -> str | None:
     """The state peer.connections shows for a friend, or None."""
     rows = cluster.sql("select state from peer.connections where friend = %s", friend)
     return rows[0][0] if rows else None

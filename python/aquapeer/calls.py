@@ -14,9 +14,9 @@ import collections
 import os
 import time
 
+from .errors import AquapeerError
 from .net import node as node_module
 from .net import transport
-from .errors import AquapeerError
 
 # Results are remembered this long, for callers that retry after a drop.
 REMEMBER_S = 300.0
@@ -133,7 +133,7 @@ class Calls:
                 result["result"] = await self._execute(peer_id, frame)
             except AquapeerError as e:
                 result.update(ok=False, error={"message": e.message[:8000], "sqlstate": (e.sqlstate or "XX000")[:5]})
-            except (asyncio.TimeoutError, ConnectionError) as e:
+            except (TimeoutError, ConnectionError) as e:
                 result.update(ok=False, error={"message": f"the executor failed: {e or type(e).__name__}",
                                                "sqlstate": "58000"})
             link = self.node().links.get(peer_id)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -48,7 +49,7 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> Table:
         table = Table(title=title, show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value")
-        for name, value in zip(columns, rows[0]):
+        for name, value in zip(columns, rows[0], strict=True):
             table.add_row(name, _cell(value))
         return table
     table = Table(title=title)
@@ -81,7 +82,7 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
 
     if args.json:
         console.print_json(
-            json.dumps([dict(zip(columns, row)) for row in rows], default=str)
+            json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str)
         )
         return EXIT_OK
 
@@ -176,7 +177,6 @@ def _add_signal(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
     import asyncio
-    import logging
     import signal
 
     from aquapeer import identity
@@ -347,8 +347,7 @@ IMPORT_BATCH_BYTES = 4 << 20
 
 def _progress(err: Console, description: str, total: int | None):
     """A progress bar on stderr, only when stderr is a terminal; completed counts bytes."""
-    from rich.progress import (BarColumn, FileSizeColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
+    from rich.progress import BarColumn, FileSizeColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.fields[documents]} documents"), FileSizeColumn(),

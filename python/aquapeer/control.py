@@ -144,7 +144,7 @@ class ControlClient:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as e:
+        except (TimeoutError, FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise WorkerUnavailable(
                 f'the worker for database "{self.database_name}" is not running',

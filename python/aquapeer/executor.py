@@ -134,10 +134,11 @@ class ExecutorPool:
             self.start_executor(role_oid, nonce)
             self.started += 1
             return await asyncio.wait_for(future, START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AquapeerError(
                 f"an aquapeer executor for role {role_oid} did not start within {START_TIMEOUT_S:.0f} s",
-                hint="See the server log: the role must be allowed to log in and to connect to this database.") from None
+                hint="See the server log: the role must be allowed to log in and to connect to this database.",
+            ) from None
         finally:
             self.pending.pop(nonce, None)
 

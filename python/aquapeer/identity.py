@@ -370,7 +370,7 @@ def check_signal_url(url):
     else:
         try:
             parts = urllib.parse.urlsplit(url)
-            parts.port  # raises on a bad port
+            parts.port  # noqa: B018 (reading it raises ValueError on a bad port)
         except ValueError as e:
             problem = str(e)
         else:

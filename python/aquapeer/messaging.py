@@ -61,12 +61,15 @@ STORE_ITEMS = 5000
 
 NEW_EPOCH = """
 with here as (
-    select s.system_identifier, ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::integer as timeline,
+    select s.system_identifier,
+           ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::integer
+               as timeline,
            (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database()) as database_oid
     from pg_catalog.pg_control_system() s
 )
 select (select e.epoch from peer.stream_epoch e
-        where (e.system_identifier, e.timeline, e.database_oid) = (h.system_identifier, h.timeline, h.database_oid)) as epoch,
+        where (e.system_identifier, e.timeline, e.database_oid)
+              = (h.system_identifier, h.timeline, h.database_oid)) as epoch,
        h.system_identifier, h.timeline, h.database_oid
 from here h
 """
@@ -168,7 +171,8 @@ with items as (
 select (select count(*) from notified) as stored,
        (select count(*) from mark) as marked,
        (select count(*) from stored where handled) as to_handle,
-       (select coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(seq, 'topic "' || topic || '" is not allowed for you')),
+       (select coalesce(pg_catalog.jsonb_agg(
+                            pg_catalog.jsonb_build_array(seq, 'topic "' || topic || '" is not allowed for you')),
                         '[]') from judged where not allowed)::text as rejected
 """
 
@@ -342,8 +346,9 @@ class Messaging:
         epoch = str(uuid.UUID(bytes=frame["epoch"]))
         if epoch != self.epoch:
             return  # for a stream this database no longer has
-        self.db.query("update peer.outbox_stream set acked_upto = greatest(acked_upto, $3), acked_at = pg_catalog.now() "
-                      "where peer_id = $1 and epoch = $2::uuid", [link.peer_id, epoch, frame["upto"]])
+        self.db.query("update peer.outbox_stream set acked_upto = greatest(acked_upto, $3), "
+                      "acked_at = pg_catalog.now() where peer_id = $1 and epoch = $2::uuid",
+                      [link.peer_id, epoch, frame["upto"]])
         if frame["rejected"]:
             self.db.query(
                 "update peer.outbox_message m set final_state = 'rejected', reason = r.reason, "
@@ -408,7 +413,7 @@ class Messaging:
                                   "sent_at": sent_at, "payload": payload})
                     hwm = seq
             acks[link] = (frame["epoch"], frame["items"][-1][0])
-        for link in [l for l in inbound.link_last if l.state in ("closed", "failed")]:
+        for link in [gone for gone in inbound.link_last if gone.state in ("closed", "failed")]:
             del inbound.link_last[link]
         if not acks:
             self.db.commit()
@@ -478,9 +483,10 @@ class Messaging:
             try:
                 reply = await self.executors.run(
                     message["role"], {"op": "handle", "args": {"function": message["handler"], "row": message["row"],
-                                                               "id": message["id"], "timeout_ms": int(timeout_s * 1000)}},
+                                                               "id": message["id"],
+                                                               "timeout_ms": int(timeout_s * 1000)}},
                     timeout_s)
-            except (AquapeerError, ConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, AquapeerError, ConnectionError) as e:
                 reply = {"ok": False, "error": {"message": f"the executor failed: {e}", "sqlstate": "58000"}}
         if not reply.get("ok"):
             error = reply.get("error") or {}
@@ -521,7 +527,7 @@ class Messaging:
                     raise AquapeerError.from_dict(reply.get("error") or {})
                 for r in reply["result"]:
                     log.warning("expired %d messages to %s: %s", r["n"], r["friend"], r["reason"])
-            except (AquapeerError, ConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, AquapeerError, ConnectionError) as e:
                 log.warning("outbox retention failed, trying again in %.0f s: %s", RETENTION_S, e)
             await asyncio.sleep(RETENTION_S)
 

@@ -234,7 +234,7 @@ def connections():
     for row in rows:
         if row.get("connected_since"):
             row["connected_since"] = datetime.datetime.fromtimestamp(
-                row["connected_since"], datetime.timezone.utc).isoformat()
+                row["connected_since"], datetime.UTC).isoformat()
     return [{c: row.get(c) for c in CONNECTION_COLUMNS} for row in rows]
 
 

@@ -90,7 +90,7 @@ class Worker:
         db.commit()
         pool_size, limit, idle_s = (config[0]["executor_pool_size"], config[0]["executor_limit"],
                                     config[0]["idle_s"])
-        self.started_at = datetime.datetime.now(datetime.timezone.utc)
+        self.started_at = datetime.datetime.now(datetime.UTC)
         self.lag = LoopLag()
         self.executors = ExecutorPool(self._start_executor, pool_size, idle_s, limit)
         self.wakeups = 0
@@ -239,7 +239,8 @@ class Worker:
         try:
             if handler is None:
                 raise AquapeerError(f"unknown control request {message.get('op')!r}",
-                                    hint="The SQL functions and the worker are of different versions; restart the worker.")
+                                    hint="The SQL functions and the worker are of different versions; "
+                                         "restart the worker.")
             reply.update(ok=True, result=await handler(message.get("args") or {}))
         except AquapeerError as e:
             reply.update(ok=False, error=e.as_dict())

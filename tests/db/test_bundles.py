@@ -263,8 +263,10 @@ def test_a_bucket_kept_at_one_place_is_refused_at_another(tracked):
     place = f"{alice.scalar('select %s::regclass::oid', 'public.widget')}:aaaa"
     alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[], %s::text[])",
               [object_id(blob), object_id(bucket)], [blob, bucket], [None, place])
-    assert alice.scalar("select kind from bundle.object where bundle = 'shop' and id = %s", object_id(bucket)) == "bucket"
-    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])", [object_id(o) for o in nodes], nodes)
+    kind = alice.scalar("select kind from bundle.object where bundle = 'shop' and id = %s", object_id(bucket))
+    assert kind == "bucket"
+    alice.sql("select count(*) from bundle._keep('shop', %s::text[], %s::bytea[])",
+              [object_id(o) for o in nodes], nodes)
     with pytest.raises(psycopg.errors.DataCorrupted,
                        match=r"has node [0-9a-f]{64} at two places, [0-9]+:aa(aa)? and [0-9]+:bb(aa)?"):
         alice.sql("select bundle._promote('shop', %s::text[])", [object_id(nodes[-1])])

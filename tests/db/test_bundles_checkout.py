@@ -368,7 +368,7 @@ def test_a_clone_into_an_emptied_and_vacuumed_table_does_not_scan_it_per_row(db)
         assert conn.execute("select bundle.checkout('b')").fetchone()[0] == head
         conn.execute("select pg_stat_force_next_flush()")
     after = sequential_scans(db, "s.item", "bundle.head_row")
-    scans = dict(zip(("s.item", "bundle.head_row"), (a - b for a, b in zip(after, before))))
+    scans = dict(zip(("s.item", "bundle.head_row"), (a - b for a, b in zip(after, before, strict=True)), strict=True))
     assert all(n < 50 for n in scans.values()), scans
     assert db.scalar("select count(*) from s.item") == 2000
     assert status(db) == []

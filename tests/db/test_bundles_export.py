@@ -256,7 +256,8 @@ def test_a_commit_with_a_bad_signature_is_refused(pair):
                     for d in documents if d["type"] != "commit"]
         assert set(imported) == {"new"}
         before = store(bob)
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match=f"signature of commit {first['id']} does not verify"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=f"signature of commit {first['id']} does not verify"):
             conn.execute("select bundle.import(%s)", [json.dumps(forged)])
         # Nothing of it: no commit, and its tree is still only pending.
         assert store(bob) == before and before[1] > 0 and before[2] == 0

@@ -178,7 +178,8 @@ def test_conflicts_on_the_same_field_resolved_ours_theirs_and_value(shop):
                            [("w1", 1, "alice"), ("w1", 2, "b"), ("w2", 1, "c")])
     assert all(change != "conflict" for _r, _k, change in status(bob))
     merged = bob.scalar("select bundle.commit('b', 'merged')")
-    assert bob.sql("select commit_id, parent_ids, message from bundle.log('b')")[0] == (merged, [ours, theirs], "merged")
+    newest = bob.sql("select commit_id, parent_ids, message from bundle.log('b')")[0]
+    assert newest == (merged, [ours, theirs], "merged")
     assert {c for c, *_ in bob.sql("select commit_id from bundle.log('b')")} == {merged, ours, theirs, base}
 
 

@@ -69,7 +69,9 @@ def test_nudge_reaches_the_worker(worker_cluster):
 
 
 def test_wake_at_commit_wakes_once_after_commit_and_never_after_rollback(worker_cluster):
-    wakeups = lambda: worker_cluster.scalar("select wakeups from peer.worker_status()")
+    def wakeups():
+        return worker_cluster.scalar("select wakeups from peer.worker_status()")
+
     before = wakeups()
     with worker_cluster.connect() as conn:
         conn.autocommit = False

@@ -112,7 +112,7 @@ def test_worker_status_reports_the_running_worker(cluster):
         names = [d.name for d in cur.description]
         rows = cur.fetchall()
         assert len(rows) == 1
-        status = dict(zip(names, rows[0]))
+        status = dict(zip(names, rows[0], strict=True))
         version, now = conn.execute("select peer.version(), now()").fetchone()
     assert status["pid"] == pid
     assert status["state"] == "running"
@@ -184,8 +184,8 @@ def test_python_exception_is_logged_and_the_worker_restarts(cluster):
     offset = cluster.log_size()
     cluster.sql("create or replace function peer._should_stop() returns text "
                 "language sql as $$ select (1/0)::text $$")
-    cluster.wait_for_log(r'background worker "aquapeer worker[^"]*" \(PID %d\) exited with exit code 1'
-                         % pid, 10, since=offset)
+    cluster.wait_for_log(rf'background worker "aquapeer worker[^"]*" \(PID {pid}\) exited with exit code 1',
+                         10, since=offset)
     log = cluster.log(offset)
     assert re.search(rf"\[{pid}\] .*ERROR: .*division by zero", log), log
     assert "Traceback" in log, log
@@ -207,9 +207,9 @@ def test_worker_leaves_when_the_extension_is_updated_under_it(cluster):
     offset = cluster.log_size()
     cluster.sql("update pg_extension set extversion = '9.9.9' where extname = 'aquapeer'")
     try:
-        cluster.wait_for_log(r"the extension is now version 9.9.9, this worker runs %s" % re.escape(version),
+        cluster.wait_for_log(rf"the extension is now version 9.9.9, this worker runs {re.escape(version)}",
                              10, since=offset)
-        cluster.wait_for_log(r'\(PID %d\) exited with exit code 1' % pid, 10, since=offset)
+        cluster.wait_for_log(rf"\(PID {pid}\) exited with exit code 1", 10, since=offset)
     finally:
         cluster.sql("update pg_extension set extversion = %s where extname = 'aquapeer'", version)
     assert wait_ping(cluster, 15) != pid

@@ -72,7 +72,7 @@ def test_server_runs_as_postgres_user(bed):
         assert len(pids) >= 4  # postmaster, checkpointer, bgwriter, walwriter, ...
         for pid in pids:
             with open(f"/proc/{pid}/status") as f:
-                uids = next(l for l in f if l.startswith("Uid:")).split()[1:]
+                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
             assert set(map(int, uids)) == {uid}, (pid, uids)
         for d in (c.dir, c.data_dir, c.sock_dir):
             st = os.stat(d)

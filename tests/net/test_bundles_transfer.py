@@ -141,7 +141,8 @@ def test_a_commit_with_a_bad_signature_is_refused(shop):
     alice.sql("update public.widget set name = 'changed' where id = 9")
     commit = alice.scalar("select bundle.commit('shop', 'second')")
     alice.sql("update bundle.commit set document = jsonb_set(document, '{signature}', "
-              "to_jsonb(translate(encode(decode(repeat('ab', 64), 'hex'), 'base64'), E'\\n', ''))) where id = %s", commit)
+              "to_jsonb(translate(encode(decode(repeat('ab', 64), 'hex'), 'base64'), E'\\n', ''))) "
+              "where id = %s", commit)
     with pytest.raises(psycopg.Error, match=f"the signature of commit {commit} does not verify"):
         pull(bob)
     assert bob.scalar("select head from bundle.bundle where name = 'shop'") is None
@@ -216,7 +217,8 @@ def test_both_sides_changed_merges_fields_and_records_conflicts(shop):
     assert summary["fast_forward"] is False and summary["conflicts"] == 2 and summary["merging"] is True
     assert summary["head"] == ours
     assert bob.sql("select name, price from public.widget where id = 10") == [("alice name", 2)]
-    conflicts = bob.sql("select relation::text, key, column_name, ours, theirs from bundle.conflicts order by key::text")
+    conflicts = bob.sql("select relation::text, key, column_name, ours, theirs "
+                        "from bundle.conflicts order by key::text")
     assert [(c[0], c[1], c[2]) for c in conflicts] == [("widget", ["11"], "price"), ("widget", ["12"], None)]
     bob.sql("select bundle.resolve('shop', 'public.widget', '[\"11\"]', 'price', 'theirs')")
     bob.sql("select bundle.resolve('shop', 'public.widget', '[\"12\"]', null, 'ours')")

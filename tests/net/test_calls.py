@@ -15,7 +15,6 @@ import pytest
 
 import testbed as tb
 
-
 BOB_FUNCTIONS = """
     create function public.add(a jsonb) returns jsonb language sql as $$
         select to_jsonb((a->>'x')::int + (a->>'y')::int) $$;

@@ -161,7 +161,7 @@ def test_three_databases_all_connect(testbed, signal_server):
         for b in names:
             if a != b:
                 assert peers[a].scalar("select peer.connect(%s)", b) == "connected"
-    for name, cluster in peers.items():
+    for cluster in peers.values():
         tb.wait_for(lambda cluster=cluster: cluster.scalar(
             "select count(*) from peer.connections where state = 'connected'") == 2, 10)
 

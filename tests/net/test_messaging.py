@@ -20,8 +20,8 @@ import msgpack
 import psycopg
 import pytest
 
-import testbed as tb
 import aquapeer
+import testbed as tb
 from aquapeer import identity
 from aquapeer.net import transport
 from aquapeer.net.node import MemoryFriendBook, PeerNode
@@ -422,7 +422,7 @@ def test_messages_sent_while_the_friend_is_down_arrive_once_in_order(messaging_p
     wait_all_acked(alice, "while-down", 30, timeout=30)
     time.sleep(1.0)
     assert bob.sql("select id, (payload->>'n')::int from peer.inbox where topic = 'while-down' "
-                   "order by position") == list(zip(ids, range(1, 31)))
+                   "order by position") == list(zip(ids, range(1, 31), strict=True))
 
 
 STREAM = 10_000

@@ -112,7 +112,7 @@ def test_three_peers_all_connect(net, run):
                 befriend(a, b)
         await asyncio.gather(*(a.connect(b.me.peer_id) for i, a in enumerate(peers) for b in peers[i + 1:]))
         for a in peers:
-            await until(lambda a=a: sum(l.state == "connected" for l in a.links.values()) == 2)
+            await until(lambda a=a: sum(link.state == "connected" for link in a.links.values()) == 2)
     run(go())
 
 
@@ -174,10 +174,10 @@ def test_dead_peer_noticed_and_friend_reconnects_when_back(net, run):
         bob._supervisor.cancel()
         await bob.signal.close()
         net.nodes.remove(bob)
-        for l in list(bob.links.values()):
-            for task in l._tasks:
+        for bobs_link in list(bob.links.values()):
+            for task in bobs_link._tasks:
                 task.cancel()
-            for protocol in transport._ice_connection(l.pc)._protocols:
+            for protocol in transport._ice_connection(bobs_link.pc)._protocols:
                 protocol.transport.close()
         started = asyncio.get_running_loop().time()
         await until(lambda: link.state == "failed", timeout=15)

@@ -15,7 +15,7 @@ PARENT = "cd" * 32
 
 def make(me, **changes):
     fields = dict(parents=[PARENT], tree=TREE, author=me.peer_id, message="widgets: new prices",
-                  time=commits.utc_time(datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.timezone.utc)),
+                  time=commits.utc_time(datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)),
                   rows_changed=3)
     fields.update(changes)
     return commits.Commit(**fields)
@@ -24,9 +24,9 @@ def make(me, **changes):
 def test_the_id_is_the_sha256_of_the_documented_canonical_bytes():
     me = identity.Identity.generate()
     commit = make(me)
-    expected = ('{"author":"%s","format":"aquapeer-bundle/1","message":"widgets: new prices",'
-                '"parents":["%s"],"rows_changed":3,"time":"2026-11-27T09:30:00.000000Z","tree":"%s"}'
-                % (me.peer_id, PARENT, TREE)).encode()
+    expected = (f'{{"author":"{me.peer_id}","format":"aquapeer-bundle/1","message":"widgets: new prices",'
+                f'"parents":["{PARENT}"],"rows_changed":3,"time":"2026-11-27T09:30:00.000000Z","tree":"{TREE}"}}'
+                ).encode()
     assert commit.encode() == expected
     assert commit.id == commits.object_id(expected) == __import__("hashlib").sha256(expected).hexdigest()
 

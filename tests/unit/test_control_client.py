@@ -58,7 +58,10 @@ def listener(tmp_path, monkeypatch):
 
 
 def test_client_gets_the_answer(listener):
-    t = threading.Thread(target=_serve_once, args=(listener, lambda r: {"id": r["id"], "ok": True, "result": r["args"]}))
+    def echo(request):
+        return {"id": request["id"], "ok": True, "result": request["args"]}
+
+    t = threading.Thread(target=_serve_once, args=(listener, echo))
     t.start()
     with control.ControlClient(1, "db") as client:
         assert client.request("echo", {"a": 1}) == {"a": 1}

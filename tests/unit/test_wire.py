@@ -9,8 +9,8 @@ import msgpack
 import pytest
 
 from aquapeer.bundles import store as bundle_store
-from aquapeer.net import wire
 from aquapeer.errors import AquapeerError
+from aquapeer.net import wire
 
 UID = bytes(range(16))
 GOOD = [
@@ -177,7 +177,8 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
     sized = wire.unpack_body(wire.pack_body([objects[0], None, objects[1], 5 << 20]), wire.BODY_LIMIT)
     assert bundle_store._objects(sized, asked, bare=True) == (ids, objects, [("f" * 64, 5 << 20)])
     # Protocol 2: [id, bytes] pairs, the ids as sent (a wrong one is refused when kept).
-    pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects)]), wire.BODY_LIMIT)
+    pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects, strict=True)]),
+                             wire.BODY_LIMIT)
     assert bundle_store._objects(pairs, asked, bare=False) == (ids, objects, [])
     for body, bare_form in ((pairs, True), (objects * 3, True), (objects, False), ("x", True),
                             ([[b"short", b"x"]], False), ([0], True), ([True], True), ([-4], True)):

@@ -53,7 +53,7 @@ def utc_time(moment):
     """A commit's time: ISO 8601 in UTC with microseconds, so every server writes it the same."""
     if moment.tzinfo is None:
         raise CommitError("a commit time needs a time zone")
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,8 @@ def verify(document):
         raise CommitError("not a commit document")
     commit = Commit.from_body(document.get("commit"))
     if document.get("id") != commit.id:
-        raise CommitError(f"commit {str(document.get('id'))[:64]} does not match its content (it hashes to {commit.id})")
+        raise CommitError(f"commit {str(document.get('id'))[:64]} does not match its content "
+                          f"(it hashes to {commit.id})")
     try:
         chain = identity.KeyChain.from_bytes(base64.b64decode(document["chain"], validate=True),
                                              expected_peer_id=commit.author)

@@ -64,7 +64,8 @@ def integrate(db, name, theirs, checkout):
     db.query("insert into pg_temp.bundle_apply (relation, key, fields) "
              "select (x->>'relation')::oid::regclass, x->'key', nullif(x->'fields', 'null') "
              "from pg_catalog.jsonb_array_elements($1::jsonb) x", [json.dumps(rows)])
-    db.query("insert into bundle.merge (bundle, theirs, ours, base) values ($1, $2, $3, $4)", [name, theirs, head, base])
+    db.query("insert into bundle.merge (bundle, theirs, ours, base) values ($1, $2, $3, $4)",
+             [name, theirs, head, base])
     # A whole-row conflict keeps the rows as JSON text, a field conflict the field's text.
     db.query("insert into bundle.conflicts select $1, (x->>'relation')::oid::regclass, x->'key', x->>'column', "
              "case when x->>'column' is null then nullif(x->'base', 'null')::text else x->>'base' end, "

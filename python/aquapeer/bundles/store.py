@@ -32,12 +32,14 @@ def commit(db, name, message):
                             hint="Check the head out first: select bundle.checkout(name), with force => true "
                                  "to give up the changes made since.")
     head = bundle["head"]
-    merging = db.query("select m.theirs, (select count(*) from bundle.conflicts c where c.bundle = m.bundle) as conflicts "
+    merging = db.query("select m.theirs, "
+                       "(select count(*) from bundle.conflicts c where c.bundle = m.bundle) as conflicts "
                        "from bundle.merge m where m.bundle = $1", [name])
     if merging and merging[0]["conflicts"]:
         raise AquapeerError(f'bundle "{name}" has {merging[0]["conflicts"]} unresolved conflict(s) from the merge of '
                             f'commit {merging[0]["theirs"]}', sqlstate="55000",
-                            hint="Resolve each (see select * from bundle.conflicts): select bundle.resolve(name, relation, "
+                            hint="Resolve each (see select * from bundle.conflicts): "
+                                 "select bundle.resolve(name, relation, "
                                  "key, column_name, 'ours' | 'theirs' | 'value', value); or give the merge up with "
                                  "bundle.merge_abort(name).")
     staged = db.query("select root, rows_changed from bundle._stage($1)", [name])[0]
@@ -47,7 +49,7 @@ def commit(db, name, message):
     parents = ([head] if head else []) + ([merging[0]["theirs"]] if merging else [])
     me = friends.load_identity(db)
     new = commits.Commit(parents=parents, tree=staged["root"], author=me.peer_id,
-                         message=message or "", time=commits.utc_time(datetime.datetime.now(datetime.timezone.utc)),
+                         message=message or "", time=commits.utc_time(datetime.datetime.now(datetime.UTC)),
                          rows_changed=staged["rows_changed"])
     _store(db, name, [(new, commits.sign(me, new))])
     db.query("update bundle.bundle set head = $2, checked_out = $2 where name = $1", [name, new.id])
@@ -173,7 +175,7 @@ def _with_blobs(db, args, answered):
     named = [_bucket_blob_ids(o) for o in answered]
     found = _served_objects(db, args, sorted({i for n in named if n for i in n}))
     objects, blobs, size = [], [], 0
-    for data, ids in zip(answered, named):
+    for data, ids in zip(answered, named, strict=True):
         carried = [found.get(i) for i in ids] if ids else None
         if carried is not None and (None in carried or len(data) + sum(map(len, carried)) > args["limit"]):
             carried = None
@@ -194,9 +196,9 @@ def _objects(body, asked, bare):
         if not isinstance(body, list) or len(body) > len(asked) or not all(
                 o is None or isinstance(o, bytes) or (wire._is_int(o) and o > 0) for o in body):
             raise wire.WireError("an objects answer is a list of bytes, sizes or nil, at most one per id asked")
-        answered = [(i, o) for i, o in zip(asked, body) if isinstance(o, bytes)]
+        answered = [(i, o) for i, o in zip(asked, body, strict=False) if isinstance(o, bytes)]
         return ([i for i, _ in answered], [o for _, o in answered],
-                [(i, o) for i, o in zip(asked, body) if wire._is_int(o)])
+                [(i, o) for i, o in zip(asked, body, strict=False) if wire._is_int(o)])
     if not isinstance(body, list) or not all(
             isinstance(o, list) and len(o) == 2 and isinstance(o[0], bytes) and len(o[0]) == 32
             and isinstance(o[1], bytes) for o in body):
@@ -210,7 +212,7 @@ def _carried_blobs(objects, blobs):
     if not isinstance(blobs, list) or len(blobs) != len(objects):
         raise wire.WireError("an objects answer with blobs has a list of blobs or nil for each object")
     ids, datas = [], []
-    for data, carried in zip(objects, blobs):
+    for data, carried in zip(objects, blobs, strict=True):
         if carried is None:
             continue
         named = _bucket_blob_ids(data)

@@ -28,7 +28,6 @@ the friend's role (bundle_store.serve), which check that it is shared.
 
 import asyncio
 import collections
-import logging
 import os
 import uuid
 
@@ -188,11 +187,14 @@ class Transfers:
         blobs = {"blobs": True} if with_blobs else {}
         changed = asyncio.Condition()
 
+        def work_left_or_all_idle():
+            return work or busy == 0
+
         async def worker():
             nonlocal busy
             while True:
                 async with changed:
-                    await changed.wait_for(lambda: work or busy == 0)
+                    await changed.wait_for(work_left_or_all_idle)
                     if not work:
                         return
                     batch = work[-per_request:]
@@ -259,7 +261,8 @@ class Transfers:
                                                       "ids": []})).get("head")
         if theirs is not None and not await self._store("contains", bundle=bundle, commit=theirs):
             raise AquapeerError(f'{friend.name} has commits of bundle "{bundle}" that this database lacks',
-                                sqlstate="55000", hint=f"Pull first: select peer.pull_bundle('{friend.name}', '{bundle}').")
+                                sqlstate="55000",
+                                hint=f"Pull first: select peer.pull_bundle('{friend.name}', '{bundle}').")
         key = (friend.peer_id, bundle)
         self.push_grants[key] += 1
         try:
@@ -303,7 +306,7 @@ class Transfers:
                 reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
         except AquapeerError as e:
             reply.update(ok=False, error={"message": e.message[:8000], "sqlstate": (e.sqlstate or "XX000")[:5]})
-        except (asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, ConnectionError) as e:
             reply.update(ok=False, error={"message": f"the executor failed: {e or type(e).__name__}",
                                           "sqlstate": "58000"})
         if link.state == "connected":

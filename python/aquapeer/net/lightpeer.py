@@ -56,7 +56,8 @@ def describe(nodes):
         link = next(iter(node.links.values()), None)
         closed = next(iter(node.last_closed.values()), None)
         row = {"name": node.name, "peer_id": node.me.peer_id, "signal": node.signal.state,
-               "link": link.state if link else None, "last_error": (link or closed).last_error if (link or closed) else None}
+               "link": link.state if link else None,
+               "last_error": (link or closed).last_error if (link or closed) else None}
         if link is not None:
             pc, channel = link.pc, link.channel
             row.update(offerer=link.offerer, session=link.session.hex()[:8],

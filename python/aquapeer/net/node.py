@@ -314,7 +314,7 @@ class PeerNode:
                                    + (last_error or "no answer to our offer"))
             try:
                 await asyncio.wait_for(asyncio.shield(link.verified), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             except transport.LinkClosed:
                 last_error = link.last_error or "connection closed"

@@ -48,7 +48,8 @@ import random
 import signal
 import ssl
 import time
-from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgpack
 from websockets.asyncio.client import connect as ws_connect
@@ -127,7 +128,7 @@ def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack(frame: Any) -> Optional[dict]:
+def _unpack(frame: Any) -> dict | None:
     """A frame's map, or None for anything else (text, garbage, not a map)."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         return None
@@ -189,8 +190,8 @@ class Limits:
     accept_rate: float = 500.0              # new connections a second, whole server
     accept_burst: float = 2000.0
     hello_timeout: float = 5.0              # seconds for the WebSocket handshake and for hello
-    ping_interval: Optional[float] = 20.0   # websockets keepalive; a dead peer goes in ~40 s
-    ping_timeout: Optional[float] = 20.0
+    ping_interval: float | None = 20.0   # websockets keepalive; a dead peer goes in ~40 s
+    ping_timeout: float | None = 20.0
     send_buffer: int = 256 * 1024           # bytes queued towards one connection
     max_queue: int = 4                      # incoming frames websockets buffers per connection
 
@@ -203,15 +204,15 @@ class _Conn:
 
     def __init__(self, ws, limits: Limits, now: float):
         self.ws = ws
-        self.peer_id: Optional[str] = None
+        self.peer_id: str | None = None
         self.out: collections.deque = collections.deque()
         self.out_bytes = 0
         self.wake = asyncio.Event()
         self.limit = limits.send_buffer
         self.bucket = _Bucket(limits.rate_per_connection, limits.burst_per_connection, now)
         self.strikes = _Bucket(limits.flood_strikes / 10.0, limits.flood_strikes, now)
-        self.peer_bucket: Optional[_Bucket] = None
-        self.writer: Optional[asyncio.Task] = None
+        self.peer_bucket: _Bucket | None = None
+        self.writer: asyncio.Task | None = None
         self.closing = False
         try:
             addr = ws.remote_address
@@ -260,7 +261,7 @@ class SignalServer:
         self._connections = 0
         self._pending = 0
         self._tasks: set = set()
-        self._sweeper: Optional[asyncio.Task] = None
+        self._sweeper: asyncio.Task | None = None
         self.counters = collections.Counter(dict.fromkeys(
             ("registered", "delivered", "undeliverable", "rate_limited", "closed_flooding",
              "refused_auth", "refused_full", "hello_timeout"), 0))
@@ -268,7 +269,7 @@ class SignalServer:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def _start(self, host, port, ssl_context) -> "SignalServer":
+    async def _start(self, host, port, ssl_context) -> SignalServer:
         lim = self.limits
         self.secure = ssl_context is not None
         self._ws_server = await ws_serve(
@@ -326,7 +327,7 @@ class SignalServer:
         self.close()
         await self.wait_closed()
 
-    async def __aenter__(self) -> "SignalServer":
+    async def __aenter__(self) -> SignalServer:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -402,13 +403,13 @@ class SignalServer:
                 del self._peers[conn.peer_id]
                 log.info("peer %s left", conn.name())
 
-    async def _authenticate(self, conn: _Conn) -> Optional[str]:
+    async def _authenticate(self, conn: _Conn) -> str | None:
         ws = conn.ws
         nonce = os.urandom(NONCE_SIZE)
         await ws.send(_pack({"t": "challenge", "nonce": nonce, "proto": PROTO}))
         try:
             frame = await asyncio.wait_for(ws.recv(), self.limits.hello_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.counters["hello_timeout"] += 1
             log.info("dropped %s: no hello within %g s", conn.name(), self.limits.hello_timeout)
             await ws.close(CLOSE_HELLO_TIMEOUT, "no hello in time")
@@ -470,11 +471,11 @@ class SignalServer:
         for peer_id in [p for p in self._peer_buckets if p not in self._peers]:
             del self._peer_buckets[peer_id]
 
-    async def _kick(self, conn: _Conn, code: int, reason: str, msg: Optional[dict]) -> None:
+    async def _kick(self, conn: _Conn, code: int, reason: str, msg: dict | None) -> None:
         try:
             if msg is not None:
                 await asyncio.wait_for(conn.ws.send(_pack(msg)), 1.0)
-        except (ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionClosed):
             pass
         await conn.ws.close(code, reason)
 
@@ -552,7 +553,7 @@ class SignalServer:
         return True
 
 
-async def serve(host, port, *, ssl_context: Optional[ssl.SSLContext] = None,
+async def serve(host, port, *, ssl_context: ssl.SSLContext | None = None,
                 limits: Limits = Limits()) -> SignalServer:
     """Start a signaling server on ``host``:``port`` (port 0: any free port)."""
     return await SignalServer(limits)._start(host, port, ssl_context)
@@ -580,7 +581,7 @@ async def _serve_until_signalled(host, port, ssl_context, limits) -> None:
             loop.remove_signal_handler(signum)
 
 
-def run_server(host: str, port: int, cert: Optional[str] = None, key: Optional[str] = None,
+def run_server(host: str, port: int, cert: str | None = None, key: str | None = None,
                limits: Limits = Limits()) -> None:
     """Run a signaling server until SIGINT or SIGTERM (blocking; for the CLI).
     ``cert`` and ``key`` (PEM files) together make it serve wss://."""
@@ -600,7 +601,7 @@ class _Replaced(Exception):
     pass
 
 
-Callback = Callable[..., Union[None, Awaitable[None]]]
+Callback = Callable[..., None | Awaitable[None]]
 
 
 class SignalClient:
@@ -617,12 +618,12 @@ class SignalClient:
     """
 
     def __init__(self, url: str, identity, on_envelope: Callback, *,
-                 ssl_context: Optional[ssl.SSLContext] = None,
-                 on_state: Optional[Callback] = None,
-                 on_undeliverable: Optional[Callback] = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 on_state: Callback | None = None,
+                 on_undeliverable: Callback | None = None,
                  open_timeout: float = HANDSHAKE_TIMEOUT_S,
-                 ping_interval: Optional[float] = 20.0,
-                 ping_timeout: Optional[float] = 20.0,
+                 ping_interval: float | None = 20.0,
+                 ping_timeout: float | None = 20.0,
                  fallback_urls: Sequence[str] = ()):
         try:
             secure = parse_uri(url).secure
@@ -645,10 +646,10 @@ class SignalClient:
         if secure and ssl_context is not None:
             self._connect_kw["ssl"] = ssl_context
         self.state = "idle"
-        self.last_error: Optional[str] = None
+        self.last_error: str | None = None
         self.reconnects = 0
         self._ws = None
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._closing = False
         self._connected = asyncio.Event()
         self._refs = itertools.count(1)
@@ -682,10 +683,10 @@ class SignalClient:
                 waiter.cancel()
         return self.connected
 
-    async def wait_connected(self, timeout: Optional[float] = None) -> bool:
+    async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return self.connected
 
@@ -705,7 +706,7 @@ class SignalClient:
         ref = await self._send(to_peer_id, env, fut)
         try:
             verdict = await asyncio.wait_for(fut, wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.debug("no verdict for envelope %s to %s within %g s", ref, to_peer_id, wait)
             return
         finally:
@@ -721,7 +722,7 @@ class SignalClient:
         if ws is not None:
             try:
                 await asyncio.wait_for(ws.close(), 3)
-            except (asyncio.TimeoutError, ConnectionClosed):
+            except (TimeoutError, ConnectionClosed):
                 pass
         if task is not None:
             task.cancel()
@@ -734,7 +735,7 @@ class SignalClient:
         self._fail_waiters()
         self._set_state("closed")
 
-    async def __aenter__(self) -> "SignalClient":
+    async def __aenter__(self) -> SignalClient:
         await self.start()
         return self
 
@@ -753,7 +754,7 @@ class SignalClient:
                             hint="The client reconnects by itself; check that the server is running "
                                  "and reachable.", detail=detail)
 
-    async def _send(self, to_peer_id, env, waiter: Optional[asyncio.Future]) -> int:
+    async def _send(self, to_peer_id, env, waiter: asyncio.Future | None) -> int:
         to = idmod.parse_peer_id(to_peer_id)
         if not isinstance(env, (bytes, bytearray, memoryview)):
             raise TypeError("an envelope is bytes")
@@ -845,7 +846,7 @@ class SignalClient:
                 else:
                     self.last_error = f"connection closed with code {rcvd.code}" + (
                         f" ({rcvd.reason})" if rcvd.reason else "")
-            except (OSError, asyncio.TimeoutError, InvalidHandshake, ValueError) as e:
+            except (TimeoutError, OSError, InvalidHandshake, ValueError) as e:
                 self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             except Exception as e:  # keep the registration loop alive whatever happens
                 self.last_error = f"{type(e).__name__}: {e}"
