@@ -20,7 +20,7 @@ def socket_file(cluster):
 
 def test_ping_returns_the_round_trip(worker_cluster):
     rtt = worker_cluster.scalar("select extract(epoch from peer.ping_worker())")
-    assert 0 < rtt < 1
+    assert 0 < rtt < 5  # a plausible round trip, even on a loaded machine
 
 
 def test_socket_is_private_to_the_server_user(worker_cluster):
@@ -122,7 +122,7 @@ def test_a_waiting_request_is_cancelled_promptly(worker_cluster, sleeper):
             _waiting_call(conn)
         elapsed = time.monotonic() - result["cancelled_at"]
         t.join()
-    assert elapsed < 1.0
+    assert elapsed < 5  # not the 20 s sleep, with room for a loaded machine
 
 
 def test_statement_timeout_ends_a_waiting_request(worker_cluster, sleeper):
@@ -131,7 +131,7 @@ def test_statement_timeout_ends_a_waiting_request(worker_cluster, sleeper):
         started = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
             _waiting_call(conn)
-        assert time.monotonic() - started < 0.7 + 1.0
+        assert time.monotonic() - started < 0.7 + 4  # not the 20 s sleep, with room for a loaded machine
 
 
 def test_no_worker_fails_fast_naming_the_database_and_the_fix(worker_cluster):
@@ -141,7 +141,8 @@ def test_no_worker_fails_fast_naming_the_database_and_the_fix(worker_cluster):
             started = time.monotonic()
             with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:
                 conn.execute("select peer.ping_worker()")
-            assert time.monotonic() - started < 2
+            # Not the control request's 10 s; loading the payload in a new session takes a while when loaded.
+            assert time.monotonic() - started < 5
         diag = info.value.diag
         assert 'worker for database "postgres" is not running' in diag.message_primary
         assert "peer.start_worker()" in diag.message_hint

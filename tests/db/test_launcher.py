@@ -157,7 +157,8 @@ def test_fast_shutdown_is_quick_and_clean(cluster):
     offset = cluster.log_size()
     seconds = cluster.stop("fast")
     log = cluster.log(offset)
-    assert seconds < 2, f"pg_ctl stop -m fast took {seconds:.2f} s"
+    # Under the worker's 5 s timers (a stop that waited for them would be a bug), with room for load.
+    assert seconds < 4, f"pg_ctl stop -m fast took {seconds:.2f} s"
     assert re.search(rf"\[{pid}\] .*aquapeer worker leaving: shutdown requested", log), log
     assert not worker_exit_1_lines(log), log
     assert "terminating background worker" not in log, log
@@ -296,7 +297,8 @@ def test_start_and_stop_worker_without_preload(cluster):
     elapsed = time.monotonic() - t0
     assert "is not running" in err.value.diag.message_primary
     assert "peer.start_worker()" in (err.value.diag.message_hint or "")
-    assert elapsed < 2, f"the error took {elapsed:.2f} s"
+    # Not the control request's 10 s; loading the payload in a new session takes a while when loaded.
+    assert elapsed < 5, f"the error took {elapsed:.2f} s"
 
 
 # --------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_a_call_times_out_and_can_be_cancelled(peers):
         started = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled, match="timed out"):
             call(alice, nap, {"s": 5}, "1 s")
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 4  # the timeout, not the 5 s nap, with room for a loaded machine
         assert call(alice, add, {"x": 1, "y": 1}) == 2  # the caller's next call is not held up
 
         with alice.connect() as conn:
@@ -172,7 +172,7 @@ def test_a_call_times_out_and_can_be_cancelled(peers):
                 elapsed = time.monotonic() - started
             finally:
                 canceller.join()
-            assert elapsed < 2.0
+            assert elapsed < 5  # the cancel after 0.5 s, not the 10 s nap, with room for a loaded machine
             assert conn.execute("select peer.call('bob', %s, '{\"x\": 2, \"y\": 2}')", [add]).fetchone()[0] == 4
         # timeouts must be positive
         with pytest.raises(psycopg.Error):
@@ -214,7 +214,7 @@ def test_an_unreachable_friend_fails_promptly_with_08001(peers):
                 call(alice, add, {"x": 1, "y": 2}, "5 s")
             elapsed = time.monotonic() - started
             assert excinfo.value.sqlstate == "08001", excinfo.value
-            assert elapsed < 6.5
+            assert elapsed < 9  # within the call's 5 s, with room for a loaded machine
         finally:
             bob.sql("select peer.start_worker()")
         # back: calls work again, without anybody calling peer.connect

@@ -68,7 +68,7 @@ def test_offline_friend_is_named(pair):
     started = time.monotonic()
     with pytest.raises(psycopg.Error, match="not reachable at the signaling server"):
         alice.sql("select peer.connect('bob', timeout => '5 s')")
-    assert time.monotonic() - started < 6
+    assert time.monotonic() - started < 9  # within the 5 s asked for, with room for a loaded machine
 
 
 def test_bad_invites_change_nothing(pair):
@@ -205,9 +205,10 @@ def test_a_crashed_friend_is_noticed_and_reconnected_when_back(pair):
     assert alice.scalar("select peer.connect('bob')") == "connected"
     bob.kill9()  # every process of bob's server, as in a machine crash
     crashed = time.monotonic()
-    tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] != "connected", 15,
+    tb.wait_for(lambda: (connection(alice, "bob") or ("",))[0] != "connected", 20,
                 message="alice to notice bob is gone")
-    assert time.monotonic() - crashed < 10
+    # 7 s of silence, checked every 2 s, and room for a loaded machine; aiortc alone takes ~30 s.
+    assert time.monotonic() - crashed < 15
     assert connection(alice, "bob")[3]  # last_error says why
     bob.start()
     # auto_connect: nobody calls peer.connect; the friends find each other again.

@@ -727,12 +727,25 @@ def test_a_flood_beyond_the_rate_limit_is_refused_counted_and_logged(messaging_p
     peer, alice_id = mallory
     pid = worker_pid(alice)
     offset = alice.log_size()
-    peer.run(flood(peer, alice_id, 3 * transport.FRAME_BURST), timeout=120)
+    frames = 3 * transport.FRAME_BURST
+    started = time.monotonic()
+    peer.run(flood(peer, alice_id, frames), timeout=120)
+    took = time.monotonic() - started
+    # Only frames beyond the burst that come faster than FRAMES_PER_SECOND are refused: about this many
+    # when alice reads them as fast as they are sent (some 5,000 on an idle 2-core machine).  With both
+    # cores busy elsewhere the flood took up to 5 s, within the limit, and nothing was refused: a
+    # machine that loaded cannot show the limit, and says so instead of failing.
+    beyond_the_limit = frames - transport.FRAME_BURST - transport.FRAMES_PER_SECOND * took
+    if beyond_the_limit < transport.FRAME_BURST // 2:
+        pytest.skip(f"the flood took {took:.1f} s: too slow to exceed {transport.FRAMES_PER_SECOND} "
+                    "frames a second for long (a loaded machine)")
+    # The worker may still be draining the flood before it answers.
     tb.wait_for(lambda: alice.scalar("select frames_refused from peer.connections where friend = 'mallory'"),
-                10, message="alice to count refused frames")
+                30, message="alice to count refused frames")
     refused, last_refusal = alice.sql(
         "select frames_refused, last_refusal from peer.connections where friend = 'mallory'")[0]
-    assert refused >= transport.FRAME_BURST // 2, refused
+    # Alice may read a little slower than the light peer sends; half of the estimate leaves room for that.
+    assert refused >= beyond_the_limit // 2, (refused, took)
     assert last_refusal == f"more than {transport.FRAMES_PER_SECOND} frames a second"
     alice.wait_for_log(r"refused a frame from mallory: more than \d+ frames a second", 10, since=offset)
     assert worker_pid(alice) == pid

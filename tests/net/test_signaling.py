@@ -154,7 +154,7 @@ def test_undeliverable_notice_for_an_offline_peer(run):
             await bob.client.start()
             started = time.monotonic()
             await alice.client.send_and_check(bob.id, b"now?", wait=5.0)
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.5  # half the wait: room for a loaded machine
             await until(lambda: bob.got)
             assert bob.got == [(alice.id, b"now?")]
             await alice.client.close()
