@@ -166,9 +166,19 @@ declare
     n bigint;
     buckets text[];
     root_data bytea;
+    lacking text;
 begin
     rows_changed := 0;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
+        -- The blobs the store lacks: all of them while it holds none of the bundle's objects (a
+        -- first commit), else each probed by its key.  A join would be planned from statistics
+        -- that may predate the bundle's objects (a first commit after a clone), and one planned
+        -- so scanned all of them per blob: 8.6 s instead of 0.15 for 1,000 rows after a clone of
+        -- 20,000.
+        lacking := case when exists (select from bundle.object o where o.bundle = bundle_name)
+                        then format('and (select o.id from bundle.object o where o.bundle = %L and o.id = c.blob_id '
+                                    'limit 1) is null', bundle_name)
+                        else '' end;
         -- One statement: the changed rows, their blobs, and head_row's rows added, modified
         -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.  The
         -- keys it read are forgotten under the same snapshot, so a key written by a transaction
@@ -181,8 +191,7 @@ begin
         execute format(
             'with c as materialized (%s), '
             'blobs as (insert into bundle.object select distinct on (c.blob_id collate "C") %L, c.blob_id, ''blob'', '
-            '          convert_to(c.blob, ''UTF8'') from c where c.blob is not null and not exists '
-            '          (select from bundle.object o where o.bundle = %L and o.id = c.blob_id) order by c.blob_id collate "C"), '
+            '          convert_to(c.blob, ''UTF8'') from c where c.blob is not null %s order by c.blob_id collate "C"), '
             'added as (insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from c '
             '          where c.head_blob is null order by c.key_hash collate "C"), '
             'modified as (update bundle.head_row h set blob = c.blob_id from c where c.blob is not null '
@@ -192,7 +201,7 @@ begin
             'done as (delete from bundle.changed_key k where k.bundle = %L and k.relation = %s) '
             'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
             '                                  from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
-            bundle._changes_query(bundle_name, t), bundle_name, bundle_name, bundle_name, t.relation::oid,
+            bundle._changes_query(bundle_name, t), bundle_name, lacking, bundle_name, t.relation::oid,
             bundle_name, t.relation::oid, bundle_name, t.relation::oid, bundle_name, t.relation::oid)
             into n, buckets;
         rows_changed := rows_changed + n;

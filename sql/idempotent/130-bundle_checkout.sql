@@ -277,9 +277,15 @@ begin
     insert into bundle.head_node select bundle_name, c.relation, c.path, c.b_id from pg_temp.bundle_changes c
         where not c.is_row and c.b_id is not null
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    delete from bundle.head_node h using pg_temp.bundle_changes c
-        where not c.is_row and c.b_id is null
-          and h.bundle = bundle_name and h.relation = c.relation and h.path = c.path;
+    -- Driven by the changes (analyzed above), each gone node found by its key.  head_node's
+    -- statistics may predate this bundle (a clone after another bundle's), and a join planned from
+    -- them scanned all the changes once per head node: 49 s for a clone of 20,000 rows.
+    delete from bundle.head_node h
+    where h.ctid = any (array(
+        select g.ctid from pg_temp.bundle_changes c
+        cross join lateral (select n.ctid from bundle.head_node n
+                            where n.bundle = bundle_name and n.relation = c.relation and n.path = c.path) g
+        where not c.is_row and c.b_id is null));
     insert into pg_temp.bundle_apply
         select r.relation, coalesce(r.key, bundle._key(r.fields, r.key_columns)), r.fields, r.path, r.b_id
         from (select c.relation, c.key_columns, c.path, c.b_id, h.key, convert_from(o.data, 'UTF8')::jsonb as fields
