@@ -103,7 +103,8 @@ class Worker:
                     "connect": self.op_connect, "disconnect": self.op_disconnect,
                     "connections": self.op_connections, "reload": self.op_reload,
                     "call": self.op_call, "retry": self.op_retry,
-                    "bundle_head": self.op_bundle_head, "pull": self.op_pull, "push": self.op_push}
+                    "bundle_head": self.op_bundle_head, "bundle_forget_new": self.op_bundle_forget_new,
+                    "pull": self.op_pull, "push": self.op_push}
 
     # --- the peer node ------------------------------------------------------
 
@@ -289,6 +290,10 @@ class Worker:
     async def op_bundle_head(self, args):
         """The friend's head of a bundle and its tables; the bundle made to exist here."""
         return await self.transfers.head(self._accepted_friend(args["name"]), args["bundle"])
+
+    async def op_bundle_forget_new(self, args):
+        """A first pull's bundle, when the caller refused the friend's tables before anything came."""
+        await self.transfers.forget_new(args["bundle"])
 
     async def op_pull(self, args):
         """peer.pull_bundle's fetch: keep what the friend has of the bundle and we lack."""

@@ -117,6 +117,23 @@ def test_an_unshared_bundle_is_refused_without_saying_whether_it_exists(shop):
         errors.append(str(caught.value).replace(name, "NAME").splitlines()[0])
     assert errors[0] == errors[1] and "is not shared with you" in errors[0]
     assert bob.scalar("select count(*) from bundle.commit") == 0
+    # A refused first pull leaves nothing behind: the name stays free.
+    assert bob.sql("select name from bundle.bundle") == []
+    assert bob.scalar("select bundle.create('nosuch')") == "nosuch"
+
+
+def test_a_first_pull_refused_for_tables_that_do_not_match_leaves_nothing(shop):
+    alice, bob = shop
+    alice.sql("create table public.only_here (id int primary key); insert into public.only_here values (1)")
+    try:
+        alice.sql("select bundle.create('odd'); select bundle.track('odd', 'public.only_here'); "
+                  "select bundle.commit('odd', 'first'); select peer.share_bundle('odd', 'bob')")
+        with pytest.raises(psycopg.Error, match="do not match"):
+            bob.sql("select peer.pull_bundle('alice', 'odd')")
+        assert bob.sql("select name from bundle.bundle") == []
+        assert bob.scalar("select bundle.create('odd')") == "odd"
+    finally:
+        alice.sql("delete from bundle.bundle where name = 'odd'; drop table public.only_here")
 
 
 def test_a_tampered_blob_is_refused_and_nothing_moves(shop):

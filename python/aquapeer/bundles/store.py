@@ -6,7 +6,7 @@ import datetime
 import json
 
 from .. import friends
-from ..errors import AquapeerError
+from ..errors import AquapeerError, DatabaseError
 from ..net import wire
 from . import commits
 
@@ -251,6 +251,14 @@ def store(db, args):
         db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
         return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
                                           f"limit {wire.MAX_ITEMS}", [name])]
+    if step == "create":  # whether the bundle is new here
+        return bool(db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing returning 1", [name]))
+    if step == "forget_new":  # a bundle "create" made, for a pull refused before anything was kept
+        db.query("delete from bundle.bundle b where b.name = $1 and b.head is null and b.checked_out is null "
+                 "and not exists (select from bundle.tracked k where k.bundle = b.name) "
+                 "and not exists (select from bundle.object o where o.bundle = b.name) "
+                 "and not exists (select from bundle.pending p where p.bundle = b.name)", [name])
+        return None
     if step == "head":
         return db.scalar("select head from bundle._bundle($1)", [name])
     if step == "unknown_commits":  # of these, the commits the bundle lacks
@@ -331,7 +339,12 @@ def pull(db, client, friend, name, checkout, transfer):
                                  "to only fetch.")
     theirs = client.request("bundle_head", {"name": friend, "bundle": name}, timeout=120.0)
     if not (local and local[0]["tracked"]):
-        db.query("select bundle._adopt($1, $2::jsonb)", [name, json.dumps(theirs["tables"])])
+        try:
+            db.query("select bundle._adopt($1, $2::jsonb)", [name, json.dumps(theirs["tables"])])
+        except DatabaseError:
+            if not local:  # refused before anything was fetched: the bundle made for it goes too
+                client.request("bundle_forget_new", {"bundle": name}, timeout=120.0)
+            raise
     summary = {"commits": 0, "blobs": 0, "objects": 0, "bytes": 0, "head": local[0]["head"] if local else None,
                "fast_forward": False, "up_to_date": True, "conflicts": 0, "merging": False, "transfer": None}
     if theirs["head"] is None:

@@ -115,15 +115,27 @@ class Transfers:
 
     async def head(self, friend, bundle):
         """The friend's head of a bundle and its tables, and that the bundle exists here to keep
-        objects in (pulling needs both before the caller checks its tables)."""
+        objects in (pulling needs both before the caller checks its tables).  A bundle made here
+        for a friend who then refuses it is taken back: a refused pull leaves nothing."""
         link = await self.link_to(friend)
         # Side by side: each may have to start an executor first (a fifth of a second).
-        info, _ = await asyncio.gather(
+        info, created = await asyncio.gather(
             self._ask(link, friend.name, {"t": "bundle_get", "bundle": bundle, "want": "head", "ids": []}),
-            self._store("prepare", bundle=bundle))
-        if not isinstance(info, dict) or not isinstance(info.get("tables"), list):
-            raise wire.WireError(f"{friend.name} answered with a malformed bundle head")
+            self._store("create", bundle=bundle), return_exceptions=True)
+        if isinstance(created, BaseException):
+            raise created
+        if not isinstance(info, BaseException) and not (
+                isinstance(info, dict) and isinstance(info.get("tables"), list)):
+            info = wire.WireError(f"{friend.name} answered with a malformed bundle head")
+        if isinstance(info, BaseException):
+            if created:
+                await self.forget_new(bundle)
+            raise info
         return {"head": info.get("head"), "tables": info["tables"]}
+
+    async def forget_new(self, bundle):
+        """Take back a bundle head() made, while nothing is kept in it."""
+        await self._store("forget_new", bundle=bundle)
 
     async def pull(self, friend, bundle, transfer, direction="pull", link=None):
         """Fetch and keep the commits of the friend's bundle that we lack, with their objects."""
