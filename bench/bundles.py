@@ -34,8 +34,9 @@ server:
 - aquapeer: peer.pull_bundle of the whole bundle into bob's empty widget
   table (target: at least 0.35 times the rows per second of pg_dump | psql),
   with the bytes on the wire and the compression ratio (the objects' bytes
-  over the bytes received), and the CPU time it took: the whole machine's
-  (both clusters run on it) and the two workers' (moving the bytes);
+  over the bytes received), the CPU time it took: the whole machine's
+  (both clusters run on it) and the two workers' (moving the bytes), and
+  each worker's worst loop lag meanwhile (target: at most 100 ms);
 - --changed rows changed, committed and pulled, end to end, twice: right after
   the clone (which also pays once for the hint bits and statistics of the
   million rows the clone wrote), then again (target: under 2 s).
@@ -49,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -227,6 +229,36 @@ def dump_into_bob(bed, args, figures):
     bob.sql("drop database dumped")
 
 
+class LoopLag:
+    """The worst loop lag each worker reports while a block runs: peer.worker_status() keeps the
+    worst per second of the last minute, so it is read more often than that."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, clusters):
+        self.clusters, self.worst = clusters, dict.fromkeys(clusters, 0.0)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _read(self):
+        for who, cluster in self.clusters.items():
+            lag = cluster.scalar("select (peer.worker_status()).loop_lag_max_ms")
+            self.worst[who] = max(self.worst[who], lag or 0.0)
+
+    def _watch(self):
+        while not self.done.wait(self.EVERY_S):
+            self._read()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self._read()
+
+
 def pull(bed, args, figures):
     """peer.pull_bundle of the whole bundle into bob's empty table, then --changed rows end to end."""
     alice, bob = bed.alice, bed.bob
@@ -235,8 +267,10 @@ def pull(bed, args, figures):
     with bob.connect() as conn:
         cpu_before = {who: cpu_seconds(pid) for who, pid in workers.items()}
         busy_before = machine_busy_seconds()
-        summary, figures["pull_s"] = timed(lambda: json.loads(conn.execute(
-            "select peer.pull_bundle('alice', 'widget')::text").fetchone()[0]))
+        with LoopLag({"alice": alice, "bob": bob}) as lag:
+            summary, figures["pull_s"] = timed(lambda: json.loads(conn.execute(
+                "select peer.pull_bundle('alice', 'widget')::text").fetchone()[0]))
+        figures["pull_loop_lag_ms"] = lag.worst
         # Both clusters share this machine: how much of its CPU the clone used, and how much of
         # that the two workers spent moving bytes (aiortc's SCTP and DTLS are pure Python).
         figures["pull_machine_cpu_s"] = machine_busy_seconds() - busy_before
@@ -376,6 +410,10 @@ def report(args, rounds, errors):
         table.add_row("", "CPU, the whole machine", f"{last['pull_machine_cpu_s']:,.1f} s", "",
                       "of which the workers", f"alice {workers['alice']:,.1f} s, bob {workers['bob']:,.1f} s",
                       "", f"{os.cpu_count()} cores", "", "")
+    if last.get("pull_loop_lag_ms"):
+        lag = last["pull_loop_lag_ms"]
+        table.add_row("", "worst loop lag", f"alice {lag['alice']:,.0f} ms, bob {lag['bob']:,.0f} ms", "", "", "",
+                      "", "", "≤ 100 ms", verdict(max(lag.values()) <= 100))
     if last.get("pull_bytes"):
         table.add_row("", "on the wire", f"{last['pull_bytes'] / 2**20:,.1f} MB", "",
                       "objects kept", f"{last['pull_object_bytes'] / 2**20:,.1f} MB", "",
