@@ -174,6 +174,16 @@ def _server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 # small utilities
 # --------------------------------------------------------------------------
 
+def outside_env(**extra: str) -> dict[str, str]:
+    """The environment of a program run as a user would run it, not from inside `make test`:
+    none of the outer make's variables, no PYTHON* and no virtualenv of the tests."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV") and not k.startswith("PYTHON")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p)
+    env.update(extra)
+    return env
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, *,
              message: str | None = None,
              ignore: tuple[type[BaseException], ...] = ()) -> Any:

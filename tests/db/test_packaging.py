@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import testbed as tb
+
 REPO = Path(__file__).resolve().parents[2]
 LIBDIR = Path(os.environ.get("AQUAPEER_LIBDIR") or "/usr/local/lib/aquapeer")
 BINDIR = Path(os.environ.get("AQUAPEER_BINDIR") or "/usr/local/bin")
@@ -37,14 +39,6 @@ def _control_version() -> str:
 VERSION = _control_version()
 PAYLOAD = LIBDIR / VERSION
 CLI = BINDIR / "aquapeer"
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    # No PYTHON* (the venv's), no MAKEFLAGS from an outer `make test`.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PYTHON") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    env.update(extra)
-    return env
 
 
 def _run(cmd, *, cwd=None, env=None, timeout=600, check=True):
@@ -144,7 +138,7 @@ def test_cli_version_and_help():
     assert first == f"#!{SYSTEM_PYTHON} -I"
 
     # -I: a stray PYTHONPATH must not matter; neither must the cwd.
-    env = _clean_env(PYTHONPATH="/nonexistent")
+    env = tb.outside_env(PYTHONPATH="/nonexistent")
     out = _run([CLI, "--version"], cwd="/", env=env)
     assert out.stdout.strip() == f"aquapeer {VERSION}"
 
@@ -162,7 +156,7 @@ def test_cli_status_reports_connection_errors(tmp_path):
     out = _run(
         [CLI, "status", "--dbname", f"host={tmp_path} port=1 dbname=x connect_timeout=5"],
         cwd="/",
-        env=_clean_env(),
+        env=tb.outside_env(),
         check=False,
     )
     assert out.returncode == 1, out.stdout + out.stderr
@@ -200,12 +194,12 @@ def test_payload_imports_with_system_python_and_wins_over_dist_packages():
         "assert not bad, bad;"
         "print(aquapeer.__version__, psycopg.pq.__impl__)"
     )
-    out = _run([SYSTEM_PYTHON, "-I", "-c", code, PAYLOAD], cwd="/", env=_clean_env())
+    out = _run([SYSTEM_PYTHON, "-I", "-c", code, PAYLOAD], cwd="/", env=tb.outside_env())
     assert out.stdout.split() == [VERSION, "binary"]
 
 
 def test_nothing_installed_into_system_site_packages():
-    out = _run([SYSTEM_PYTHON, "-c", "import aiortc"], cwd="/", env=_clean_env(), check=False)
+    out = _run([SYSTEM_PYTHON, "-c", "import aiortc"], cwd="/", env=tb.outside_env(), check=False)
     assert out.returncode != 0
     assert "ModuleNotFoundError" in out.stderr
 
@@ -236,7 +230,7 @@ def test_make_dist_and_pgxn_install_match_make_install(tmp_path):
 
     clone = tmp_path / "clone"
     _run(["git", "clone", "--quiet", REPO, clone])
-    env = _clean_env(PG_CONFIG=pg_config)
+    env = tb.outside_env(PG_CONFIG=pg_config)
 
     # make dist
     _run(["make", "-s", "dist", f"PG_CONFIG={pg_config}"], cwd=clone, env=env)

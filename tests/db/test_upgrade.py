@@ -21,38 +21,27 @@ from pathlib import Path
 import psycopg
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+import build_sql  # noqa: E402
+
 import testbed as tb  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION = re.search(r"^default_version = '([^']+)'", (REPO / "aquapeer.control").read_text(), re.M).group(1)
+VERSION = build_sql.control_version()
 DATA_DB = "upgraded"
 FRESH_DB = "fresh"
 
 
-def previous_release() -> tuple[str, str]:
-    rows = [line.split("\t")[:2] for line in (REPO / "releases.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-    return next((v, c) for v, c in reversed(rows) if v != VERSION)
-
-
-def make_env() -> dict[str, str]:
-    # No make variables of an outer `make test`, no venv Python for the build.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV") and not k.startswith("PYTHON")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv/" not in p)
-    return env
-
-
 def make_install(tree: Path) -> None:
-    proc = subprocess.run(["make", "-s", "install"], cwd=tree, env=make_env(),
+    proc = subprocess.run(["make", "-s", "install"], cwd=tree, env=tb.outside_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"make install in {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 @pytest.fixture
 def previous_release_installed(tmp_path):
-    version, commit = previous_release()
+    version, commit = build_sql.previous_release(VERSION)
     known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
                            capture_output=True)
     assert known.returncode == 0, (
