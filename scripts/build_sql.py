@@ -23,16 +23,38 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 from pathlib import Path
 
-SQL = Path(__file__).resolve().parent.parent / "sql"
+REPO = Path(__file__).resolve().parent.parent
+SQL = REPO / "sql"
 
 # 0.11.0 and earlier were built from the frozen scripts sql/aquapeer--0.1.0.sql
 # and sql/aquapeer--<a>--<b>.sql; their tables are what these steps create.
 PRE_LAYOUT_STEPS = {
     "0.11.0": ["001-peer_settings", "002-peer_friends", "003-peer_messages", "004-bundles"],
 }
+
+
+def control_version() -> str:
+    """This tree's version: default_version in aquapeer.control."""
+    return re.search(r"^default_version = '([^']+)'", (REPO / "aquapeer.control").read_text(), re.M).group(1)
+
+
+def releases() -> list[tuple[str, str]]:
+    """(version, commit) of each release releases.txt records, oldest first."""
+    rows = []
+    for line in (REPO / "releases.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            version, commit, _date = line.split("\t")
+            rows.append((version, commit))
+    return rows
+
+
+def previous_release(version: str) -> tuple[str, str]:
+    """The newest release other than version, which its upgrade script starts from."""
+    return [row for row in releases() if row[0] != version][-1]
 
 
 def incremental_steps() -> list[Path]:

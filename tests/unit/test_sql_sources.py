@@ -10,8 +10,8 @@ sources.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,24 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SQL = REPO / "sql"
 
-spec = importlib.util.spec_from_file_location("build_sql", REPO / "scripts" / "build_sql.py")
-build_sql = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build_sql)
+sys.path.insert(0, str(REPO / "scripts"))
+import build_sql  # noqa: E402
 
-VERSION = re.search(r"^default_version = '([^']+)'", (REPO / "aquapeer.control").read_text(), re.M).group(1)
+VERSION = build_sql.control_version()
 
 
 def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
-
-
-def releases() -> list[tuple[str, str]]:
-    rows = []
-    for line in (REPO / "releases.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            version, commit, _date = line.split("\t")
-            rows.append((version, commit))
-    return rows
 
 
 def frozen() -> dict[str, str]:
@@ -55,14 +45,14 @@ def sha256(path: Path) -> str:
 
 
 def previous_release() -> str:
-    return [v for v, _ in releases() if v != VERSION][-1]
+    return build_sql.previous_release(VERSION)[0]
 
 
 # --- releases ------------------------------------------------------------------
 
 
 def test_releases_are_recorded_in_order():
-    rows = releases()
+    rows = build_sql.releases()
     assert rows, "releases.txt records no release"
     versions = [v for v, _ in rows]
     assert versions == sorted(versions, key=version_key), versions
@@ -117,7 +107,7 @@ def test_upgrades_reach_this_version_from_every_release():
     for script in SQL.glob("aquapeer--*--*.sql"):
         source, target = script.name.removesuffix(".sql").split("--")[1:]
         edges.setdefault(source, []).append(target)
-    for version, _ in releases():
+    for version, _ in build_sql.releases():
         seen, todo = set(), [version]
         while todo:
             v = todo.pop()
