@@ -243,16 +243,21 @@ def _keep(db, name, transfer, ids, datas, places, wire_bytes):
     return lacking
 
 
+def _create(db, name):
+    """The bundle made to exist here; whether it is new."""
+    return bool(db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing returning 1", [name]))
+
+
 def store(db, args):
     """A step of a transfer's local side, in an executor connected as the worker's role (which
     commits each step, so what was kept stays kept whatever happens to the transfer later)."""
     step, name = args["step"], args["bundle"]
     if step == "prepare":  # the bundle must exist before its objects can be kept
-        db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing", [name])
+        _create(db, name)
         return [r["id"] for r in db.query("select id from bundle.commit where bundle = $1 order by committed_at desc "
                                           f"limit {wire.MAX_ITEMS}", [name])]
     if step == "create":  # whether the bundle is new here
-        return bool(db.query("insert into bundle.bundle (name) values ($1) on conflict do nothing returning 1", [name]))
+        return _create(db, name)
     if step == "forget_new":  # a bundle "create" made, for a pull refused before anything was kept
         db.query("delete from bundle.bundle b where b.name = $1 and b.head is null and b.checked_out is null "
                  "and not exists (select from bundle.tracked k where k.bundle = b.name) "
