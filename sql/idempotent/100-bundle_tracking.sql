@@ -83,6 +83,16 @@ exception when check_violation then
     raise exception 'invalid bundle name %', quote_literal(name) using errcode = '22023',
         hint = 'Use 1 to 63 lower-case letters, digits, ''_'', ''.'' or ''-'', starting with a letter or digit.';
 when unique_violation then
+    -- What a first pull left when it broke off after objects arrived: no head, nothing tracked
+    -- or shared, only objects kept for its next attempt (loose_since).  The bundle is empty, so
+    -- creating it takes it over; retention collects those objects unless a pull uses them.
+    if exists (select from bundle.bundle b
+               where b.name = $1 and b.head is null and b.checked_out is null and b.loose_since is not null
+               and not exists (select from bundle.tracked k where k.bundle = b.name)
+               and not exists (select from peer.bundle_share s where s.bundle = b.name)
+               and not exists (select from bundle.merge m where m.bundle = b.name)) then
+        return name;
+    end if;
     raise exception 'bundle "%" already exists', name using errcode = '42710';
 end
 $$;

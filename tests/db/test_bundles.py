@@ -66,6 +66,25 @@ def test_a_table_without_a_primary_key_is_refused(pair):
         alice.sql("delete from bundle.bundle where name = 'nokey'")
 
 
+def test_a_name_is_created_once_unless_a_broken_pull_left_only_objects(pair):
+    alice, _ = pair
+    try:
+        alice.sql("select bundle.create('twice')")
+        with pytest.raises(psycopg.errors.DuplicateObject, match='bundle "twice" already exists'):
+            alice.sql("select bundle.create('twice')")
+        # What a first pull leaves when it breaks off after objects arrived (the kill -9 tests of
+        # tests/net make it for real): a row with no head, nothing tracked, objects kept loose.
+        alice.sql("update bundle.bundle set loose_since = now() where name = 'twice'")
+        assert alice.scalar("select bundle.create('twice')") == "twice"
+        assert alice.scalar("select loose_since is not null from bundle.bundle where name = 'twice'")
+        # Once it tracks a table it is a bundle of the user's, whatever arrived.
+        alice.sql("select bundle.track('twice', 'public.part')")
+        with pytest.raises(psycopg.errors.DuplicateObject):
+            alice.sql("select bundle.create('twice')")
+    finally:
+        alice.sql("select bundle.drop('twice')")
+
+
 def test_row_hashes_do_not_depend_on_session_settings_or_the_server(tracked):
     alice, bob = tracked
     reference = hashes(alice, "public.widget")

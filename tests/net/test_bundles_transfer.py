@@ -335,6 +335,10 @@ def test_kill_9_mid_pull_then_the_next_pull_sends_nothing_kept(testbed, module_s
     assert bob.scalar("select count(*) from public.widget") == 0
     tb.wait_for(lambda: bob.scalar("select state from peer.transfers") == "failed", 60,
                 message="the broken transfer to show as failed")
+    # The name is not taken by what the broken pull left: creating the bundle works (rolled
+    # back here, so that the next pull resumes).
+    with bob.connect() as conn, conn.transaction(force_rollback=True):
+        assert conn.execute("select bundle.create('shop')").fetchone()[0] == "shop"
 
     second = pull(bob)
     assert second["commits"] == 1 and second["fast_forward"] is True
