@@ -5,22 +5,25 @@
 comment on table bundle.bundle is 'bundles: name, head commit, the commit checked out';
 comment on table bundle.tracked is 'the tables each bundle tracks, with their row filters and key columns';
 
+-- A row's blob, jsonb_strip_nulls(jsonb_build_object(column, column::text, ...))::text byte for
+-- byte (src/rowcodec.c; python/aquapeer/bundles/rowtext.py is the reference): one call per row
+-- instead of an SQL expression per column, which took most of a first commit's time.  Its caller
+-- fixes the settings of docs/bundles.md (bundle._row_hashes).
+create or replace function bundle._blob(row_value record) returns text
+    language c strict stable parallel safe as 'MODULE_PATHNAME', 'aquapeer_blob';
+comment on function bundle._blob(record) is
+    'a row''s blob: its non-null columns'' texts as a JSON object, in jsonb''s key order';
+
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
--- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).  The blob,
--- jsonb_strip_nulls(jsonb_build_object(column, text, ...))::text, is written out directly, which
--- spares building and printing a jsonb value per row: the columns in jsonb's key order (shorter
--- names first, then bytewise), each value escaped by to_json as jsonb prints it, NULL columns
--- left out by array_to_string (an array, unlike a function's arguments, has no limit of 100).
+-- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).  The whole
+-- row goes to bundle._blob: every column that is not dropped, generated ones too ("t.*", because
+-- a bare "t" would be a column of that name if the table has one).
 create or replace function bundle._rows_query(relation regclass, filter text, key_columns name[], narrowing text)
 returns text
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     select format(
-        'select jsonb_build_array(%s) as key, ''{'' || array_to_string(array[%s], '', '') || ''}'' as blob '
-        'from only %s t where (%s) and (%s)',
+        'select jsonb_build_array(%s) as key, bundle._blob(t.*) as blob from only %s t where (%s) and (%s)',
         (select string_agg(format('t.%I::text', k), ', ' order by n) from unnest(key_columns) with ordinality u(k, n)),
-        (select string_agg(format('%L || to_json(t.%I::text)::text', to_json(a.attname::text)::text || ': ', a.attname),
-                           ', ' order by octet_length(a.attname), a.attname::text collate "C")
-         from pg_attribute a where a.attrelid = relation and a.attnum > 0 and not a.attisdropped),
         relation, coalesce(filter, 'true'), coalesce(narrowing, 'true'))
 $$;
 comment on function bundle._rows_query(regclass, text, name[], text) is 'the statement that yields the key and blob of a tracked table''s rows';
