@@ -451,3 +451,29 @@ def test_a_clone_and_the_commit_after_it_do_not_plan_from_statistics_taken_befor
         assert db.sql("select * from bundle.status('big')") == []
     finally:
         db.sql("delete from bundle.bundle where name in ('small', 'big')")
+
+
+def test_a_checkout_of_a_few_rows_finds_their_head_rows_by_key(db):
+    """A checkout moves the head rows of the rows it wrote.  Joined by the planner's estimates,
+    a few rows hashed all the head rows of the bundle: 0.2 s for 1,000 rows of 200,000, whatever
+    few changed.  Each is found by its key instead, so head_row is never scanned."""
+    db.sql("create table s.t (id int primary key, v text)")
+    db.sql("insert into s.t select g, 'row ' || g from generate_series(1, 50000) g")
+    track(db, "s.t")
+    first = commit(db, "all")
+    before = rows(db, "s.t")
+    db.sql("update s.t set v = v || '!' where id % 500 = 0")
+    db.sql("delete from s.t where id <= 10")
+    db.sql("insert into s.t select g, 'new ' || g from generate_series(50001, 50010) g")
+    second = commit(db, "a few")
+    db.sql("analyze bundle.head_row")
+    for target, expected in ((first, before), (second, rows(db, "s.t"))):
+        with db.connect() as conn:
+            conn.execute("select pg_stat_force_next_flush()")
+            scans = sequential_scans(db, "bundle.head_row")[0]
+            conn.execute("select bundle.checkout('b', %s)", (target,))
+            conn.execute("select pg_stat_force_next_flush()")
+        assert sequential_scans(db, "bundle.head_row")[0] == scans
+        assert rows(db, "s.t") == expected
+        assert db.sql("select * from bundle.status('b')") == []
+    assert db.scalar("select count(*) from bundle.head_row where bundle = 'b'") == 50000
