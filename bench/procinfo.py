@@ -16,11 +16,24 @@ def proc_status(pid, keys=("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")):
     return out
 
 
+def _stat_fields(pid):
+    """/proc/<pid>/stat from its third field (the state) on: the name before it may hold spaces."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()
+
+
 def cpu_seconds(pid):
     """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def ended_children_cpu_seconds(pid):
+    """cutime + cstime: the CPU seconds of a process's children that ended and were waited for.
+    A postmaster waits for every backend it started, so the difference over a run counts the
+    backends that ended within it, even those too short-lived to be seen."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK  # fields 16 and 17 of proc(5)
 
 
 def machine_busy_seconds():
