@@ -4,9 +4,11 @@
 import hashlib
 import os
 import random
+import zlib
 
 import msgpack
 import pytest
+import zstandard
 
 from aquapeer.bundles import store as bundle_store
 from aquapeer.errors import AquapeerError
@@ -148,20 +150,52 @@ def test_bundle_frames_are_checked_like_every_other():
     for field, bad in (("want", "everything"), ("ids", [b"short"]), ("bundle", ""), ("ids", [b"x" * 32] * 10001)):
         with pytest.raises(wire.WireError, match=f"bundle_get frame with a missing or invalid '{field}'"):
             wire.validate({**get, field: bad})
-    data = {"t": "bundle_data", "id": b"i" * 16, "ok": True, "data": wire.pack_body([1, "two"]), "error": None}
+    data = {"t": "bundle_data", "id": b"i" * 16, "ok": True, "data": wire.pack_body([1, "two"], wire.PROTOCOL_MAX),
+            "error": None}
     assert wire.unpack_body(wire.validate(data)["data"], 1000) == [1, "two"]
 
 
-def test_a_bundle_body_may_not_inflate_beyond_the_limit():
-    body = wire.pack_body("x" * 100_000)
+@pytest.mark.parametrize("protocol", [wire.ZSTD_BODIES_PROTOCOL - 1, wire.ZSTD_BODIES_PROTOCOL])
+def test_a_bundle_body_may_not_inflate_beyond_the_limit(protocol):
+    body = wire.pack_body("x" * 100_000, protocol)
     assert len(body) < 1000  # compressed
     assert wire.unpack_body(body, 200_000) == "x" * 100_000
     with pytest.raises(wire.WireError, match="inflates beyond 50000 bytes"):
         wire.unpack_body(body, 50_000)
     with pytest.raises(wire.WireError, match="undecodable bundle_data body"):
         wire.unpack_body(b"not zlib", 1000)
-    with pytest.raises(wire.WireError, match="cut short"):
+    with pytest.raises(wire.WireError, match="cut short|undecodable bundle_data body"):
         wire.unpack_body(body[:-5], 200_000)
+
+
+def test_bodies_are_zstd_from_protocol_6_and_zlib_for_a_friend_on_an_earlier_version():
+    value = [b"aquapeer-bucket/1\n", [{"name": "widget " * 20, "n": n} for n in range(500)]]
+    # The link speaks the highest version both sides do: a friend on 5 gets zlib.
+    for friend, encoding in (([1, 5], "zlib"), ([1, 6], "zstd"), ([2, 9], "zstd")):
+        body = wire.pack_body(value, wire.negotiate(friend))
+        if encoding == "zlib":
+            assert msgpack.unpackb(zlib.decompress(body), raw=False) == value
+        else:
+            assert body.startswith(wire.ZSTD_MAGIC)
+            assert msgpack.unpackb(zstandard.ZstdDecompressor().decompress(body), raw=False) == value
+        # The receiver tells the two apart by their first bytes.
+        assert wire.unpack_body(body, wire.BODY_LIMIT) == value
+    assert len(wire.pack_body(value, 6)) < len(wire.pack_body(value, 5))
+
+
+def test_a_zstd_body_is_not_inflated_beyond_the_limit_whatever_its_header_says():
+    packed = msgpack.packb("y" * 100_000)
+    # zstandard allocates the size a frame declares, so one declaring more than the limit is
+    # refused before it is inflated...
+    with pytest.raises(wire.WireError, match="inflates beyond 50000 bytes"):
+        wire.unpack_body(zstandard.ZstdCompressor().compress(packed), 50_000)
+    # ...and one declaring no size inflates only up to the limit.
+    undeclared = zstandard.ZstdCompressor(write_content_size=False).compress(packed)
+    assert wire.unpack_body(undeclared, 200_000) == "y" * 100_000
+    with pytest.raises(wire.WireError, match="undecodable bundle_data body"):
+        wire.unpack_body(undeclared, 50_000)
+    with pytest.raises(wire.WireError, match="undecodable bundle_data body"):
+        wire.unpack_body(wire.ZSTD_MAGIC + b"not zstd", 1000)
 
 
 def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
@@ -171,13 +205,13 @@ def test_objects_answers_go_by_position_from_protocol_3_and_in_pairs_before():
     asked = [ids[0], lacking, ids[1], "f" * 64, "e" * 64]
     # Protocol 3: the i-th item is the i-th object asked for, nil where the friend lacks it, and the
     # answer may stop short (the rest is asked for again).
-    bare = wire.unpack_body(wire.pack_body([objects[0], None, objects[1]]), wire.BODY_LIMIT)
+    bare = wire.unpack_body(wire.pack_body([objects[0], None, objects[1]], 3), wire.BODY_LIMIT)
     assert bundle_store._objects(bare, asked, bare=True) == (ids, objects, [])
     # Protocol 4: the size of an object too large for an answer, to be fetched in slices.
-    sized = wire.unpack_body(wire.pack_body([objects[0], None, objects[1], 5 << 20]), wire.BODY_LIMIT)
+    sized = wire.unpack_body(wire.pack_body([objects[0], None, objects[1], 5 << 20], 4), wire.BODY_LIMIT)
     assert bundle_store._objects(sized, asked, bare=True) == (ids, objects, [("f" * 64, 5 << 20)])
     # Protocol 2: [id, bytes] pairs, the ids as sent (a wrong one is refused when kept).
-    pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects, strict=True)]),
+    pairs = wire.unpack_body(wire.pack_body([[bytes.fromhex(i), o] for i, o in zip(ids, objects, strict=True)], 2),
                              wire.BODY_LIMIT)
     assert bundle_store._objects(pairs, asked, bare=False) == (ids, objects, [])
     for body, bare_form in ((pairs, True), (objects * 3, True), (objects, False), ("x", True),

@@ -147,7 +147,7 @@ def serve(db, args):
     else:  # push: may this friend push to the bundle?
         db.query("select peer._check_bundle_served($1, $2, false, true)", [name, friend])
         value = True
-    return wire.pack_body(value)
+    return wire.pack_body(value, args["protocol"])
 
 
 def _served_objects(db, args, ids):

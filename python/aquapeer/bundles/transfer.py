@@ -1,4 +1,4 @@
-"""Bundle transfers between friends over the data channel (protocols 2 to 5): pull and push.
+"""Bundle transfers between friends over the data channel (protocols 2 to 6): pull and push.
 
 A pull is a have/want walk the puller drives.  It sends the ids of the
 commits it has and gets back the signed commits it lacks.  Then it asks for
@@ -12,7 +12,8 @@ protocol 4 commits come in pages and objects larger than an answer in
 slices, so neither a long history nor a large row outgrows a message.  From
 protocol 5 a clone asks for buckets with their blobs: one request, and one
 step keeping each bucket complete, instead of the bucket, then its blobs by id,
-then a walk at the end checking that each is there.  Moving
+then a walk at the end checking that each is there.  From protocol 6 the
+answers are compressed with zstd, not zlib (wire.pack_body).  Moving
 the head, merging and checking out are left to the caller's transaction
 (bundle_store.pull).
 
@@ -315,7 +316,7 @@ class Transfers:
                                                   offset=frame.get("offset", 0), starts=frame.get("from"),
                                                   blobs=frame.get("blobs", False))
             else:
-                reply["data"] = wire.pack_body(await self._pushed(link, friend, frame))
+                reply["data"] = wire.pack_body(await self._pushed(link, friend, frame), link.protocol)
         except AquapeerError as e:
             reply.update(ok=False, error={"message": e.message[:8000], "sqlstate": (e.sqlstate or "XX000")[:5]})
         except (TimeoutError, ConnectionError) as e:

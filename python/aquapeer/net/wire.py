@@ -32,7 +32,7 @@ bundle_get   id (16 bytes), bundle, want ("head", "commits" or "objects"),
              ids [32-byte ids]: for commits those the asker has, for
              objects those it wants
 bundle_push  id, bundle, head (32-byte id): take my commits up to head
-bundle_data  id, ok, data (zlib-compressed msgpack, see bundles/transfer.py) or nil,
+bundle_data  id, ok, data (compressed msgpack, see pack_body) or nil,
              error {message, sqlstate} or nil
 ===========  ==============================================================
 
@@ -59,21 +59,30 @@ version 4 would give and blobs has, for each of them, the bytes of every blob
 a bucket names in the order of its lines, or nil (not a bucket, or blobs the
 asker must ask for by id: too large, or missing).  The asker names no blob it
 does not know to lack, and keeps each bucket with its blobs in one step.
+
+Version 6 compresses ``bundle_data`` bodies with zstd instead of zlib: a
+seventh fewer bytes on the wire, compressed in a fifth of zlib's CPU time and
+inflated in a third.  A friend on an earlier version still gets zlib.  A
+receiver tells the two apart by the zstd frame's magic number, which no zlib
+stream starts with.
 """
 
+import functools
 import math
 import time
 import zlib
 
 import msgpack
+import zstandard
 
 from ..errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 5
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 6
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
 LARGE_TRANSFERS_PROTOCOL = 4  # objects larger than an answer in slices, commits in pages
 BUCKET_BLOBS_PROTOCOL = 5  # a bucket's blobs with the bucket
+ZSTD_BODIES_PROTOCOL = 6  # bundle_data bodies in zstd, not zlib
 # The largest object a transfer carries in slices: it is put together in the network worker's
 # memory and handed to an executor in one control frame.
 LARGEST_OBJECT = 100 * 1024 * 1024
@@ -276,22 +285,50 @@ class RateLimit:
 
 # --- bundle_data bodies ---------------------------------------------------------------------
 
-BODY_COMPRESSION_LEVEL = 1  # rows of text shrink several times even so, at little CPU
+# Levels measured on a clone's answers (3 MB of buckets and their rows each): zstd 1 shrinks them
+# 3.4 times at 650 MB/s and inflates at 1.5 GB/s; zstd 3 compresses no smaller at half the speed,
+# zlib 1 shrinks them 2.9 times at 140 MB/s.  The random hex ids of the rows bound every level.
+ZSTD_LEVEL = 1
+ZLIB_LEVEL = 1
 BODY_LIMIT = 64 * 1024 * 1024  # what a body may inflate to
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def pack_body(value):
-    """A bundle_data body: msgpack, compressed (bundles are mostly text)."""
-    return zlib.compress(msgpack.packb(value, use_bin_type=True), BODY_COMPRESSION_LEVEL)
+@functools.cache
+def _zstd_compressor():
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+
+def pack_body(value, protocol):
+    """A bundle_data body for a link of this protocol version: msgpack, compressed (bundles are
+    mostly text) with zstd from version 6, with zlib before."""
+    raw = msgpack.packb(value, use_bin_type=True)
+    if protocol >= ZSTD_BODIES_PROTOCOL:
+        return _zstd_compressor().compress(raw)
+    return zlib.compress(raw, ZLIB_LEVEL)
+
+
+def _inflate_zstd(data, limit):
+    # The size a frame declares is what zstandard allocates, whatever max_output_size says.
+    declared = zstandard.frame_content_size(data)
+    if declared > limit:
+        raise WireError(f"a bundle_data body that inflates beyond {limit} bytes")
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+
+
+def _inflate_zlib(data, limit):
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise WireError(f"a bundle_data body that inflates beyond {limit} bytes, or is cut short")
+    return raw
 
 
 def unpack_body(data, limit):
-    """A bundle_data body back, refusing one that inflates beyond limit bytes."""
-    inflater = zlib.decompressobj()
+    """A bundle_data body back (zstd or zlib, by its first bytes), refusing one that inflates
+    beyond limit bytes."""
     try:
-        raw = inflater.decompress(data, limit)
-        if inflater.unconsumed_tail or not inflater.eof:
-            raise WireError(f"a bundle_data body that inflates beyond {limit} bytes, or is cut short")
+        raw = (_inflate_zstd if data.startswith(ZSTD_MAGIC) else _inflate_zlib)(data, limit)
         return msgpack.unpackb(raw, raw=False)
-    except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as e:
+    except (zlib.error, zstandard.ZstdError, ValueError, TypeError, msgpack.UnpackException) as e:
         raise WireError(f"an undecodable bundle_data body ({type(e).__name__})") from None
