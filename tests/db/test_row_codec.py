@@ -57,7 +57,7 @@ ROWS = r"""
 """
 ODD_SETTINGS = ("set timezone = 'America/Los_Angeles'; set datestyle = 'German, DMY'; "
                 "set intervalstyle = 'sql_standard'; set extra_float_digits = -3; set bytea_output = 'escape'; "
-                "set search_path = public, bundle; set lc_monetary = 'C'")
+                "set search_path = public, bundle")
 
 
 def create_table(name, columns):
