@@ -1,9 +1,15 @@
 -- Committing a bundle: staging changes, rebuilding its tree, the log.
 
 -- Rebuild the buckets under the given 4-digit prefixes (null: all of them), the fan nodes
--- above them and the table's node, from bundle.head_row.
+-- above them and the table's node, from bundle.head_row.  Given prefixes drive every statement,
+-- each a range probe of head_row or head_node by its key ("lateral", "limit 1"), whatever the
+-- planner believes of their sizes: statistics taken while head_row held another table's rows
+-- say this table has one head row, and joins planned from them went through all of its rows
+-- once per bucket rebuilt (8.6 s for a first commit of 10,000 rows instead of 0.2).  With
+-- enable_seqscan off the probes stay on the indexes even where the planner takes a table emptied
+-- and vacuumed for empty.
 create or replace function bundle._rebuild(bundle_name text, relation regclass, buckets text[]) returns void
-language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
 #variable_conflict use_column
 begin
     if buckets is null then
@@ -19,36 +25,35 @@ begin
         )
         insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
             from body;
-        -- Tens of thousands of new nodes: plans made for an empty head_node would scan it per path.
-        analyze bundle.head_node;
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
                                      array(select distinct left(n.path, 2) from bundle.head_node n
                                            where n.bundle = bundle_name and n.relation = _rebuild.relation));
         perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
         return;
     end if;
-    -- buckets: the rows under each prefix, by key hash
+    -- buckets: the rows under each prefix, by key hash (none: an empty bucket, left out)
     with body as (
-        select p.prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
-                   h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
+        select p.prefix, convert_to('aquapeer-bucket/1' || E'\n' || b.lines, 'UTF8') as data
         from unnest(buckets) p(prefix)
-        join bundle.head_row h on h.bundle = bundle_name and h.relation = _rebuild.relation
-             and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'
-        group by p.prefix
+        cross join lateral (select string_agg(h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash) as lines
+                            from bundle.head_row h
+                            where h.bundle = bundle_name and h.relation = _rebuild.relation
+                              and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g') b
+        where b.lines is not null
     ), kept as (
         insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'bucket', data from body
         on conflict do nothing
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    -- (The emptiness test is driven by the given prefixes, each a range probe, whatever the
-    -- planner believes of head_node's size.)
+    -- (The empty prefixes are found first, in an array: as a join, the planner could make
+    -- head_node's rows drive it and probe every prefix once for each of them.)
     delete from bundle.head_node n
-        where n.bundle = bundle_name and n.relation = _rebuild.relation
-        and n.path in (select p.prefix from unnest(buckets) p(prefix)
-                       where not exists (select from bundle.head_row h where h.bundle = bundle_name
-                                         and h.relation = _rebuild.relation
-                                         and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g'));
+    where n.bundle = bundle_name and n.relation = _rebuild.relation
+      and n.path = any (array(
+          select p.prefix from unnest(buckets) p(prefix)
+          where (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
+                 and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g' limit 1) is null));
     -- fan nodes: the buckets under each two-digit prefix
     perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
     -- the table's node: its fan nodes
@@ -56,21 +61,21 @@ begin
 end
 $$;
 
--- Fan nodes at the given paths ('' is the table's node): one line per child path one level down.
+-- Fan nodes at the given paths ('' is the table's node): one line per child path one level
+-- down, each path's children found by a range probe of head_node (as in bundle._rebuild).
 create or replace function bundle._rebuild_fans(bundle_name text, relation regclass, paths text[]) returns void
-language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
 #variable_conflict use_column
 begin
     with body as (
-        select p.path, convert_to('aquapeer-fan/1' || E'\n' || coalesce(string_agg(
-                   substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', '' order by n.path), ''),
-                   'UTF8') as data
+        select p.path, convert_to('aquapeer-fan/1' || E'\n' || coalesce(c.lines, ''), 'UTF8') as data
         from unnest(paths) p(path)
-        -- The range finds a few paths' children through the index; the equality lets many
-        -- paths' children be found by hashing (without it, a merge join on lengths is quadratic).
-        left join bundle.head_node n on n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-             and n.path > p.path and n.path < p.path || 'g' and left(n.path, -2) = p.path
-        group by p.path
+        cross join lateral (select string_agg(substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', ''
+                                              order by n.path) as lines
+                            from bundle.head_node n
+                            where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+                              and n.path > p.path and n.path < p.path || 'g'
+                              and length(n.path) = length(p.path) + 2) c
     ), kept as (
         insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
     )
@@ -79,12 +84,12 @@ begin
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- an empty fan node below the table's is left out
     delete from bundle.head_node n
-        where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-        and n.path in (select p.path from unnest(paths) p(path)
-                       where p.path <> ''
-                       and not exists (select from bundle.head_node c where c.bundle = bundle_name
-                                       and c.relation = _rebuild_fans.relation and c.path > p.path
-                                       and c.path < p.path || 'g' and left(c.path, -2) = p.path));
+    where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+      and n.path = any (array(
+          select p.path from unnest(paths) p(path)
+          where p.path <> ''
+            and (select c.path from bundle.head_node c where c.bundle = bundle_name and c.relation = _rebuild_fans.relation
+                 and c.path > p.path and c.path < p.path || 'g' and length(c.path) = length(p.path) + 2 limit 1) is null));
 end
 $$;
 
@@ -167,6 +172,9 @@ declare
     buckets text[];
     root_data bytea;
     lacking text;
+    blobs text;
+    added text;
+    forget text;
 begin
     rows_changed := 0;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
@@ -179,38 +187,57 @@ begin
                         then format('and (select o.id from bundle.object o where o.bundle = %L and o.id = c.blob_id '
                                     'limit 1) is null', bundle_name)
                         else '' end;
-        -- One statement: the changed rows, their blobs, and head_row's rows added, modified
-        -- and deleted (three disjoint sets of keys); the buckets they hang in, when few.  The
-        -- keys it read are forgotten under the same snapshot, so a key written by a transaction
-        -- it did not see stays for the next commit.  New rows go into the indexes in their order
-        -- (hex sorts alike in every collation): many then fill pages one after the other rather
-        -- than splitting pages all over indexes larger than shared_buffers.  Blobs the store
-        -- lacks are inserted without "on conflict", which inserts each row speculatively (a
+        -- The changed rows, read and their keys forgotten in one statement, under one snapshot:
+        -- a key written by a transaction it did not see stays for the next commit.  While the
+        -- bundle has no head rows of the table (a first commit) every row is new, and one
+        -- statement inserts their blobs and head rows.  New rows go into the indexes in their
+        -- order (hex sorts alike in every collation): many then fill pages one after the other
+        -- rather than splitting pages all over indexes larger than shared_buffers.  Blobs the
+        -- store lacks are inserted without "on conflict", which inserts each row speculatively (a
         -- first commit of a million rows: 2.3 s of 17-19 s); no other transaction inserts
-        -- objects of the bundle meanwhile, since bundles.commit locks its row for update.
-        execute format(
-            'with c as materialized (%s), '
-            'blobs as (insert into bundle.object select distinct on (c.blob_id collate "C") %L, c.blob_id, ''blob'', '
-            '          convert_to(c.blob, ''UTF8'') from c where c.blob is not null %s order by c.blob_id collate "C"), '
-            'added as (insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from c '
-            '          where c.head_blob is null order by c.key_hash collate "C"), '
-            'modified as (update bundle.head_row h set blob = c.blob_id from c where c.blob is not null '
-            '             and c.head_blob is not null and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
-            'deleted as (delete from bundle.head_row h using c where c.blob is null '
-            '            and h.bundle = %L and h.relation = %s and h.key_hash = c.key_hash), '
-            'done as (delete from bundle.changed_key k where k.bundle = %L and k.relation = %s) '
-            'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
-            '                                  from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
-            bundle._changes_query(bundle_name, t), bundle_name, lacking, bundle_name, t.relation::oid,
-            bundle_name, t.relation::oid, bundle_name, t.relation::oid, bundle_name, t.relation::oid)
-            into n, buckets;
+        -- objects of the bundle meanwhile, since bundle.commit locks its row for update.
+        -- Otherwise the changes go to a temporary table with statistics, and head rows are
+        -- modified and deleted by their ctid: joined by key hash, as planned from head_row's
+        -- statistics taken before this table's rows came, each went through all of them.
+        blobs := format('insert into bundle.object select distinct on (c.blob_id collate "C") %L, c.blob_id, ''blob'', '
+                        'convert_to(c.blob, ''UTF8'') from %%s c where c.blob is not null %s order by c.blob_id collate "C"',
+                        bundle_name, lacking);
+        added := format('insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from %%s c '
+                        'where c.head_blob is null and c.blob is not null order by c.key_hash collate "C"',
+                        bundle_name, t.relation::oid);
+        forget := format('delete from bundle.changed_key k where k.bundle = %L and k.relation = %s',
+                         bundle_name, t.relation::oid);
+        if (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = t.relation
+            order by h.key_hash limit 1) is null then
+            execute format('with c as materialized (%s), blobs as (%s), added as (%s), done as (%s) '
+                           'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
+                           'from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
+                           bundle._changes_query(bundle_name, t), format(blobs, 'c'), format(added, 'c'), forget)
+                into n, buckets;
+        else
+            if to_regclass('pg_temp.bundle_stage') is null then
+                create temporary table bundle_stage (key jsonb, key_hash text collate "C", blob text, blob_id text,
+                                                     head_blob text, head_row tid) on commit drop;
+            end if;
+            truncate pg_temp.bundle_stage;
+            execute format('with c as materialized (%s), done as (%s) insert into pg_temp.bundle_stage select * from c',
+                           bundle._changes_query(bundle_name, t), forget);
+            analyze pg_temp.bundle_stage;
+            execute format(blobs, 'pg_temp.bundle_stage');
+            execute format(added, 'pg_temp.bundle_stage');
+            update bundle.head_row h set blob = c.blob_id from pg_temp.bundle_stage c
+                where c.blob is not null and c.head_row is not null and h.ctid = c.head_row;
+            delete from bundle.head_row h
+                where h.ctid = any (array(select c.head_row from pg_temp.bundle_stage c where c.blob is null));
+            select count(*), (select array_agg(distinct left(f.key_hash, 4))
+                              from (select c.key_hash from pg_temp.bundle_stage c limit 10001) f having count(*) <= 10000)
+                into n, buckets
+            from pg_temp.bundle_stage;
+        end if;
         rows_changed := rows_changed + n;
         if n > 0 then
-            -- Buckets, then fan nodes, then the table's node: each rebuilt from its children.
-            -- Many changes: fresh statistics, and every bucket in one pass.
-            if buckets is null then
-                analyze bundle.head_row;
-            end if;
+            -- Buckets, then fan nodes, then the table's node: each rebuilt from its children
+            -- (many changes: every bucket in one pass).
             perform bundle._rebuild(bundle_name, t.relation, buckets);
         end if;
         if not exists (select from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation

@@ -337,11 +337,6 @@ begin
             select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
             where a.key_hash is not null and a.blob_id is not null;
     end if;
-    -- Many rows (a clone): fresh statistics for what comes next.
-    if (select count(*) > 10000 from pg_temp.bundle_apply a where a.key_hash is not null) then
-        analyze bundle.head_row;
-        analyze bundle.head_node;
-    end if;
 end
 $$;
 
