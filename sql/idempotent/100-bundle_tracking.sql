@@ -69,7 +69,7 @@ returns table (key jsonb, key_hash text, blob text, blob_id text)
 language plpgsql stable
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex' set jit = off
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
 as $$
 begin
     return query execute bundle._row_hashes_query(relation, filter, key_columns, changed_in);
@@ -158,7 +158,7 @@ returns table (relation regclass, key jsonb, change text)
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex' set jit = off
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
 as $$
 declare
     t bundle.tracked;
@@ -271,7 +271,7 @@ create or replace function bundle._capture() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex' set jit = off
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
 as $$
 declare
     key_expression text := (select string_agg(format('t.%I::text', k), ', ' order by n)

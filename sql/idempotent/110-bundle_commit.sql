@@ -163,7 +163,7 @@ create or replace function bundle._stage(bundle_name text, out root text, out ro
 language plpgsql
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex'
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C'
 set work_mem = '256MB' set jit = off
 as $$
 declare

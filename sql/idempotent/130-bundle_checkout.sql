@@ -199,7 +199,7 @@ create or replace function bundle._apply(bundle_name text, doing text) returns v
 language plpgsql
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex' set jit = off
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
 as $$
 declare
     changed regclass[] := array(select distinct a.relation from pg_temp.bundle_apply a);

@@ -82,7 +82,7 @@ returns bigint
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
-set extra_float_digits = 1 set bytea_output = 'hex' set jit = off
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
 as $$
 declare
     c bundle.conflicts;

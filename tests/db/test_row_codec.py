@@ -174,3 +174,19 @@ def test_a_column_named_t_does_not_stand_for_the_row(db):
             assert row_hashes(conn, "public.tee")[0][1] == '{"t": "x", "id": "1"}'
         finally:
             conn.execute("drop table public.tee")
+
+
+FIXED_SETTINGS = {"TimeZone=UTC", "DateStyle=ISO, YMD", "IntervalStyle=iso_8601", "extra_float_digits=1",
+                  "bytea_output=hex", "lc_monetary=C"}
+
+
+def test_every_function_that_hashes_or_decodes_rows_fixes_all_the_settings_of_the_format(db):
+    """docs/bundles.md, "A column's text": a function that fixes some of them (it hashes rows or
+    reads them back) must fix all of them, or a row's text would depend on the session there."""
+    with db.connect(DBNAME) as conn:
+        functions = conn.execute(
+            "select p.oid::regprocedure::text, p.proconfig from pg_proc p "
+            "where p.pronamespace = 'bundle'::regnamespace and 'extra_float_digits=1' = any (p.proconfig)").fetchall()
+    assert len(functions) >= 6
+    for name, config in functions:
+        assert FIXED_SETTINGS <= set(config), f"{name} fixes {config}"
