@@ -46,14 +46,15 @@ begin
     )
     insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    -- (The empty prefixes are found first, in an array: as a join, the planner could make
+    -- (Each node by its path, "limit 1" keeping it a probe: as a join, the planner could make
     -- head_node's rows drive it and probe every prefix once for each of them.)
     delete from bundle.head_node n
-    where n.bundle = bundle_name and n.relation = _rebuild.relation
-      and n.path = any (array(
-          select p.prefix from unnest(buckets) p(prefix)
-          where (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
-                 and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g' limit 1) is null));
+    where n.ctid = any (array(
+        select g.ctid from unnest(buckets) p(prefix)
+        cross join lateral (select n.ctid from bundle.head_node n where n.bundle = bundle_name
+                            and n.relation = _rebuild.relation and n.path = p.prefix limit 1) g
+        where (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
+               and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g' limit 1) is null));
     -- fan nodes: the buckets under each two-digit prefix
     perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
     -- the table's node: its fan nodes
@@ -62,7 +63,7 @@ end
 $$;
 
 -- Fan nodes at the given paths ('' is the table's node): one line per child path one level
--- down, each path's children found by a range probe of head_node (as in bundle._rebuild).
+-- down, each path's children found by probes of head_node (as in bundle._rebuild).
 create or replace function bundle._rebuild_fans(bundle_name text, relation regclass, paths text[]) returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
 #variable_conflict use_column
@@ -70,12 +71,22 @@ begin
     with body as (
         select p.path, convert_to('aquapeer-fan/1' || E'\n' || coalesce(c.lines, ''), 'UTF8') as data
         from unnest(paths) p(path)
-        cross join lateral (select string_agg(substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', ''
-                                              order by n.path) as lines
-                            from bundle.head_node n
-                            where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-                              and n.path > p.path and n.path < p.path || 'g'
-                              and length(n.path) = length(p.path) + 2) c
+        cross join lateral (
+            select string_agg(substr(n.path, length(p.path) + 1) || ' ' || n.id || E'\n', '' order by n.path) as lines
+            from (
+                -- a fan node's children: the buckets in its range of paths
+                select n.path, n.id from bundle.head_node n
+                where p.path <> '' and n.bundle = bundle_name and n.relation = _rebuild_fans.relation
+                  and n.path > p.path and n.path < p.path || 'g'
+                union all
+                -- the table node's: each two-digit path probed, rather than the range that holds
+                -- every node of the table
+                select n.path, n.id from generate_series(0, 255) i
+                cross join lateral (select n.path, n.id from bundle.head_node n where n.bundle = bundle_name
+                                    and n.relation = _rebuild_fans.relation and n.path = lpad(to_hex(i), 2, '0')
+                                    limit 1) n
+                where p.path = ''
+            ) n) c
     ), kept as (
         insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'fan', data from body on conflict do nothing
     )
@@ -84,12 +95,13 @@ begin
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- an empty fan node below the table's is left out
     delete from bundle.head_node n
-    where n.bundle = bundle_name and n.relation = _rebuild_fans.relation
-      and n.path = any (array(
-          select p.path from unnest(paths) p(path)
-          where p.path <> ''
-            and (select c.path from bundle.head_node c where c.bundle = bundle_name and c.relation = _rebuild_fans.relation
-                 and c.path > p.path and c.path < p.path || 'g' and length(c.path) = length(p.path) + 2 limit 1) is null));
+    where n.ctid = any (array(
+        select g.ctid from unnest(paths) p(path)
+        cross join lateral (select n.ctid from bundle.head_node n where n.bundle = bundle_name
+                            and n.relation = _rebuild_fans.relation and n.path = p.path limit 1) g
+        where p.path <> ''
+          and (select c.path from bundle.head_node c where c.bundle = bundle_name and c.relation = _rebuild_fans.relation
+               and c.path > p.path and c.path < p.path || 'g' and length(c.path) = length(p.path) + 2 limit 1) is null));
 end
 $$;
 
