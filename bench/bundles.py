@@ -229,14 +229,11 @@ def format_floor(conn, figures):
     rows), so the second against CTAS + primary key bounds from below what the first commit can
     reach.  Rolled back: the bundle is untouched."""
     rows = conn.execute("select bundle._row_hashes_query('public.widget', null, '{id}', null)").fetchone()[0]
-    settings = conn.execute("select proconfig from pg_proc where oid = 'bundle._row_hashes'::regproc").fetchone()[0]
     # The condition makes every column be computed; count(*) alone, or a select list without the
     # key hash, would skip them.
     every_row = f"from ({rows}) r where r.key_hash is not null and r.blob_id is not null"
     with conn.transaction(force_rollback=True):
-        for setting in settings:
-            name, _, value = setting.partition("=")
-            conn.execute("select set_config(%s, %s, true)", (name, value))
+        tb.use_row_hash_settings(conn, local=True)
         _, figures["floor_row_hashes_s"] = timed(lambda: conn.execute(f"select count(*) {every_row}").fetchall())
         _, write = timed(lambda: conn.execute(f"create table public.widget_blobs as select blob_id, blob {every_row}"))
         _, key = timed(lambda: conn.execute("alter table public.widget_blobs add primary key (blob_id)"))

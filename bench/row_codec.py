@@ -16,19 +16,11 @@ of bundle._row_hashes; each figure is the best of --rounds:
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
-from bundles import WIDGET_ROWS, WIDGET_TABLE  # noqa: E402
+from bundles import WIDGET_ROWS, WIDGET_TABLE, timed  # noqa: E402
 
-# The blob as bundle._rows_query wrote it before bundle._blob, for the widget table.
-OLD_BLOB = """
-    select '''{'' || array_to_string(array['
-           || string_agg(format('%L || to_json(t.%I::text)::text', to_json(a.attname::text)::text || ': ', a.attname),
-                         ', ' order by octet_length(a.attname), a.attname::text collate "C")
-           || '], '', '') || ''}'''
-    from pg_attribute a where a.attrelid = 'public.widget'::regclass and a.attnum > 0 and not a.attisdropped"""
 HASHES = ("select count(*) from (select r.key, encode(sha256(convert_to(r.key::text, 'UTF8')), 'hex') as key_hash, "
           "encode(sha256(convert_to(r.blob, 'UTF8')), 'hex') as blob_id "
           "from (select jsonb_build_array(t.id::text) as key, {blob} as blob from only public.widget t offset 0) r) h "
@@ -36,12 +28,7 @@ HASHES = ("select count(*) from (select r.key, encode(sha256(convert_to(r.key::t
 
 
 def best_of(conn, rounds, query):
-    seconds = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        conn.execute(query)
-        seconds.append(time.perf_counter() - started)
-    return min(seconds)
+    return min(timed(lambda: conn.execute(query))[1] for _ in range(rounds))
 
 
 def main():
@@ -56,11 +43,8 @@ def main():
         cluster.sql(WIDGET_ROWS.replace("%s", str(args.rows)))
         with cluster.connect() as conn:
             conn.execute("set max_parallel_workers_per_gather = 0")
-            for (setting,) in conn.execute(
-                    "select unnest(proconfig) from pg_proc where oid = 'bundle._row_hashes'::regproc").fetchall():
-                name, _, value = setting.partition("=")
-                conn.execute("select set_config(%s, %s, false)", (name, value))
-            old_blob = conn.execute(OLD_BLOB).fetchone()[0]
+            tb.use_row_hash_settings(conn)
+            old_blob = tb.old_blob_expression(conn, "public.widget")
             new_blob = "bundle._blob(t.*)"
             same = conn.execute(f"select count(*) from public.widget t where {old_blob} is distinct from {new_blob}")
             assert same.fetchone()[0] == 0, "bundle._blob differs from the old expression"

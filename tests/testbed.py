@@ -1294,3 +1294,25 @@ def wait_connected(cluster, friend: str, timeout: float = 40) -> None:
 
     wait_for(lambda: connection_state(cluster, friend) == "connected", timeout, interval=0.2,
              message=f"{cluster.name} to be connected to {friend}", ignore=(psycopg.Error,))
+
+
+# --- bundles: what tests and benchmarks of the row format share ---------------------------------
+
+def use_row_hash_settings(conn, *, local: bool = False) -> None:
+    """Put a session (a psycopg connection) under the settings bundle._row_hashes fixes
+    (docs/bundles.md, "A column's text"); with local, only until its transaction ends."""
+    conn.execute("select set_config(split_part(s, '=', 1), substr(s, strpos(s, '=') + 1), %s) "
+                 "from pg_proc p cross join unnest(p.proconfig) s where p.oid = 'bundle._row_hashes'::regproc",
+                 (local,))
+
+
+def old_blob_expression(conn, relation: str) -> str:
+    """The SQL expression bundle._rows_query wrote a row's blob with (alias t) before bundle._blob:
+    the reference the C codec is held to and measured against."""
+    return conn.execute("""
+        select '''{'' || array_to_string(array['
+               || string_agg(format('%%L || to_json(t.%%I::text)::text', to_json(a.attname::text)::text || ': ',
+                                    a.attname), ', ' order by octet_length(a.attname), a.attname::text collate "C")
+               || '], '', '') || ''}'''
+        from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped""",
+                        (relation,)).fetchone()[0]

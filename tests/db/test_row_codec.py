@@ -5,6 +5,7 @@ reference encoding (aquapeer.bundles.rowtext), over columns of many types and aw
 import pytest
 from psycopg import sql
 
+import testbed as tb
 from aquapeer.bundles import rowtext
 
 DBNAME = "row_codec"
@@ -80,28 +81,10 @@ def db(shared_cluster):
         shared_cluster.sql(f"drop database {DBNAME} with (force)")
 
 
-def fix_settings(conn):
-    """This session under the settings bundle._row_hashes runs with."""
-    for (setting,) in conn.execute("select unnest(proconfig) from pg_proc where oid = 'bundle._row_hashes'::regproc"):
-        name, _, value = setting.partition("=")
-        conn.execute("select set_config(%s, %s, false)", (name, value))
-
-
 def column_names(conn, relation):
     return [name for (name,) in conn.execute(
         "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0 and not attisdropped "
         "order by attnum", (relation,))]
-
-
-def old_blob_expression(conn, relation):
-    """The SQL expression bundle._rows_query wrote the blob with before bundle._blob."""
-    return conn.execute("""
-        select '''{'' || array_to_string(array['
-               || string_agg(format('%%L || to_json(t.%%I::text)::text', to_json(a.attname::text)::text || ': ',
-                                    a.attname), ', ' order by octet_length(a.attname), a.attname::text collate "C")
-               || '], '', '') || ''}'''
-        from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped""",
-                        (relation,)).fetchone()[0]
 
 
 def every_way(conn, relation):
@@ -110,7 +93,7 @@ def every_way(conn, relation):
     names = column_names(conn, relation)
     query = sql.SQL("select bundle._blob(t.*), {old}, jsonb_strip_nulls(jsonb_build_object({pairs}))::text, "
                     "array[{texts}] from only {relation} t").format(
-        old=sql.SQL(old_blob_expression(conn, relation)),
+        old=sql.SQL(tb.old_blob_expression(conn, relation)),
         pairs=sql.SQL(", ").join(sql.SQL("{}, t.{}::text").format(sql.Literal(n), sql.Identifier(n)) for n in names),
         texts=sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(n)) for n in names),
         relation=sql.SQL(relation))
@@ -125,7 +108,7 @@ def row_hashes(conn, relation):
 
 def test_every_row_blob_is_the_old_expression_the_jsonb_text_and_the_reference(db):
     with db.connect(DBNAME) as conn:
-        fix_settings(conn)
+        tb.use_row_hash_settings(conn)
         rows = every_way(conn, "public.many")
         assert len(rows) == 6
         for blob, old, jsonb, reference in rows:
@@ -148,7 +131,7 @@ def test_row_hashes_do_not_depend_on_session_settings(db):
         reference = row_hashes(conn, "public.many")
         conn.execute(ODD_SETTINGS)
         assert row_hashes(conn, "public.many") == reference
-        fix_settings(conn)
+        tb.use_row_hash_settings(conn)
         assert [blob for _, blob, _ in reference] == [blob for blob, *_ in every_way(conn, "public.many")]
 
 
