@@ -19,7 +19,7 @@ revoke all on peer.migration, peer.config, peer.identity, peer.signal_server, pe
     peer.commit_order, peer.outbox_commit, peer.outbox, peer.inbox_stream, peer.inbox,
     peer.topic_grant, peer.message_handler, peer.exposed_function, peer.bundle_share, peer.transfer,
     peer.transfers from public;
-revoke all on bundle.bundle, bundle.tracked, bundle.head_row, bundle.changed_key, bundle.object,
+revoke all on bundle.bundle, bundle.tracked, bundle.changed_key, bundle.object,
     bundle.pending, bundle.commit, bundle.head_node, bundle.merge, bundle.conflicts from public;
 
 grant select, update on peer.config to aquapeer_admin;
@@ -94,7 +94,7 @@ revoke all on function bundle._rows_query(regclass, text, name[], text), bundle.
     bundle._row_hashes_query(regclass, text, name[], text),
     bundle._row_hashes(regclass, text, name[], text), bundle._capture(), bundle."create"(text),
     bundle._bundle(text), bundle.track(text, regclass, text),
-    bundle._changes_query(text, bundle.tracked), bundle.status(text),
+    bundle._changes_query(text, bundle.tracked, boolean), bundle.status(text),
     bundle._has_user_triggers(regclass), bundle._tracked_names(text), bundle._key(jsonb, name[]),
     bundle._key_values(regclass, name[], text), bundle.rescan(text), bundle._forget(),
     bundle._keep_name(), bundle._key_of_columns(jsonb, name[]), bundle._untracked(),
@@ -106,9 +106,10 @@ grant execute on function bundle."create"(text), bundle.track(text, regclass, te
     bundle.rescan(text), bundle.drop(text) to aquapeer_admin;
 
 -- bundle_commit
-revoke all on function bundle._stage(text), bundle._rebuild(text, regclass, text[]),
+revoke all on function bundle._stage(text), bundle._rebuild_buckets(text, regclass),
     bundle._rebuild_fans(text, regclass, text[]), bundle.commit(text, text), bundle.log(text),
-    bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea),
+    bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea), bundle._bucket(text),
+    bundle._bucket_rows(text, bytea), bundle._head_row(text, regclass, text), bundle._head_rows(text, regclass),
     bundle._lines(bytea) from public;
 grant execute on function bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
 
@@ -118,6 +119,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
+    bundle._checked_row(text, text),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),
@@ -128,7 +130,7 @@ revoke all on function bundle._node_diff(text, text, text), bundle._tree_diff(te
     bundle.diff(text, text, text), bundle._refuse_uncommitted(text, text), bundle._apply_begin(),
     bundle._fk_order(regclass[]), bundle._apply(text, text), bundle.checkout(text, text, boolean),
     bundle._tree_changes(text, text, text), bundle._write_statement(regclass, name[], boolean),
-    bundle._checkout_changes(text, text, text), bundle._move_head_rows(text),
+    bundle._checkout_changes(text, text, text),
     bundle._forget_written_keys(text, boolean), bundle._check_head_tree(text, text, text),
     bundle._advance_sequences(regclass[]) from public;
 grant execute on function bundle.diff(text, text, text),

@@ -181,7 +181,8 @@ begin
             'when c.blob is null then ''deleted'' else ''modified'' end from (%s) c '
             'where not exists (select from bundle.conflicts f where f.bundle = %L and f.relation = %s '
             'and f.key = c.key) order by 2',
-            t.relation::oid, bundle._changes_query(bundle_name, t), bundle_name, t.relation::oid);
+            t.relation::oid, bundle._changes_query(bundle_name, t, bundle._whole(bundle_name, t.relation)),
+            bundle_name, t.relation::oid);
     end loop;
     return query select distinct c.relation, c.key, 'conflict' from bundle.conflicts c
         where c.bundle = bundle_name order by 1, 2;
@@ -215,9 +216,14 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     join pg_attribute a on a.attrelid = relation and a.attname = u.k
 $$;
 
--- Catch writes that bypassed the capture triggers: every tracked row against the head rows.
+-- Catch writes that bypassed the capture triggers: every tracked row against the head rows.  The
+-- settings are those of bundle._row_hashes: the statements hash rows.
 create or replace function bundle.rescan(bundle_name text) returns bigint
-language plpgsql security definer set search_path = pg_catalog, pg_temp set jit = off as $$
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
+as $$
 declare
     t bundle.tracked;
     n bigint;
@@ -225,13 +231,8 @@ declare
 begin
     perform bundle._bundle(bundle_name);
     for t in select * from bundle.tracked k where k.bundle = bundle_name loop
-        insert into bundle.changed_key
-            select bundle_name, t.relation, coalesce(r.key, h.key)
-            from bundle._row_hashes(t.relation, t.filter, t.key_columns, null) r
-            full join (select h.key, h.key_hash, h.blob from bundle.head_row h
-                       where h.bundle = bundle_name and h.relation = t.relation) h on h.key_hash = r.key_hash
-            where r.blob_id is distinct from h.blob
-            on conflict do nothing;
+        execute format('insert into bundle.changed_key select %L, %s, c.key from (%s) c on conflict do nothing',
+                       bundle_name, t.relation::oid, bundle._changes_query(bundle_name, t, true));
         get diagnostics n = row_count;
         total := total + n;
     end loop;
@@ -245,7 +246,6 @@ create or replace function bundle._forget() returns trigger
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     delete from bundle.changed_key k using gone g where k.bundle = g.name;
-    delete from bundle.head_row h using gone g where h.bundle = g.name;
     delete from bundle.head_node h using gone g where h.bundle = g.name;
     delete from bundle.pending p using gone g where p.bundle = g.name;
     delete from bundle.object o using gone g where o.bundle = g.name;  -- and bundle.commit, by its foreign keys
@@ -305,7 +305,7 @@ end
 $$;
 comment on function bundle._capture() is 'capture trigger of tracked tables: records the keys each statement wrote';
 
--- A row's key (as bundle.changed_key and bundle.head_row hold it) from its fields.  Without a
+-- A row's key (as bundle.changed_key holds it) from its fields.  Without a
 -- SET clause or a subquery, so that a statement calling it inlines it: a clone computes a
 -- million keys, and the function took 4.5 s for them.  Keys of more than one column take the
 -- general way.
@@ -356,27 +356,28 @@ end
 $$;
 comment on function bundle.drop(text) is 'forget a bundle and its history here; its tables keep their rows';
 
--- The statement that yields the rows of a tracked table that differ from the bundle's head rows:
--- (key, key hash, blob and blob id now, head_blob, head_row), blob null for a row deleted since,
--- head_blob and head_row (the head row's ctid) null for a row added since.  Only the changed keys
--- are looked at, each probed through the primary key and head_row's key hashes ("limit 1", so
--- that statistics head_row had before this table's rows came cannot turn it into a join that
--- reads all of them per key), unless the bundle compares the whole table.  The rows sit behind
--- "offset 0": flattened into the join, each row's key hash and blob hash were computed twice,
--- once to join or compare and once for the output (0.8 s of a first commit of a million rows).
-create or replace function bundle._changes_query(bundle_name text, t bundle.tracked) returns text
+-- The statement that yields the rows of a tracked table that differ from the bundle's head:
+-- (key, key hash, blob and blob id now, head_blob), blob null for a row deleted since, head_blob
+-- null for a row added since.  Unless whole, only the changed keys are looked at, each probed
+-- through the primary key and its head row through head_node ("limit 1", so that statistics
+-- taken before this table's rows came cannot turn it into a join that reads all of them per key).
+-- Whole, every row against every head row (a deleted one's key from its text).  The rows sit
+-- behind "offset 0": flattened into the join, each row's key hash and blob hash were computed
+-- twice, once to join or compare and once for the output (0.8 s of a first commit of a million
+-- rows).
+create or replace function bundle._changes_query(bundle_name text, t bundle.tracked, whole boolean) returns text
 language sql stable set search_path = pg_catalog, pg_temp as $$
     select format(
         'select coalesce(n.key, h.key) as key, coalesce(n.key_hash, h.key_hash) as key_hash, n.blob, n.blob_id, '
-        'h.blob as head_blob, h.ctid as head_row from (%s offset 0) n full join (%s) h '
-        'on h.key_hash = n.key_hash where n.blob_id is distinct from h.blob',
-        bundle._row_hashes_query(t.relation, t.filter, t.key_columns, bundle_name),
-        case when bundle._whole(bundle_name, t.relation)
-             then format('select h.ctid, h.key, h.key_hash, h.blob from bundle.head_row h '
-                         'where h.bundle = %L and h.relation = %s', bundle_name, t.relation::oid)
-             else format('select h.ctid, h.key, h.key_hash, h.blob from bundle.changed_key c cross join lateral '
-                         '(select h.ctid, h.key, h.key_hash, h.blob from bundle.head_row h where h.bundle = %L '
-                         'and h.relation = %s and h.key_hash = encode(sha256(convert_to(c.key::text, ''UTF8'')), '
-                         '''hex'') collate "C" limit 1) h where c.bundle = %L and c.relation = %s',
+        'h.row_hash as head_blob from (%s offset 0) n full join (%s) h '
+        'on h.key_hash = n.key_hash where n.blob_id is distinct from h.row_hash',
+        bundle._row_hashes_query(t.relation, t.filter, t.key_columns, case when not whole then bundle_name end),
+        case when whole
+             then format('select bundle._key(h.row_text::jsonb, %L) as key, h.key_hash, h.row_hash '
+                         'from bundle._head_rows(%L, %s) h', t.key_columns, bundle_name, t.relation::oid)
+             else format('select c.key, k.key_hash, h.row_hash from bundle.changed_key c '
+                         'cross join lateral (select encode(sha256(convert_to(c.key::text, ''UTF8'')), ''hex'') '
+                         'as key_hash) k cross join lateral bundle._head_row(%L, %s, k.key_hash) h '
+                         'where c.bundle = %L and c.relation = %s',
                          bundle_name, t.relation::oid, bundle_name, t.relation::oid) end)
 $$;

@@ -1,64 +1,49 @@
 -- Committing a bundle: staging changes, rebuilding its tree, the log.
 
--- Rebuild the buckets under the given 4-digit prefixes (null: all of them), the fan nodes
--- above them and the table's node, from bundle.head_row.  Given prefixes drive every statement,
--- each a range probe of head_row or head_node by its key ("lateral", "limit 1"), whatever the
--- planner believes of their sizes: statistics taken while head_row held another table's rows
--- say this table has one head row, and joins planned from them went through all of its rows
--- once per bucket rebuilt (8.6 s for a first commit of 10,000 rows instead of 0.2).  With
--- enable_seqscan off the probes stay on the indexes even where the planner takes a table emptied
--- and vacuumed for empty.
-create or replace function bundle._rebuild(bundle_name text, relation regclass, buckets text[]) returns void
+-- Rebuild the buckets of the rows pg_temp.bundle_stage holds changes of: each bucket's rows
+-- are those of the head's bucket at its path that did not change, and the changed ones that
+-- exist now (a bucket left with none is left out).  Each path drives a probe of head_node by its
+-- key ("lateral", "limit 1"), whatever the planner believes of its size: statistics taken while
+-- it held another table's nodes say this table has one, and joins planned from them went through
+-- all of its nodes once per bucket rebuilt.  bundle_stage is analyzed: the anti-join with it is
+-- planned from what it holds.  Returns the two-digit paths of the fan nodes above them.
+create or replace function bundle._rebuild_buckets(bundle_name text, relation regclass) returns text[]
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
 #variable_conflict use_column
+declare
+    fans text[];
 begin
-    if buckets is null then
-        delete from bundle.head_node n where n.bundle = bundle_name and n.relation = _rebuild.relation;
-        with body as (
-            select left(h.key_hash, 4) as prefix, convert_to('aquapeer-bucket/1' || E'\n' || string_agg(
-                       h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash), 'UTF8') as data
-            from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
-            group by 1
-        ), kept as (
-            insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'bucket', data from body
-            on conflict do nothing
-        )
-        insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex')
-            from body;
-        perform bundle._rebuild_fans(bundle_name, _rebuild.relation,
-                                     array(select distinct left(n.path, 2) from bundle.head_node n
-                                           where n.bundle = bundle_name and n.relation = _rebuild.relation));
-        perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
-        return;
-    end if;
-    -- buckets: the rows under each prefix, by key hash (none: an empty bucket, left out)
-    with body as (
-        select p.prefix, convert_to('aquapeer-bucket/1' || E'\n' || b.lines, 'UTF8') as data
-        from unnest(buckets) p(prefix)
-        cross join lateral (select string_agg(h.key_hash || ' ' || h.blob || E'\n', '' order by h.key_hash) as lines
-                            from bundle.head_row h
-                            where h.bundle = bundle_name and h.relation = _rebuild.relation
-                              and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g') b
-        where b.lines is not null
-    ), kept as (
-        insert into bundle.object select bundle_name, encode(sha256(data), 'hex'), 'bucket', data from body
-        on conflict do nothing
+    create temporary table bundle_buckets on commit drop as
+    with paths as (
+        select distinct left(s.key_hash, 4) as path from pg_temp.bundle_stage s
+    ), kept_rows as (
+        select p.path, r.key_hash, r.row_hash, r.row_text from paths p
+        cross join lateral (select n.id from bundle.head_node n where n.bundle = bundle_name
+                            and n.relation = _rebuild_buckets.relation and n.path = p.path limit 1) n
+        cross join lateral bundle._bucket_rows(bundle_name, (select o.data from bundle.object o
+                                                             where o.bundle = bundle_name and o.id = n.id limit 1)) r
+        where not exists (select from pg_temp.bundle_stage s where s.key_hash = r.key_hash)
+        union all
+        select left(s.key_hash, 4), s.key_hash, s.blob_id, s.blob from pg_temp.bundle_stage s where s.blob is not null
     )
-    insert into bundle.head_node select bundle_name, _rebuild.relation, prefix, encode(sha256(data), 'hex') from body
+    select p.path, b.data from paths p
+    left join (select r.path, bundle._bucket(string_agg(r.key_hash || ' ' || r.row_hash || ' ' || r.row_text || E'\n', ''
+                                                         order by r.key_hash collate "C")) as data
+               from kept_rows r group by r.path) b on b.path = p.path;
+    insert into bundle.object select bundle_name, encode(sha256(b.data), 'hex'), 'bucket', b.data
+        from pg_temp.bundle_buckets b where b.data is not null on conflict do nothing;
+    insert into bundle.head_node select bundle_name, _rebuild_buckets.relation, b.path, encode(sha256(b.data), 'hex')
+        from pg_temp.bundle_buckets b where b.data is not null
         on conflict (bundle, relation, path) do update set id = excluded.id;
-    -- (Each node by its path, "limit 1" keeping it a probe: as a join, the planner could make
-    -- head_node's rows drive it and probe every prefix once for each of them.)
     delete from bundle.head_node n
     where n.ctid = any (array(
-        select g.ctid from unnest(buckets) p(prefix)
+        select g.ctid from pg_temp.bundle_buckets b
         cross join lateral (select n.ctid from bundle.head_node n where n.bundle = bundle_name
-                            and n.relation = _rebuild.relation and n.path = p.prefix limit 1) g
-        where (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = _rebuild.relation
-               and h.key_hash >= p.prefix and h.key_hash < p.prefix || 'g' limit 1) is null));
-    -- fan nodes: the buckets under each two-digit prefix
-    perform bundle._rebuild_fans(bundle_name, _rebuild.relation, array(select distinct left(b, 2) from unnest(buckets) b));
-    -- the table's node: its fan nodes
-    perform bundle._rebuild_fans(bundle_name, _rebuild.relation, '{""}');
+                            and n.relation = _rebuild_buckets.relation and n.path = b.path limit 1) g
+        where b.data is null));
+    select array_agg(distinct left(b.path, 2)) into fans from pg_temp.bundle_buckets b;
+    drop table pg_temp.bundle_buckets;
+    return fans;
 end
 $$;
 
@@ -142,11 +127,13 @@ language sql stable parallel safe as $$
     select string_to_array(convert_from(data, 'UTF8') collate "default", E'\n')
 $$;
 
--- The older readers of a node's lines read them through bundle._lines too, so that one
--- function says how a node's text is decoded.
+-- The children a tree node names (a bucket/2 names none: its rows are in it).  The older readers
+-- of a node's lines read them through bundle._lines too, so that one function says how a node's
+-- text is decoded.
 create or replace function bundle._children(data bytea) returns setof text
 language sql stable strict parallel safe set search_path = pg_catalog, pg_temp set jit = off as $$
-    select right(l, 64) from unnest(bundle._lines(data)) with ordinality t(l, n) where n > 1 and l <> ''
+    select right(l, 64) from unnest(bundle._lines(data)) with ordinality t(l, n)
+    where n > 1 and l <> '' and substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
 $$;
 
 create or replace function bundle._entries(data bytea) returns table (name text, id text)
@@ -159,18 +146,64 @@ $$;
 create or replace function bundle._kind(data bytea) returns text
 language sql stable parallel safe as $$
     select case
-        when substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') then 'bucket'
+        when substr(data, 1, 18) in (convert_to('aquapeer-bucket/2' || E'\n', 'UTF8'),
+                                     convert_to('aquapeer-bucket/1' || E'\n', 'UTF8')) then 'bucket'
         when substr(data, 1, 15) = convert_to('aquapeer-fan/1' || E'\n', 'UTF8') then 'fan'
         when substr(data, 1, 16) = convert_to('aquapeer-root/1' || E'\n', 'UTF8') then 'root'
         else 'blob' end
 $$;
 
--- Move a bundle's head rows and head tree to what its tables hold now, keeping every
--- new object; returns the new root id and how many rows changed.  Set-based per table:
--- only the changed keys, their buckets, and the fan nodes above them are touched; the
--- blobs the store lacks are inserted without "on conflict".  The settings are those of
--- bundle._row_hashes (the statements hash rows); work_mem lets a whole table's changes
--- and the sorts of its buckets stay in memory.
+-- A bucket/2 of the given lines (each "<key hash> <row hash> <row text>\n", by key hash).
+create or replace function bundle._bucket(lines text) returns bytea
+language sql immutable parallel safe as $$
+    select convert_to('aquapeer-bucket/2' || E'\n' || lines, 'UTF8')
+$$;
+
+-- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
+-- texts; a bucket/1 (aquapeer-bundle/1) names each row's blob, whose bytes are the text.  An
+-- inlined set of rows (no SET clause, not strict): a caller that never reads row_text never
+-- looks a blob up.
+create or replace function bundle._bucket_rows(bundle_name text, data bytea)
+returns table (key_hash text, row_hash text, row_text text)
+language sql stable parallel safe rows 20 as $$
+    select left(u.l, 64), substr(u.l, 66, 64),
+           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 131)
+                else (select convert_from(o.data, 'UTF8') from bundle.object o
+                      where o.bundle = bundle_name and o.id = substr(u.l, 66, 64)) end
+    from (select bundle._lines(data) as lines) b
+    cross join lateral unnest(b.lines) with ordinality u(l, n)
+    where u.n > 1 and u.l <> ''
+$$;
+
+-- The row the bundle's checked-out tree has under a key hash (none: no such row): a probe of
+-- head_node for its bucket, and that bucket's lines.
+create or replace function bundle._head_row(bundle_name text, relation regclass, key_hash text)
+returns table (row_hash text, row_text text)
+language sql stable rows 1 as $$
+    select r.row_hash, r.row_text
+    from (select n.id from bundle.head_node n where n.bundle = bundle_name and n.relation = _head_row.relation
+          and n.path = left(_head_row.key_hash, 4) limit 1) n
+    cross join lateral bundle._bucket_rows(bundle_name, (select o.data from bundle.object o
+                                                         where o.bundle = bundle_name and o.id = n.id limit 1)) r
+    where r.key_hash = _head_row.key_hash
+$$;
+
+-- Every row of a table in the bundle's checked-out tree: its buckets in head_node, each object
+-- probed by its key.
+create or replace function bundle._head_rows(bundle_name text, relation regclass)
+returns table (key_hash text, row_hash text, row_text text)
+language sql stable as $$
+    select r.key_hash, r.row_hash, r.row_text from bundle.head_node n
+    cross join lateral bundle._bucket_rows(bundle_name, (select o.data from bundle.object o
+                                                         where o.bundle = bundle_name and o.id = n.id limit 1)) r
+    where n.bundle = bundle_name and n.relation = _head_rows.relation and length(n.path) = 4
+$$;
+
+-- Move a bundle's head tree to what its tables hold now, keeping every new object; returns the
+-- new root id and how many rows changed.  Set-based per table: only the changed keys, their
+-- buckets, and the fan nodes above them are touched.  The settings are those of
+-- bundle._row_hashes (the statements hash rows); work_mem lets a whole table's changes and the
+-- sorts of its buckets stay in memory.
 create or replace function bundle._stage(bundle_name text, out root text, out rows_changed bigint)
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -181,80 +214,58 @@ as $$
 declare
     t bundle.tracked;
     n bigint;
-    buckets text[];
+    fans text[];
     root_data bytea;
-    lacking text;
-    blobs text;
-    added text;
     forget text;
 begin
     rows_changed := 0;
     for t in select * from bundle.tracked k where k.bundle = bundle_name order by k.relation::text loop
-        -- The blobs the store lacks: all of them while it holds none of the bundle's objects (a
-        -- first commit), else each probed by its key.  A join would be planned from statistics
-        -- that may predate the bundle's objects (a first commit after a clone), and one planned
-        -- so scanned all of them per blob: 8.6 s instead of 0.15 for 1,000 rows after a clone of
-        -- 20,000.
-        lacking := case when exists (select from bundle.object o where o.bundle = bundle_name)
-                        then format('and (select o.id from bundle.object o where o.bundle = %L and o.id = c.blob_id '
-                                    'limit 1) is null', bundle_name)
-                        else '' end;
         -- The changed rows, read and their keys forgotten in one statement, under one snapshot:
-        -- a key written by a transaction it did not see stays for the next commit.  While the
-        -- bundle has no head rows of the table (a first commit) every row is new, and one
-        -- statement inserts their blobs and head rows.  New rows go into the indexes in their
-        -- order (hex sorts alike in every collation): many then fill pages one after the other
-        -- rather than splitting pages all over indexes larger than shared_buffers.  Blobs the
-        -- store lacks are inserted without "on conflict", which inserts each row speculatively (a
-        -- first commit of a million rows: 2.3 s of 17-19 s); no other transaction inserts
-        -- objects of the bundle meanwhile, since bundle.commit locks its row for update.
-        -- Otherwise the changes go to a temporary table with statistics, and head rows are
-        -- modified and deleted by their ctid: joined by key hash, as planned from head_row's
-        -- statistics taken before this table's rows came, each went through all of them.
-        blobs := format('insert into bundle.object select distinct on (c.blob_id collate "C") %L, c.blob_id, ''blob'', '
-                        'convert_to(c.blob, ''UTF8'') from %%s c where c.blob is not null %s order by c.blob_id collate "C"',
-                        bundle_name, lacking);
-        added := format('insert into bundle.head_row select %L, %s, c.key_hash, c.key, c.blob_id from %%s c '
-                        'where c.head_blob is null and c.blob is not null order by c.key_hash collate "C"',
-                        bundle_name, t.relation::oid);
+        -- a key written by a transaction it did not see stays for the next commit.
         forget := format('delete from bundle.changed_key k where k.bundle = %L and k.relation = %s',
                          bundle_name, t.relation::oid);
-        if (select h.key_hash from bundle.head_row h where h.bundle = bundle_name and h.relation = t.relation
-            order by h.key_hash limit 1) is null then
-            execute format('with c as materialized (%s), blobs as (%s), added as (%s), done as (%s) '
-                           'select (select count(*) from c), (select array_agg(distinct left(f.key_hash, 4)) '
-                           'from (select c.key_hash from c limit 10001) f having count(*) <= 10000)',
-                           bundle._changes_query(bundle_name, t), format(blobs, 'c'), format(added, 'c'), forget)
-                into n, buckets;
+        if (select h.path from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation
+            and h.path > '' order by h.path limit 1) is null then
+            -- No rows in the head (a first commit): every row is new, and one statement writes
+            -- the buckets, in the order of their ids (the store's index then fills pages one
+            -- after the other).
+            execute format(
+                'with c as materialized (%s), done as (%s), body as ('
+                '    select left(c.key_hash, 4) as path, bundle._bucket(string_agg('
+                '               c.key_hash || '' '' || c.blob_id || '' '' || c.blob || E''\n'', '''' '
+                '               order by c.key_hash collate "C")) as data'
+                '    from c where c.blob is not null group by 1'
+                '), hashed as materialized (select b.path, encode(sha256(b.data), ''hex'') as id, b.data from body b'
+                '), kept as (insert into bundle.object select %L, h.id, ''bucket'', h.data from hashed h '
+                '            order by h.id collate "C" on conflict do nothing'
+                '), placed as (insert into bundle.head_node select %L, %s, h.path, h.id from hashed h'
+                '              on conflict (bundle, relation, path) do update set id = excluded.id) '
+                'select (select count(*) from c), (select array_agg(distinct left(h.path, 2)) from hashed h)',
+                bundle._changes_query(bundle_name, t, true), forget, bundle_name, bundle_name, t.relation::oid)
+                into n, fans;
         else
+            -- Otherwise the changes go to a temporary table with statistics, which drives the
+            -- rebuild of their buckets.
             if to_regclass('pg_temp.bundle_stage') is null then
-                create temporary table bundle_stage (key jsonb, key_hash text collate "C", blob text, blob_id text,
-                                                     head_blob text, head_row tid) on commit drop;
+                create temporary table bundle_stage (key jsonb, key_hash text, blob text, blob_id text, head_blob text)
+                    on commit drop;
             end if;
             truncate pg_temp.bundle_stage;
             execute format('with c as materialized (%s), done as (%s) insert into pg_temp.bundle_stage select * from c',
-                           bundle._changes_query(bundle_name, t), forget);
+                           bundle._changes_query(bundle_name, t, bundle._whole(bundle_name, t.relation)), forget);
+            get diagnostics n = row_count;
             analyze pg_temp.bundle_stage;
-            execute format(blobs, 'pg_temp.bundle_stage');
-            execute format(added, 'pg_temp.bundle_stage');
-            update bundle.head_row h set blob = c.blob_id from pg_temp.bundle_stage c
-                where c.blob is not null and c.head_row is not null and h.ctid = c.head_row;
-            delete from bundle.head_row h
-                where h.ctid = any (array(select c.head_row from pg_temp.bundle_stage c where c.blob is null));
-            select count(*), (select array_agg(distinct left(f.key_hash, 4))
-                              from (select c.key_hash from pg_temp.bundle_stage c limit 10001) f having count(*) <= 10000)
-                into n, buckets
-            from pg_temp.bundle_stage;
+            fans := case when n > 0 then bundle._rebuild_buckets(bundle_name, t.relation) end;
         end if;
         rows_changed := rows_changed + n;
+        -- Fan nodes above the buckets rebuilt, then the table's node (also for a table with no
+        -- rows: the empty fan node).
         if n > 0 then
-            -- Buckets, then fan nodes, then the table's node: each rebuilt from its children
-            -- (many changes: every bucket in one pass).
-            perform bundle._rebuild(bundle_name, t.relation, buckets);
+            perform bundle._rebuild_fans(bundle_name, t.relation, fans);
         end if;
-        if not exists (select from bundle.head_node h where h.bundle = bundle_name and h.relation = t.relation
-                       and h.path = '') then
-            perform bundle._rebuild(bundle_name, t.relation, '{}');
+        if n > 0 or not exists (select from bundle.head_node h where h.bundle = bundle_name
+                                and h.relation = t.relation and h.path = '') then
+            perform bundle._rebuild_fans(bundle_name, t.relation, '{""}');
         end if;
     end loop;
     -- The root: every tracked table's node, by name.

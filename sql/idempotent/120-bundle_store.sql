@@ -114,7 +114,7 @@ $$;
 -- come in the order of the union's branches.)
 create or replace function bundle.export(bundle_name text) returns setof jsonb
 language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
-    select jsonb_build_object('type', 'bundle', 'format', 'aquapeer-bundle/1', 'name', b.name, 'head', b.head,
+    select jsonb_build_object('type', 'bundle', 'format', 'aquapeer-bundle/2', 'name', b.name, 'head', b.head,
                               'tables', bundle._describe(b.name))
     from bundle._bundle(bundle_name) b
     union all
@@ -151,8 +151,9 @@ declare
     our_head text;
 begin
     if document->>'type' = 'bundle' then
-        if document->>'format' is distinct from 'aquapeer-bundle/1' or jsonb_typeof(document->'name') is distinct from 'string' then
-            raise exception 'not the header of a bundle export of format aquapeer-bundle/1: %', left(document::text, 200)
+        if document->>'format' is null or document->>'format' not in ('aquapeer-bundle/1', 'aquapeer-bundle/2')
+           or jsonb_typeof(document->'name') is distinct from 'string' then
+            raise exception 'not the header of a bundle export of format aquapeer-bundle/1 or /2: %', left(document::text, 200)
                 using errcode = '22023', hint = 'It may come from a newer aquapeer; update this one.';
         end if;
         select b.head into our_head from bundle.bundle b where b.name = document->>'name';
@@ -285,7 +286,8 @@ $$;
 create or replace function bundle._misplaced(kind text, place text, line text) returns text
 language plpgsql stable set search_path = pg_catalog, pg_temp as $$
 begin
-    raise exception 'a % node received does not fit its place % in the tree: it has the line "%"', kind, place, left(line, 80)
+    raise exception 'a % node received does not fit its place % in the tree, or a row in it does not match its hash: it has the line "%"',
+        kind, coalesce(place, '(unknown)'), left(line, 140)
         using errcode = 'XX001', hint = 'The sender''s tree is malformed (or was altered); nothing below it is kept.';
 end
 $$;
@@ -391,7 +393,8 @@ $$;
 -- checked-out tree has there, with their places.  Where the place is known, each such line
 -- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
 -- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
--- A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
+-- A bucket/2 names no children: its rows are in it, and each row on such a line must match its
+-- row hash.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
 -- ':') where the bundle tracks no such table that this transaction can see.  A clone is such a
 -- case: the caller's transaction tracks the tables (bundle._adopt) while executors keep what
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
@@ -421,6 +424,20 @@ language sql stable rows 100 as $$
                                and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
          with ordinality z(line, old, n)
     where z.n > 1 and z.line <> '' and z.line is distinct from z.old
+      and (substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+           or not bundle._checked_row(place, z.line))
+$$;
+
+-- Whether a line of a bucket/2 received fits its place (when known) and its row matches its row
+-- hash; never false, an error otherwise.
+create or replace function bundle._checked_row(place text, line text) returns boolean
+language sql stable parallel safe as $$
+    select case when substr(line, 65, 1) = ' ' and substr(line, 130, 1) = ' '
+                     and (place is null or (length(split_part(place, ':', 2)) = 4
+                                            and left(line, 4) = split_part(place, ':', 2)))
+                     and substr(line, 66, 64) = encode(sha256(convert_to(substr(line, 131), 'UTF8')), 'hex')
+                then true
+                else bundle._misplaced('bucket', place, line) is null end
 $$;
 
 -- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,

@@ -4,11 +4,7 @@ create or replace function bundle.diff(bundle_name text, from_commit text, to_co
 returns table (relation regclass, key jsonb, column_name text, old text, new text)
 language sql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
     with changed as (
-        select n.relation, n.key_columns,
-               (select convert_from(o.data, 'UTF8')::jsonb from bundle.object o
-                where o.bundle = bundle_name and o.id = d.a_blob) as old_fields,
-               (select convert_from(o.data, 'UTF8')::jsonb from bundle.object o
-                where o.bundle = bundle_name and o.id = d.b_blob) as new_fields
+        select n.relation, n.key_columns, d.a_row::jsonb as old_fields, d.b_row::jsonb as new_fields
         from bundle._tree_diff(bundle_name, bundle._tree(bundle_name, from_commit),
                                bundle._tree(bundle_name, coalesce(to_commit, (select b.head from bundle._bundle(bundle_name) b)))) d
         join bundle._tracked_names(bundle_name) n using (relation_name)
@@ -43,14 +39,13 @@ begin
 end
 $$;
 
--- The rows to write to a bundle's tables (bundle._apply): fields null deletes the row.  key_hash
--- and blob_id are set for rows whose head row moves with them (a checkout).
+-- The rows to write to a bundle's tables (bundle._apply): fields null deletes the row.
 create or replace function bundle._apply_begin() returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     if to_regclass('pg_temp.bundle_apply') is null then
-        create temporary table bundle_apply (relation regclass not null, key jsonb not null, fields jsonb,
-                                             key_hash text, blob_id text) on commit drop;
+        create temporary table bundle_apply (relation regclass not null, key jsonb not null, fields jsonb)
+            on commit drop;
     end if;
     truncate pg_temp.bundle_apply;
 end
@@ -81,35 +76,52 @@ $$;
 -- The entries of two nodes that differ, side by side (a missing or null node has none): of the
 -- lines that differ from the other node's line at the same position, those whose name the other
 -- node lacks or lists with another id.  Against no node at all, every line (a clone walks 65,536
--- buckets so, a third faster without the join).
+-- buckets so, a third faster without the join).  An entry is a child's name and id, or in a
+-- bucket a row's key hash and row hash, and in a bucket/2 the row's text too; so a bucket/1 and a
+-- bucket/2 of the same rows differ in no entry.
 create or replace function bundle._node_diff(bundle_name text, a_node text, b_node text)
-returns table (name text, a_id text, b_id text)
+returns table (name text, a_id text, b_id text, a_row text, b_row text)
 language sql stable rows 10 as $$
-    with unlike as (
-        select z.a, z.b
-        from unnest(bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = a_node)),
-                    bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = b_node)))
-             with ordinality z(a, b, n)
+    with nodes as (
+        select a.lines as a, b.lines as b, a.lines[1] = 'aquapeer-bucket/2' as a2, b.lines[1] = 'aquapeer-bucket/2' as b2
+        from (select bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = a_node))
+                     as lines) a,
+             (select bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name and o.id = b_node))
+                     as lines) b
+    ), unlike as (
+        select z.a, z.b, x.a2, x.b2
+        from nodes x cross join lateral unnest(x.a, x.b) with ordinality z(a, b, n)
         where a_node is not null and b_node is not null and z.n > 1 and z.a is distinct from z.b
+    ), one as (
+        select z.line, case when a_node is null then x.b2 else x.a2 end as v2
+        from nodes x cross join lateral unnest(case when a_node is null then x.b else x.a end) with ordinality z(line, n)
+        where (a_node is null) <> (b_node is null) and z.n > 1 and z.line <> ''
     )
-    select coalesce(a.name, b.name), a.id, b.id
-    from (select left(u.a, -65) as name, right(u.a, 64) as id from unlike u where u.a <> '') a
-    full join (select left(u.b, -65) as name, right(u.b, 64) as id from unlike u where u.b <> '') b on b.name = a.name
+    select coalesce(a.name, b.name), a.id, b.id, a.row, b.row
+    from (select case when u.a2 then left(u.a, 64) else left(u.a, -65) end as name,
+                 case when u.a2 then substr(u.a, 66, 64) else right(u.a, 64) end as id,
+                 case when u.a2 then substr(u.a, 131) end as row
+          from unlike u where u.a <> '') a
+    full join (select case when u.b2 then left(u.b, 64) else left(u.b, -65) end as name,
+                      case when u.b2 then substr(u.b, 66, 64) else right(u.b, 64) end as id,
+                      case when u.b2 then substr(u.b, 131) end as row
+               from unlike u where u.b <> '') b on b.name = a.name
     where a.id is distinct from b.id
     union all
-    select left(z.line, -65), case when b_node is null then right(z.line, 64) end,
-           case when a_node is null then right(z.line, 64) end
-    from unnest(bundle._lines((select o.data from bundle.object o
-                               where o.bundle = bundle_name and o.id = coalesce(a_node, b_node))))
-         with ordinality z(line, n)
-    where (a_node is null) <> (b_node is null) and z.n > 1 and z.line <> ''
+    select case when o.v2 then left(o.line, 64) else left(o.line, -65) end,
+           case when b_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
+           case when a_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
+           case when b_node is null and o.v2 then substr(o.line, 131) end,
+           case when a_node is null and o.v2 then substr(o.line, 131) end
+    from one o
 $$;
 
 -- What differs between two trees (a null root is the empty tree), by table and path: '' a
 -- table's node, two hex digits a fan node, four a bucket (as bundle.head_node keeps them), and
--- a row's key hash its blob.  It descends only into nodes whose ids differ.
+-- a row's key hash its row hashes and, from a bucket/2, its texts.  It descends only into nodes
+-- whose ids differ.
 create or replace function bundle._tree_changes(bundle_name text, a_root text, b_root text)
-returns table (relation_name text, path text, a_id text, b_id text)
+returns table (relation_name text, path text, a_id text, b_id text, a_row text, b_row text)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     with tables as (
         select t.name, t.a_id, t.b_id from bundle._node_diff(bundle_name, a_root, b_root) t
@@ -120,20 +132,26 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
         select f.name, f.path || u.name as path, u.a_id, u.b_id from fans f
         cross join lateral bundle._node_diff(bundle_name, f.a_id, f.b_id) u
     )
-    select name, '', a_id, b_id from tables
+    select name, '', a_id, b_id, null, null from tables
     union all
-    select name, path, a_id, b_id from fans
+    select name, path, a_id, b_id, null, null from fans
     union all
-    select name, path, a_id, b_id from buckets
+    select name, path, a_id, b_id, null, null from buckets
     union all
-    select b.name, k.name, k.a_id, k.b_id from buckets b cross join lateral bundle._node_diff(bundle_name, b.a_id, b.b_id) k
+    select b.name, k.name, k.a_id, k.b_id, k.a_row, k.b_row from buckets b
+    cross join lateral bundle._node_diff(bundle_name, b.a_id, b.b_id) k
 $$;
 
--- The rows whose blobs differ between two trees.
+-- The rows that differ between two trees, with their texts (null: no such row).
 create or replace function bundle._tree_diff(bundle_name text, a_root text, b_root text)
-returns table (relation_name text, key_hash text, a_blob text, b_blob text)
+returns table (relation_name text, key_hash text, a_blob text, b_blob text, a_row text, b_row text)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
-    select d.relation_name, d.path, d.a_id, d.b_id from bundle._tree_changes(bundle_name, a_root, b_root) d
+    select d.relation_name, d.path, d.a_id, d.b_id,
+           coalesce(d.a_row, (select convert_from(o.data, 'UTF8') from bundle.object o
+                              where o.bundle = bundle_name and o.id = d.a_id)),
+           coalesce(d.b_row, (select convert_from(o.data, 'UTF8') from bundle.object o
+                              where o.bundle = bundle_name and o.id = d.b_id))
+    from bundle._tree_changes(bundle_name, a_root, b_root) d
     where length(d.path) = 64
 $$;
 
@@ -256,21 +274,23 @@ end
 $$;
 
 -- What differs between the commit checked out and the target: the head tree (bundle.head_node)
--- takes the target's nodes, and the rows to write go to pg_temp.bundle_apply (their head rows
--- move with them in bundle._move_head_rows, so the head tree and the head rows stay the same
--- commit's).  The differences go through a table with statistics: a clone's million rows then
--- read their blobs in one pass over the store instead of a lookup each (2 s instead of 9).
+-- takes the target's nodes, and the rows to write go to pg_temp.bundle_apply.  The differences
+-- go through a table with statistics: the rows of a tree of aquapeer-bundle/1 read their blobs
+-- in one pass over the store instead of a lookup each (2 s instead of 9 for a million).
 create or replace function bundle._checkout_changes(bundle_name text, from_root text, target_root text)
 returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     if to_regclass('pg_temp.bundle_changes') is null then
         create temporary table bundle_changes (relation regclass not null, key_columns name[] not null,
-                                               is_row boolean not null, path text not null, b_id text) on commit drop;
+                                               is_row boolean not null, path text not null, b_id text,
+                                               a_id text, row_text text) on commit drop;
     end if;
     truncate pg_temp.bundle_changes;
+    -- A row's text: the target's, or for a row the target lacks the one it replaces (its key).
     insert into pg_temp.bundle_changes
-        select n.relation, n.key_columns, length(d.path) = 64, d.path, d.b_id
+        select n.relation, n.key_columns, length(d.path) = 64, d.path, d.b_id, d.a_id,
+               case when d.b_id is not null then d.b_row else d.a_row end
         from bundle._tree_changes(bundle_name, from_root, target_root) d
         join bundle._tracked_names(bundle_name) n using (relation_name);
     analyze pg_temp.bundle_changes;
@@ -287,56 +307,21 @@ begin
                             where n.bundle = bundle_name and n.relation = c.relation and n.path = c.path) g
         where not c.is_row and c.b_id is null));
     insert into pg_temp.bundle_apply
-        select r.relation, coalesce(r.key, bundle._key(r.fields, r.key_columns)), r.fields, r.path, r.b_id
-        from (select c.relation, c.key_columns, c.path, c.b_id, h.key, convert_from(o.data, 'UTF8')::jsonb as fields
+        select r.relation, bundle._key(r.fields, r.key_columns), case when r.b_id is not null then r.fields end
+        from (select c.relation, c.key_columns, c.b_id, c.row_text::jsonb as fields from pg_temp.bundle_changes c
+              where c.is_row and c.row_text is not null offset 0) r;  -- (offset 0: each text parsed once)
+    -- Rows of bucket/1 nodes: their blobs.
+    insert into pg_temp.bundle_apply
+        select r.relation, bundle._key(r.fields, r.key_columns), case when r.b_id is not null then r.fields end
+        from (select c.relation, c.key_columns, c.b_id, convert_from(o.data, 'UTF8')::jsonb as fields
               from pg_temp.bundle_changes c
-              left join bundle.head_row h on h.bundle = bundle_name and h.relation = c.relation and h.key_hash = c.path
-              left join bundle.object o on o.bundle = bundle_name and o.id = c.b_id
-              where c.is_row offset 0) r;  -- (offset 0: each blob parsed once)
+              join bundle.object o on o.bundle = bundle_name and o.id = coalesce(c.b_id, c.a_id)
+              where c.is_row and c.row_text is null offset 0) r;
     -- A table the target lacks is empty.
     insert into bundle.head_node
         select bundle_name, n.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex')
         from bundle._tracked_names(bundle_name) n
         on conflict do nothing;
-end
-$$;
-
--- The head rows of the rows pg_temp.bundle_apply wrote.  A bundle without head rows (a clone, a
--- first checkout) has none to find: its rows are inserted without probing (a head_row emptied
--- and vacuumed looks empty to the planner, which then scanned it whole for each row inserted,
--- quadratic in the rows).  Otherwise each written key's head row is found by its key ("limit 1"
--- keeps it a probe whatever the planner believes of the sizes), then deleted, updated or
--- inserted: a join planned from the sizes hashed all the head rows of the bundle, 0.2 s for
--- 1,000 rows of 200,000, whatever few changed.  The caller holds the bundle's row locked, so
--- nothing else writes them meanwhile.
-create or replace function bundle._move_head_rows(bundle_name text) returns void
-language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
-begin
-    -- (The first in key order, so that it reads the index: a scan that stops at the bundle's
-    -- first row reads other bundles' rows first.  EXISTS would drop the order.)
-    if (select h.key_hash from bundle.head_row h where h.bundle = bundle_name
-        order by h.relation, h.key_hash limit 1) is not null then
-        with found as materialized (
-            select a.relation, a.key_hash, a.key, a.blob_id,
-                   (select h.ctid from bundle.head_row h where h.bundle = bundle_name and h.relation = a.relation
-                    and h.key_hash = a.key_hash limit 1) as head
-            from pg_temp.bundle_apply a where a.key_hash is not null
-        ), deleted as (
-            delete from bundle.head_row h
-            where h.ctid = any (array(select f.head from found f where f.blob_id is null and f.head is not null))
-        ), updated as (
-            update bundle.head_row h set blob = f.blob_id from found f
-            where h.ctid = any (array(select f.head from found f where f.blob_id is not null and f.head is not null))
-              and h.ctid = f.head
-        )
-        insert into bundle.head_row
-            select bundle_name, f.relation, f.key_hash, f.key, f.blob_id from found f
-            where f.head is null and f.blob_id is not null;
-    else
-        insert into bundle.head_row
-            select bundle_name, a.relation, a.key_hash, a.key, a.blob_id from pg_temp.bundle_apply a
-            where a.key_hash is not null and a.blob_id is not null;
-    end if;
 end
 $$;
 
@@ -370,8 +355,10 @@ language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 declare
     wrong text;
 begin
+    -- (Each table's node probed by its key: joined, head_node could be read whole.)
     select n.relation_name into wrong from bundle._tracked_names(bundle_name) n
-    left join bundle.head_node h on h.bundle = bundle_name and h.relation = n.relation and h.path = ''
+    cross join lateral (select (select h.id from bundle.head_node h where h.bundle = bundle_name
+                                and h.relation = n.relation and h.path = '' limit 1) as id) h
     left join (select e.* from bundle.object o cross join bundle._entries(o.data) e
                where o.bundle = bundle_name and o.id = target_root) e on e.name = n.relation_name
     where h.id is distinct from coalesce(e.id, encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
@@ -412,11 +399,10 @@ begin
     if force then
         -- The other rows changed since: back to the head rows (the target has them unchanged).
         insert into pg_temp.bundle_apply (relation, key, fields)
-            select c.relation, c.key, convert_from(o.data, 'UTF8')::jsonb
+            select c.relation, c.key, h.row_text::jsonb
             from bundle.changed_key c
-            left join bundle.head_row h on h.bundle = c.bundle and h.relation = c.relation
-                 and h.key_hash = encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')
-            left join bundle.object o on o.bundle = c.bundle and o.id = h.blob
+            left join lateral bundle._head_row(c.bundle, c.relation,
+                                               encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')) h on true
             where c.bundle = bundle_name
               and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
     end if;
@@ -425,7 +411,6 @@ begin
     end if;
     perform bundle._apply(bundle_name, format('check out commit %s', target));
     perform set_config('bundle.checking_out', '', true);
-    perform bundle._move_head_rows(bundle_name);
     perform bundle._forget_written_keys(bundle_name, force);
     perform bundle._check_head_tree(bundle_name, target, target_root);
     update bundle.bundle set checked_out = target where name = bundle_name;

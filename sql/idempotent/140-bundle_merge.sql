@@ -43,18 +43,13 @@ begin
     theirs as (select * from bundle._tree_diff(bundle_name, base_root, bundle._tree(bundle_name, their_commit))),
     plan as (
         select n.relation, n.key_columns, o.relation_name is not null as both_changed,
-               t.a_blob as base_blob, o.b_blob as our_blob, t.b_blob as their_blob
+               t.a_row as base_row, o.b_row as our_row, t.b_row as their_row
         from theirs t join bundle._tracked_names(bundle_name) n on n.relation_name = t.relation_name
         left join ours o on o.relation_name = t.relation_name and o.key_hash = t.key_hash
         where o.relation_name is null or o.b_blob is distinct from t.b_blob
     ), loaded as (
-        select p.relation, p.key_columns, p.both_changed,
-               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
-                where x.bundle = bundle_name and x.id = p.base_blob) as b_fields,
-               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
-                where x.bundle = bundle_name and x.id = p.our_blob) as o_fields,
-               (select convert_from(x.data, 'UTF8')::jsonb from bundle.object x
-                where x.bundle = bundle_name and x.id = p.their_blob) as t_fields
+        select p.relation, p.key_columns, p.both_changed, p.base_row::jsonb as b_fields, p.our_row::jsonb as o_fields,
+               p.their_row::jsonb as t_fields
         from plan p
     ), only_theirs as (
         insert into pg_temp.bundle_apply (relation, key, fields)

@@ -46,7 +46,12 @@ create or replace function peer._serve_bundle_head(bundle_name text, friend text
 language plpgsql stable security definer set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     perform peer._check_bundle_served(bundle_name, friend, granted);
-    return (select jsonb_build_object('head', b.head, 'tables', bundle._describe(b.name))
+    -- format: the newest object format of its commits, which the friend must be able to read.
+    return (select jsonb_build_object('head', b.head, 'tables', bundle._describe(b.name),
+                                      'format', case when exists (
+                                          select from bundle.commit c where c.bundle = b.name
+                                          and c.document->'commit'->>'format' = 'aquapeer-bundle/2')
+                                          then 'aquapeer-bundle/2' else 'aquapeer-bundle/1' end)
             from bundle.bundle b where b.name = bundle_name);
 end
 $$;

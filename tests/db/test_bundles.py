@@ -148,8 +148,8 @@ def test_commit_log_and_status(tracked):
     alice.sql("update public.widget set price = 11 where sku = 'w-1'")
     assert alice.sql("select key::text, change from bundle.status('shop')") == [('["w-1"]', "modified")]
     second = alice.scalar("select bundle.commit('shop', 'dearer')")
-    # one blob, one bucket, two fan nodes (the bucket's and the table's), one root, the commit
-    assert objects(alice) - before == 6
+    # one bucket (with the row in it), two fan nodes (the bucket's and the table's), one root, the commit
+    assert objects(alice) - before == 5
     assert alice.sql("select commit_id, parent_ids, rows_changed from bundle.log('shop')") == [
         (second, [first], 1), (first, [], 4)]
     # Back to the first commit's rows: the same tree as the first commit.
@@ -166,7 +166,6 @@ def test_deleting_a_bundle_deletes_its_rows_and_a_rename_is_refused(tracked):
     alice.sql("select bundle.commit('shop', 'first')")
     alice.sql("update public.widget set price = 12 where sku = 'w-1'")
     per_table = ("select (select count(*) from bundle.object where bundle = 'shop'), "
-                 "(select count(*) from bundle.head_row where bundle = 'shop'), "
                  "(select count(*) from bundle.head_node where bundle = 'shop'), "
                  "(select count(*) from bundle.changed_key where bundle = 'shop'), "
                  "(select count(*) from bundle.commit where bundle = 'shop')")
@@ -174,7 +173,7 @@ def test_deleting_a_bundle_deletes_its_rows_and_a_rename_is_refused(tracked):
     with pytest.raises(psycopg.errors.FeatureNotSupported, match='bundle "shop" cannot be renamed'):
         alice.sql("update bundle.bundle set name = 'store' where name = 'shop'")
     alice.sql("delete from bundle.bundle where name = 'shop'")
-    assert alice.sql(per_table) == [(0, 0, 0, 0, 0)]
+    assert alice.sql(per_table) == [(0, 0, 0, 0)]
     alice.sql("update public.widget set price = 10.50 where sku = 'w-1'")  # nothing tracks it now
     alice.sql("select bundle.create('shop')")  # for the fixture's clean-up
 
@@ -228,7 +227,7 @@ def test_tree_nodes_compare_line_by_line_even_when_lines_shift(tracked):
     for name, text in (("old", old), ("new", new)):
         node[name] = alice.scalar("insert into bundle.object select 'shop', encode(sha256(d), 'hex'), 'fan', d "
                                   "from convert_to(%s, 'UTF8') d returning id", text)
-    assert set(alice.sql("select * from bundle._node_diff('shop', %s, %s)", node["old"], node["new"])) == {
+    assert set(alice.sql("select name, a_id, b_id from bundle._node_diff('shop', %s, %s)", node["old"], node["new"])) == {
         ("01", ids["b"], None), ("02", None, ids["c"]), ("04", None, ids["e"])}
     # Receiving the new node where the checked-out tree has the old one: only the children not on
     # the same line of both need a look in the store, each with its place below.
@@ -410,8 +409,27 @@ def test_track_compares_the_whole_table_until_the_first_commit(tracked):
         alice.sql("select bundle.commit('shop', 'first')")
         assert alice.sql("select * from bundle.status('shop')") == []
         assert alice.scalar("select count(*) from bundle.changed_key where bundle = 'shop'") == 0
-        assert alice.scalar("select count(*) from bundle.head_row where bundle = 'shop'") == 5
+        assert alice.scalar("select (select count(*) from bundle._head_rows('shop', 'public.widget')) "
+                            "+ (select count(*) from bundle._head_rows('shop', 'public.part'))") == 5
         alice.sql("delete from public.part where n = 7")
         assert alice.sql("select key::text, change from bundle.status('shop')") == [('["w-2", "7"]', "deleted")]
     finally:
         alice.sql("delete from public.part where n = 7")
+
+
+def test_a_row_received_in_a_bucket_must_match_its_row_hash_and_place(tracked):
+    """A bucket/2 holds its rows: each line received must hang under its bucket's path and its row
+    must hash to the row hash beside it, or nothing of it is kept."""
+    alice, _ = tracked
+    row = '{"sku": "w-9", "name": "forged"}'
+    key_hash = hashlib.sha256(b'["w-9"]').hexdigest()
+    good = f"{key_hash} {hashlib.sha256(row.encode()).hexdigest()} {row}"
+    place = alice.scalar("select 'public.widget'::regclass::oid || ':' || left(%s, 4)", key_hash)
+    check = "select count(*) from bundle._new_children('shop', 'bucket', convert_to(%s, 'UTF8'), %s)"
+    assert alice.scalar(check, f"aquapeer-bucket/2\n{good}\n", place) == 0  # rows, no children
+    assert alice.scalar(check, f"aquapeer-bucket/2\n{good}\n", None) == 0
+    forged = f"{key_hash} {'0' * 64} {row}"
+    with pytest.raises(psycopg.errors.DataCorrupted, match="does not match its hash"):
+        alice.scalar(check, f"aquapeer-bucket/2\n{forged}\n", place)
+    with pytest.raises(psycopg.errors.DataCorrupted, match="does not fit its place"):
+        alice.scalar(check, f"aquapeer-bucket/2\n{good}\n", place[:-4] + "0000")

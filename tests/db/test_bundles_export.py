@@ -113,15 +113,18 @@ def history_objects(cluster):
 
 
 def head_blobs(cluster):
-    """The row blobs of the bundle's head commit."""
-    return sorted(text for _id, kind, text in tree_objects(cluster) if kind == "blob")
+    """The rows of the bundle's head commit, as its buckets hold them (bucket/2: each line's text
+    after the key hash and row hash) or their blobs (bucket/1)."""
+    return sorted([text for _id, kind, text in tree_objects(cluster) if kind == "blob"]
+                  + [line[130:] for _id, kind, text in tree_objects(cluster)
+                     if text.startswith("aquapeer-bucket/2\n") for line in text.split("\n")[1:] if line])
 
 
 def test_export_is_a_header_then_objects_children_first_then_commits_parents_first(pair, tmp_path):
     alice, _ = pair
     documents = export(alice)
     header, rest = documents[0], documents[1:]
-    assert header == {"type": "bundle", "format": "aquapeer-bundle/1", "name": "shop", "head": head(alice),
+    assert header == {"type": "bundle", "format": "aquapeer-bundle/2", "name": "shop", "head": head(alice),
                       "tables": alice.scalar("select bundle._describe('shop')")}
     assert [t["relation"] for t in header["tables"]] == ["public.part", "public.widget"]
     assert header["tables"][0]["key_columns"] == ["widget", "n"]
@@ -134,7 +137,7 @@ def test_export_is_a_header_then_objects_children_first_then_commits_parents_fir
     for d in objects:
         data = base64.b64decode(d["data"], validate=True)
         assert hashlib.sha256(data).hexdigest() == d["id"]
-        if not data.startswith(b"{"):  # a tree node: its children came before it
+        if data.startswith((b"aquapeer-fan/", b"aquapeer-root/")):  # its children came before it
             children = {line[-64:] for line in data.decode().split("\n")[1:] if line}
             assert children <= seen, f"{d['id']} came before its children"
         seen.add(d["id"])
@@ -226,7 +229,8 @@ def test_an_existing_bundle_keeps_its_head(pair, tmp_path):
 def test_a_tampered_object_is_refused_and_nothing_is_kept(pair, tmp_path):
     alice, bob = pair
     documents = export(alice)
-    blob = next(d for d in documents if d["type"] == "object" and base64.b64decode(d["data"]).startswith(b"{"))
+    blob = next(d for d in documents if d["type"] == "object"
+                and base64.b64decode(d["data"]).startswith(b"aquapeer-bucket/2\n"))
     blob["data"] = base64.b64encode(base64.b64decode(blob["data"]).replace(b"w-", b"x-")).decode()
     path = tmp_path / "tampered.jsonl"
     write_lines(path, documents)
@@ -295,7 +299,7 @@ def test_what_is_not_a_bundle_export_is_refused(pair, tmp_path):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="came before the bundle's header"):
             conn.execute("select bundle.import(%s)", [json.dumps(first_object)])
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="not the header of a bundle export") as refused:
-            conn.execute("select bundle.import(%s)", [json.dumps(dict(header, format="aquapeer-bundle/2"))])
+            conn.execute("select bundle.import(%s)", [json.dumps(dict(header, format="aquapeer-bundle/3"))])
         assert "newer aquapeer" in refused.value.diag.message_hint
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(header) + "\n" + json.dumps(first_object) + "\n{not json\n")

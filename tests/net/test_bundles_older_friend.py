@@ -1,8 +1,9 @@
-"""A friend on an earlier protocol version still pulls: alice's worker answers it in zlib, and
-a friend on the current version in zstd (wire protocol 6).
+"""A friend on an earlier protocol version is told clearly that it cannot read a bundle of object
+format aquapeer-bundle/2 (wire protocol 7); a friend on the current version clones it, its answers
+in zstd (protocol 6 and later).
 
 The friends are light peers (PeerNodes in this process, net/lightpeer's kind): the elder one
-offers protocol versions up to 5 in its hello, as aquapeer did before version 6, and both ask
+offers protocol versions up to 6 in its hello, as aquapeer did before 0.17.0, and both ask
 alice's real worker for a bundle as a clone does.
 """
 
@@ -10,7 +11,6 @@ import asyncio
 import hashlib
 import os
 import threading
-import zlib
 
 import pytest
 
@@ -54,14 +54,18 @@ class Friend:
     def connect(self, peer_id):
         return self.run(self.node.connect(peer_id, timeout=30))
 
-    def ask(self, link, **request):
-        """The body of alice's answer, as it came (compressed)."""
+    def answer(self, link, **request):
+        """alice's answer frame."""
         async def ask():
             request_id = os.urandom(16)
             future = self.answers[request_id] = asyncio.get_running_loop().create_future()
             link.send({"t": "bundle_get", "id": request_id, "bundle": "shop", **request}, transport.CONTROL)
             return await asyncio.wait_for(future, 30)
-        answer = self.run(ask())
+        return self.run(ask())
+
+    def ask(self, link, **request):
+        """The body of alice's answer, as it came (compressed)."""
+        answer = self.answer(link, **request)
         assert answer["ok"], answer["error"]
         return answer["data"]
 
@@ -86,16 +90,16 @@ def alice(module_testbed, module_signal_server):
 
 @pytest.fixture
 def elder_protocol(monkeypatch):
-    """Light peers made while this is in force speak versions up to 5, as before zstd: in their
-    hello, and when they pick the link's version."""
-    elder = wire.ZSTD_BODIES_PROTOCOL - 1
+    """Light peers made while this is in force speak versions up to 6, as before object format 2:
+    in their hello, and when they pick the link's version."""
+    elder = wire.FORMAT2_PROTOCOL - 1
     monkeypatch.setattr(wire, "PROTOCOL_MAX", elder)
     monkeypatch.setattr(wire.negotiate, "__defaults__", ((wire.PROTOCOL_MIN, elder),))
 
 
 def clone(friend, link):
     """What a clone asks for, down to the rows: the head, the commits, then the tree, buckets
-    with their blobs.  Every answer's body as it came, and the ids of the rows' blobs received."""
+    with their rows.  Every answer's body as it came, and the key hashes of the rows received."""
     bodies = [friend.ask(link, want="head", ids=[])]
     head = wire.unpack_body(bodies[-1], wire.BODY_LIMIT)["head"]
     bodies.append(friend.ask(link, want="commits", ids=[]))
@@ -107,16 +111,17 @@ def clone(friend, link):
         answered, blobs = wire.unpack_body(bodies[-1], wire.BODY_LIMIT)
         assert len(answered) == len(wanted)
         objects.update({hashlib.sha256(o).hexdigest(): o for o in answered})
-        ids, datas = bundle_store._carried_blobs(answered, blobs)
-        assert ids == [hashlib.sha256(d).hexdigest() for d in datas]
-        rows.update(ids)
-        wanted = sorted({line.split()[-1].decode() for o in answered if not o.startswith(bundle_store.BUCKET_HEADER)
+        assert blobs == [None] * len(answered)  # a bucket/2 has its rows in it
+        rows.update(line.split()[0] for o in answered if o.startswith(bundle_store.BUCKET2_HEADER)
+                    for line in o.split(b"\n")[1:] if line)
+        wanted = sorted({line.split()[-1].decode() for o in answered if not o.startswith(bundle_store.BUCKET2_HEADER)
                          for line in o.split(b"\n")[1:] if line} - objects.keys())
     return bodies, rows
 
 
 @pytest.mark.parametrize("protocol", ["elder", "current"])
-def test_a_friend_is_answered_in_the_encoding_of_its_protocol(alice, module_signal_server, request, protocol):
+def test_a_friend_on_an_earlier_protocol_is_told_it_cannot_read_format_2(alice, module_signal_server, request,
+                                                                         protocol):
     if protocol == "elder":
         request.getfixturevalue("elder_protocol")
     friend = Friend(module_signal_server.url, protocol)
@@ -126,16 +131,19 @@ def test_a_friend_is_answered_in_the_encoding_of_its_protocol(alice, module_sign
         alice.sql("select peer.add_friend(%s, %s)", protocol, friend.invite)
         alice.sql("select peer.share_bundle('shop', %s)", protocol)
         link = friend.connect(alices.peer_id)
-        expected = 5 if protocol == "elder" else wire.PROTOCOL_MAX
+        expected = 6 if protocol == "elder" else wire.PROTOCOL_MAX
         assert link.protocol == expected
         assert alice.scalar("select protocol from peer.connections where friend = %s", protocol) == expected
 
+        if protocol == "elder":
+            answer = friend.answer(link, want="head", ids=[])
+            assert not answer["ok"] and answer["error"]["sqlstate"] == "0A000"
+            assert answer["error"]["message"] == (
+                'bundle "shop" has commits of object format aquapeer-bundle/2, which the aquapeer of elder '
+                '(protocol 6) cannot read: update it to 0.17.0 or later')
+            return
         bodies, rows = clone(friend, link)
-        for body in bodies:
-            if protocol == "elder":  # zlib, as aquapeer before version 6 inflates it
-                zlib.decompress(body)
-            else:
-                assert body.startswith(wire.ZSTD_MAGIC)
+        assert all(body.startswith(wire.ZSTD_MAGIC) for body in bodies)
         assert len(rows) == 300
     finally:
         friend.close()

@@ -136,20 +136,21 @@ def test_a_first_pull_refused_for_tables_that_do_not_match_leaves_nothing(shop):
         alice.sql("delete from bundle.bundle where name = 'odd'; drop table public.only_here")
 
 
-def test_a_tampered_blob_is_refused_and_nothing_moves(shop):
+def test_a_tampered_bucket_is_refused_and_nothing_moves(shop):
     alice, bob = shop
     pull(bob)
     alice.sql("update public.widget set name = 'changed' where id = 9")
     alice.sql("select bundle.commit('shop', 'second')")
-    blob = alice.scalar("select blob from bundle.head_row where key = '[\"9\"]'")
-    alice.sql("update bundle.object set data = convert_to('{\"id\": \"9\", \"name\": \"forged\"}', 'UTF8') "
-              "where bundle = 'shop' and id = %s", blob)
+    bucket = alice.scalar("select n.id from bundle.head_node n where n.bundle = 'shop' "
+                          "and n.path = left(encode(sha256(convert_to('[\"9\"]', 'UTF8')), 'hex'), 4)")
+    alice.sql("update bundle.object set data = convert_to(replace(convert_from(data, 'UTF8'), 'changed', 'forged'), "
+              "'UTF8') where bundle = 'shop' and id = %s", bucket)
     head = bob.scalar("select head from bundle.bundle where name = 'shop'")
-    with pytest.raises(psycopg.errors.DataCorrupted, match=f"object {blob} does not match its content"):
+    with pytest.raises(psycopg.errors.DataCorrupted, match=f"object {bucket} does not match its content"):
         pull(bob)
     assert bob.scalar("select head from bundle.bundle where name = 'shop'") == head
     assert bob.scalar("select name from public.widget where id = 9") == "widget 9"
-    assert bob.scalar("select count(*) from bundle.object where id = %s", blob) == 0
+    assert bob.scalar("select count(*) from bundle.object where id = %s", bucket) == 0
     assert bob.scalar("select state from peer.transfers order by started_at desc limit 1") == "failed"
 
 

@@ -21,14 +21,21 @@ def make(me, **changes):
     return commits.Commit(**fields)
 
 
-def test_the_id_is_the_sha256_of_the_documented_canonical_bytes():
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_the_id_is_the_sha256_of_the_documented_canonical_bytes(version):
     me = identity.Identity.generate()
-    commit = make(me)
-    expected = (f'{{"author":"{me.peer_id}","format":"aquapeer-bundle/1","message":"widgets: new prices",'
+    commit = make(me, format=f"aquapeer-bundle/{version}")
+    expected = (f'{{"author":"{me.peer_id}","format":"aquapeer-bundle/{version}","message":"widgets: new prices",'
                 f'"parents":["{PARENT}"],"rows_changed":3,"time":"2026-11-27T09:30:00.000000Z","tree":"{TREE}"}}'
                 ).encode()
     assert commit.encode() == expected
     assert commit.id == commits.object_id(expected) == __import__("hashlib").sha256(expected).hexdigest()
+    # A commit keeps its format, and so its id, wherever it goes.
+    assert commits.Commit.from_body(commit.body()) == commit
+
+
+def test_new_commits_are_of_format_2():
+    assert make(identity.Identity.generate()).body()["format"] == commits.FORMAT == "aquapeer-bundle/2"
 
 
 def test_times_are_written_in_utc_whatever_the_zone():

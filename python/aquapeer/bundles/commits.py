@@ -3,8 +3,8 @@
 A commit names its parents (the first is the branch it was made on, a
 second one makes it a merge), the root of its tree, its author's peer id, a
 message, a time and how many rows it changed.  Its id is the SHA-256 of its
-canonical encoding (format ``aquapeer-bundle/1``, see docs/bundles.md):
-UTF-8 JSON with sorted keys and no whitespace.  The author signs the id
+canonical encoding (format ``aquapeer-bundle/2``; commits made before it
+keep ``aquapeer-bundle/1``; see docs/bundles.md): UTF-8 JSON with sorted keys and no whitespace.  The author signs the id
 with the key the commit records the index of, and the commit travels with
 the author's key chain, so anybody can check it, not only the author's
 friends.
@@ -22,7 +22,9 @@ import re
 from .. import identity
 from ..errors import AquapeerError
 
-FORMAT = "aquapeer-bundle/1"
+# New commits are of the newest format; those of the first keep it (and their ids).
+FORMATS = ("aquapeer-bundle/1", "aquapeer-bundle/2")
+FORMAT = FORMATS[-1]
 COMMIT_DOMAIN = b"aquapeer-commit/1\0"
 ID = re.compile(r"[0-9a-f]{64}")
 MAX_MESSAGE = 10000
@@ -64,6 +66,7 @@ class Commit:
     message: str
     time: str
     rows_changed: int
+    format: str = FORMAT
 
     def __post_init__(self):
         object.__setattr__(self, "parents", tuple(self.parents))
@@ -80,9 +83,12 @@ class Commit:
             raise CommitError(f"a commit time is ISO 8601 UTC with microseconds, not {str(self.time)[:40]!r}")
         if not isinstance(self.rows_changed, int) or isinstance(self.rows_changed, bool) or self.rows_changed < 0:
             raise CommitError("rows_changed is a count")
+        if self.format not in FORMATS:
+            raise CommitError(f"not a commit of format {' or '.join(FORMATS)}: {str(self.format)[:40]!r}",
+                              hint="It may come from a newer aquapeer; update this one.")
 
     def body(self):
-        return {"format": FORMAT, "parents": list(self.parents), "tree": self.tree, "author": self.author,
+        return {"format": self.format, "parents": list(self.parents), "tree": self.tree, "author": self.author,
                 "message": self.message, "time": self.time, "rows_changed": self.rows_changed}
 
     def encode(self):
@@ -94,12 +100,12 @@ class Commit:
 
     @classmethod
     def from_body(cls, body):
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise CommitError(f"not a commit of format {FORMAT}",
+        if not isinstance(body, dict) or body.get("format") not in FORMATS:
+            raise CommitError(f"not a commit of format {' or '.join(FORMATS)}",
                               hint="It may come from a newer aquapeer; update this one.")
         fields = {f.name for f in dataclasses.fields(cls)}
-        if set(body) != fields | {"format"}:
-            raise CommitError(f"a commit has exactly the fields {sorted(fields | {'format'})}")
+        if set(body) != fields:
+            raise CommitError(f"a commit has exactly the fields {sorted(fields)}")
         if not isinstance(body["parents"], list):
             raise CommitError("a commit's parents are a list")
         return cls(**{name: body[name] for name in fields})

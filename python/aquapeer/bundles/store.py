@@ -109,6 +109,11 @@ def serve(db, args):
     want, ids = args["want"], [i.hex() for i in args["ids"]]
     if want == "head":
         value = json.loads(db.scalar("select peer._serve_bundle_head($1, $2, $3)::text", [name, friend, granted]))
+        if value.get("format") != commits.FORMATS[0] and args["protocol"] < wire.FORMAT2_PROTOCOL:
+            # (Only the message and SQLSTATE reach the friend.)
+            raise AquapeerError(
+                f'bundle "{name}" has commits of object format {value.get("format")}, which the aquapeer of '
+                f'{friend} (protocol {args["protocol"]}) cannot read: update it to 0.17.0 or later', sqlstate="0A000")
     elif want == "commits":
         # From protocol 4, newest first and as many as one answer holds (at least one), counted
         # in SQL: a page of a long history need not carry the rest of it into Python.
@@ -158,6 +163,7 @@ def _served_objects(db, args, ids):
 
 
 BUCKET_HEADER = b"aquapeer-bucket/1\n"
+BUCKET2_HEADER = b"aquapeer-bucket/2\n"
 
 
 def _bucket_blob_ids(data):
@@ -238,7 +244,8 @@ def _keep(db, name, transfer, ids, datas, places, wire_bytes):
     lacking = [] if not ids else [[r["id"], r["place"]] for r in db.query(
         "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
         [name, ids, datas, places])]
-    blobs = sum(1 for d in datas if not d.startswith(b"aquapeer-"))  # as bundle._kind tells them
+    # Rows: blobs (as bundle._kind tells them) and the lines of buckets that hold their rows.
+    blobs = sum(d.count(b"\n") - 1 if d.startswith(BUCKET2_HEADER) else not d.startswith(b"aquapeer-") for d in datas)
     _progress(db, transfer, bytes=wire_bytes, rows=blobs, objects=len(ids))
     return lacking
 

@@ -77,12 +77,13 @@ import zstandard
 
 from ..errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 6
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 7
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
 LARGE_TRANSFERS_PROTOCOL = 4  # objects larger than an answer in slices, commits in pages
 BUCKET_BLOBS_PROTOCOL = 5  # a bucket's blobs with the bucket
 ZSTD_BODIES_PROTOCOL = 6  # bundle_data bodies in zstd, not zlib
+FORMAT2_PROTOCOL = 7  # bundles of object format aquapeer-bundle/2 (rows inside their buckets)
 # The largest object a transfer carries in slices: it is put together in the network worker's
 # memory and handed to an executor in one control frame.
 LARGEST_OBJECT = 100 * 1024 * 1024
