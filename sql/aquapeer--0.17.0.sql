@@ -1617,7 +1617,7 @@ begin
         select left(s.key_hash, 4), s.key_hash, s.blob_id, s.blob from pg_temp.bundle_stage s where s.blob is not null
     )
     select p.path, b.data from paths p
-    left join (select r.path, bundle._bucket(string_agg(r.key_hash || ' ' || r.row_hash || ' ' || r.row_text || E'\n', ''
+    left join (select r.path, bundle._bucket(string_agg(r.key_hash || ' ' || r.row_text || E'\n', ''
                                                          order by r.key_hash collate "C")) as data
                from kept_rows r group by r.path) b on b.path = p.path;
     insert into bundle.object select bundle_name, encode(sha256(b.data), 'hex'), 'bucket', b.data
@@ -1743,23 +1743,25 @@ language sql stable parallel safe as $$
         else 'blob' end
 $$;
 
--- A bucket/2 of the given lines (each "<key hash> <row hash> <row text>\n", by key hash).
+-- A bucket/2 of the given lines (each "<key hash> <row text>\n", by key hash).
 create or replace function bundle._bucket(lines text) returns bytea
 language sql immutable parallel safe as $$
     select convert_to('aquapeer-bucket/2' || E'\n' || lines, 'UTF8')
 $$;
 
 -- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
--- texts; a bucket/1 (aquapeer-bundle/1) names each row's blob, whose bytes are the text.  An
--- inlined set of rows (no SET clause, not strict): a caller that never reads row_text never
--- looks a blob up.
+-- texts (a row's hash is its text's); a bucket/1 (aquapeer-bundle/1) names each row's blob, whose
+-- bytes are the text.  An inlined set of rows (no SET clause, not strict): a caller that never
+-- reads row_text never looks a blob up, nor hashes a text when it never reads row_hash.
 create or replace function bundle._bucket_rows(bundle_name text, data bytea)
 returns table (key_hash text, row_hash text, row_text text)
 language sql stable parallel safe rows 20 as $$
-    select left(u.l, 64), substr(u.l, 66, 64),
-           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 131)
+    select left(u.l, 64),
+           case when b.lines[1] = 'aquapeer-bucket/2' then encode(sha256(convert_to(substr(u.l, 66), 'UTF8')), 'hex')
+                else right(u.l, 64) end,
+           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 66)
                 else (select convert_from(o.data, 'UTF8') from bundle.object o
-                      where o.bundle = bundle_name and o.id = substr(u.l, 66, 64)) end
+                      where o.bundle = bundle_name and o.id = right(u.l, 64)) end
     from (select bundle._lines(data) as lines) b
     cross join lateral unnest(b.lines) with ordinality u(l, n)
     where u.n > 1 and u.l <> ''
@@ -1822,7 +1824,7 @@ begin
             execute format(
                 'with c as materialized (%s), done as (%s), body as ('
                 '    select left(c.key_hash, 4) as path, bundle._bucket(string_agg('
-                '               c.key_hash || '' '' || c.blob_id || '' '' || c.blob || E''\n'', '''' '
+                '               c.key_hash || '' '' || c.blob || E''\n'', '''' '
                 '               order by c.key_hash collate "C")) as data'
                 '    from c where c.blob is not null group by 1'
                 '), hashed as materialized (select b.path, encode(sha256(b.data), ''hex'') as id, b.data from body b'
@@ -2159,7 +2161,7 @@ $$;
 create or replace function bundle._misplaced(kind text, place text, line text) returns text
 language plpgsql stable set search_path = pg_catalog, pg_temp as $$
 begin
-    raise exception 'a % node received does not fit its place % in the tree, or a row in it does not match its hash: it has the line "%"',
+    raise exception 'a % node received does not fit its place % in the tree: it has the line "%"',
         kind, coalesce(place, '(unknown)'), left(line, 140)
         using errcode = 'XX001', hint = 'The sender''s tree is malformed (or was altered); nothing below it is kept.';
 end
@@ -2266,8 +2268,7 @@ $$;
 -- checked-out tree has there, with their places.  Where the place is known, each such line
 -- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
 -- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
--- A bucket/2 names no children: its rows are in it, and each row on such a line must match its
--- row hash.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
+-- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
 -- ':') where the bundle tracks no such table that this transaction can see.  A clone is such a
 -- case: the caller's transaction tracks the tables (bundle._adopt) while executors keep what
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
@@ -2301,14 +2302,13 @@ language sql stable rows 100 as $$
            or not bundle._checked_row(place, z.line))
 $$;
 
--- Whether a line of a bucket/2 received fits its place (when known) and its row matches its row
--- hash; never false, an error otherwise.
+-- Whether a line of a bucket/2 received is a key hash and a row that fits its place (when
+-- known); never false, an error otherwise.  (The bucket's id covers its rows' bytes.)
 create or replace function bundle._checked_row(place text, line text) returns boolean
 language sql stable parallel safe as $$
-    select case when substr(line, 65, 1) = ' ' and substr(line, 130, 1) = ' '
+    select case when substr(line, 65, 2) = ' {' and left(line, 64) !~ '[^0-9a-f]'
                      and (place is null or (length(split_part(place, ':', 2)) = 4
                                             and left(line, 4) = split_part(place, ':', 2)))
-                     and substr(line, 66, 64) = encode(sha256(convert_to(substr(line, 131), 'UTF8')), 'hex')
                 then true
                 else bundle._misplaced('bucket', place, line) is null end
 $$;
@@ -2405,6 +2405,24 @@ begin
         union all
         select u.id, null from unnest(blob_ids) u(id);
 end
+$$;
+
+-- How many rows the given buckets received (kept already) bring that the tree checked out here
+-- lacks at their places: the lines of each bucket/2 unlike the checked-out bucket's line at the
+-- same position (a row added shifts the lines below it, which then count too).  What a pull's
+-- progress counts as rows.
+create or replace function bundle._new_rows(bundle_name text, ids text[], places text[]) returns bigint
+language sql stable set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
+    select count(*) from unnest(ids, places) r(id, place)
+    cross join lateral (select coalesce((select o.data from bundle.object o where o.bundle = bundle_name and o.id = r.id),
+                                        (select p.data from bundle.pending p where p.bundle = bundle_name and p.id = r.id))
+                               as data) d
+    cross join lateral unnest(bundle._lines(d.data),
+                              bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
+                                             and o.id = (select n.id from bundle._node_at(bundle_name, r.place) n))))
+         with ordinality z(line, old, n)
+    where substr(d.data, 1, 18) = convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+      and z.n > 1 and z.line <> '' and z.line is distinct from z.old
 $$;
 
 -- Documents of an export in order, as bundle.import one at a time would take them, with each run
@@ -2526,8 +2544,8 @@ $$;
 -- lines that differ from the other node's line at the same position, those whose name the other
 -- node lacks or lists with another id.  Against no node at all, every line (a clone walks 65,536
 -- buckets so, a third faster without the join).  An entry is a child's name and id, or in a
--- bucket a row's key hash and row hash, and in a bucket/2 the row's text too; so a bucket/1 and a
--- bucket/2 of the same rows differ in no entry.
+-- bucket a row's key hash and row hash (in a bucket/2 its text's, with the text); so a bucket/1
+-- and a bucket/2 of the same rows differ in no entry.
 create or replace function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text, a_row text, b_row text)
 language sql stable rows 10 as $$
@@ -2548,20 +2566,20 @@ language sql stable rows 10 as $$
     )
     select coalesce(a.name, b.name), a.id, b.id, a.row, b.row
     from (select case when u.a2 then left(u.a, 64) else left(u.a, -65) end as name,
-                 case when u.a2 then substr(u.a, 66, 64) else right(u.a, 64) end as id,
-                 case when u.a2 then substr(u.a, 131) end as row
+                 case when u.a2 then encode(sha256(convert_to(substr(u.a, 66), 'UTF8')), 'hex') else right(u.a, 64) end as id,
+                 case when u.a2 then substr(u.a, 66) end as row
           from unlike u where u.a <> '') a
     full join (select case when u.b2 then left(u.b, 64) else left(u.b, -65) end as name,
-                      case when u.b2 then substr(u.b, 66, 64) else right(u.b, 64) end as id,
-                      case when u.b2 then substr(u.b, 131) end as row
+                      case when u.b2 then encode(sha256(convert_to(substr(u.b, 66), 'UTF8')), 'hex') else right(u.b, 64) end as id,
+                      case when u.b2 then substr(u.b, 66) end as row
                from unlike u where u.b <> '') b on b.name = a.name
     where a.id is distinct from b.id
     union all
     select case when o.v2 then left(o.line, 64) else left(o.line, -65) end,
-           case when b_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
-           case when a_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
-           case when b_node is null and o.v2 then substr(o.line, 131) end,
-           case when a_node is null and o.v2 then substr(o.line, 131) end
+           case when b_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
+           case when a_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
+           case when b_node is null and o.v2 then substr(o.line, 66) end,
+           case when a_node is null and o.v2 then substr(o.line, 66) end
     from one o
 $$;
 
@@ -2804,8 +2822,10 @@ language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 declare
     wrong text;
 begin
+    -- (Each table's node probed by its key: joined, head_node could be read whole.)
     select n.relation_name into wrong from bundle._tracked_names(bundle_name) n
-    left join bundle.head_node h on h.bundle = bundle_name and h.relation = n.relation and h.path = ''
+    cross join lateral (select (select h.id from bundle.head_node h where h.bundle = bundle_name
+                                and h.relation = n.relation and h.path = '' limit 1) as id) h
     left join (select e.* from bundle.object o cross join bundle._entries(o.data) e
                where o.bundle = bundle_name and o.id = target_root) e on e.name = n.relation_name
     where h.id is distinct from coalesce(e.id, encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
@@ -3251,7 +3271,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
-    bundle._checked_row(text, text),
+    bundle._checked_row(text, text), bundle._new_rows(text, text[], text[]),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),

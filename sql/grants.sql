@@ -119,7 +119,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
-    bundle._checked_row(text, text),
+    bundle._checked_row(text, text), bundle._new_rows(text, text[], text[]),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),

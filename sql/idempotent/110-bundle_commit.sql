@@ -27,7 +27,7 @@ begin
         select left(s.key_hash, 4), s.key_hash, s.blob_id, s.blob from pg_temp.bundle_stage s where s.blob is not null
     )
     select p.path, b.data from paths p
-    left join (select r.path, bundle._bucket(string_agg(r.key_hash || ' ' || r.row_hash || ' ' || r.row_text || E'\n', ''
+    left join (select r.path, bundle._bucket(string_agg(r.key_hash || ' ' || r.row_text || E'\n', ''
                                                          order by r.key_hash collate "C")) as data
                from kept_rows r group by r.path) b on b.path = p.path;
     insert into bundle.object select bundle_name, encode(sha256(b.data), 'hex'), 'bucket', b.data
@@ -153,23 +153,25 @@ language sql stable parallel safe as $$
         else 'blob' end
 $$;
 
--- A bucket/2 of the given lines (each "<key hash> <row hash> <row text>\n", by key hash).
+-- A bucket/2 of the given lines (each "<key hash> <row text>\n", by key hash).
 create or replace function bundle._bucket(lines text) returns bytea
 language sql immutable parallel safe as $$
     select convert_to('aquapeer-bucket/2' || E'\n' || lines, 'UTF8')
 $$;
 
 -- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
--- texts; a bucket/1 (aquapeer-bundle/1) names each row's blob, whose bytes are the text.  An
--- inlined set of rows (no SET clause, not strict): a caller that never reads row_text never
--- looks a blob up.
+-- texts (a row's hash is its text's); a bucket/1 (aquapeer-bundle/1) names each row's blob, whose
+-- bytes are the text.  An inlined set of rows (no SET clause, not strict): a caller that never
+-- reads row_text never looks a blob up, nor hashes a text when it never reads row_hash.
 create or replace function bundle._bucket_rows(bundle_name text, data bytea)
 returns table (key_hash text, row_hash text, row_text text)
 language sql stable parallel safe rows 20 as $$
-    select left(u.l, 64), substr(u.l, 66, 64),
-           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 131)
+    select left(u.l, 64),
+           case when b.lines[1] = 'aquapeer-bucket/2' then encode(sha256(convert_to(substr(u.l, 66), 'UTF8')), 'hex')
+                else right(u.l, 64) end,
+           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 66)
                 else (select convert_from(o.data, 'UTF8') from bundle.object o
-                      where o.bundle = bundle_name and o.id = substr(u.l, 66, 64)) end
+                      where o.bundle = bundle_name and o.id = right(u.l, 64)) end
     from (select bundle._lines(data) as lines) b
     cross join lateral unnest(b.lines) with ordinality u(l, n)
     where u.n > 1 and u.l <> ''
@@ -232,7 +234,7 @@ begin
             execute format(
                 'with c as materialized (%s), done as (%s), body as ('
                 '    select left(c.key_hash, 4) as path, bundle._bucket(string_agg('
-                '               c.key_hash || '' '' || c.blob_id || '' '' || c.blob || E''\n'', '''' '
+                '               c.key_hash || '' '' || c.blob || E''\n'', '''' '
                 '               order by c.key_hash collate "C")) as data'
                 '    from c where c.blob is not null group by 1'
                 '), hashed as materialized (select b.path, encode(sha256(b.data), ''hex'') as id, b.data from body b'

@@ -286,7 +286,7 @@ $$;
 create or replace function bundle._misplaced(kind text, place text, line text) returns text
 language plpgsql stable set search_path = pg_catalog, pg_temp as $$
 begin
-    raise exception 'a % node received does not fit its place % in the tree, or a row in it does not match its hash: it has the line "%"',
+    raise exception 'a % node received does not fit its place % in the tree: it has the line "%"',
         kind, coalesce(place, '(unknown)'), left(line, 140)
         using errcode = 'XX001', hint = 'The sender''s tree is malformed (or was altered); nothing below it is kept.';
 end
@@ -393,8 +393,7 @@ $$;
 -- checked-out tree has there, with their places.  Where the place is known, each such line
 -- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
 -- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
--- A bucket/2 names no children: its rows are in it, and each row on such a line must match its
--- row hash.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
+-- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
 -- ':') where the bundle tracks no such table that this transaction can see.  A clone is such a
 -- case: the caller's transaction tracks the tables (bundle._adopt) while executors keep what
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
@@ -428,14 +427,13 @@ language sql stable rows 100 as $$
            or not bundle._checked_row(place, z.line))
 $$;
 
--- Whether a line of a bucket/2 received fits its place (when known) and its row matches its row
--- hash; never false, an error otherwise.
+-- Whether a line of a bucket/2 received is a key hash and a row that fits its place (when
+-- known); never false, an error otherwise.  (The bucket's id covers its rows' bytes.)
 create or replace function bundle._checked_row(place text, line text) returns boolean
 language sql stable parallel safe as $$
-    select case when substr(line, 65, 1) = ' ' and substr(line, 130, 1) = ' '
+    select case when substr(line, 65, 2) = ' {' and left(line, 64) !~ '[^0-9a-f]'
                      and (place is null or (length(split_part(place, ':', 2)) = 4
                                             and left(line, 4) = split_part(place, ':', 2)))
-                     and substr(line, 66, 64) = encode(sha256(convert_to(substr(line, 131), 'UTF8')), 'hex')
                 then true
                 else bundle._misplaced('bucket', place, line) is null end
 $$;
@@ -532,6 +530,24 @@ begin
         union all
         select u.id, null from unnest(blob_ids) u(id);
 end
+$$;
+
+-- How many rows the given buckets received (kept already) bring that the tree checked out here
+-- lacks at their places: the lines of each bucket/2 unlike the checked-out bucket's line at the
+-- same position (a row added shifts the lines below it, which then count too).  What a pull's
+-- progress counts as rows.
+create or replace function bundle._new_rows(bundle_name text, ids text[], places text[]) returns bigint
+language sql stable set search_path = pg_catalog, pg_temp set jit = off set enable_seqscan = off as $$
+    select count(*) from unnest(ids, places) r(id, place)
+    cross join lateral (select coalesce((select o.data from bundle.object o where o.bundle = bundle_name and o.id = r.id),
+                                        (select p.data from bundle.pending p where p.bundle = bundle_name and p.id = r.id))
+                               as data) d
+    cross join lateral unnest(bundle._lines(d.data),
+                              bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
+                                             and o.id = (select n.id from bundle._node_at(bundle_name, r.place) n))))
+         with ordinality z(line, old, n)
+    where substr(d.data, 1, 18) = convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+      and z.n > 1 and z.line <> '' and z.line is distinct from z.old
 $$;
 
 -- Documents of an export in order, as bundle.import one at a time would take them, with each run

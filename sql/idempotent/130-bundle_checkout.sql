@@ -77,8 +77,8 @@ $$;
 -- lines that differ from the other node's line at the same position, those whose name the other
 -- node lacks or lists with another id.  Against no node at all, every line (a clone walks 65,536
 -- buckets so, a third faster without the join).  An entry is a child's name and id, or in a
--- bucket a row's key hash and row hash, and in a bucket/2 the row's text too; so a bucket/1 and a
--- bucket/2 of the same rows differ in no entry.
+-- bucket a row's key hash and row hash (in a bucket/2 its text's, with the text); so a bucket/1
+-- and a bucket/2 of the same rows differ in no entry.
 create or replace function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text, a_row text, b_row text)
 language sql stable rows 10 as $$
@@ -99,20 +99,20 @@ language sql stable rows 10 as $$
     )
     select coalesce(a.name, b.name), a.id, b.id, a.row, b.row
     from (select case when u.a2 then left(u.a, 64) else left(u.a, -65) end as name,
-                 case when u.a2 then substr(u.a, 66, 64) else right(u.a, 64) end as id,
-                 case when u.a2 then substr(u.a, 131) end as row
+                 case when u.a2 then encode(sha256(convert_to(substr(u.a, 66), 'UTF8')), 'hex') else right(u.a, 64) end as id,
+                 case when u.a2 then substr(u.a, 66) end as row
           from unlike u where u.a <> '') a
     full join (select case when u.b2 then left(u.b, 64) else left(u.b, -65) end as name,
-                      case when u.b2 then substr(u.b, 66, 64) else right(u.b, 64) end as id,
-                      case when u.b2 then substr(u.b, 131) end as row
+                      case when u.b2 then encode(sha256(convert_to(substr(u.b, 66), 'UTF8')), 'hex') else right(u.b, 64) end as id,
+                      case when u.b2 then substr(u.b, 66) end as row
                from unlike u where u.b <> '') b on b.name = a.name
     where a.id is distinct from b.id
     union all
     select case when o.v2 then left(o.line, 64) else left(o.line, -65) end,
-           case when b_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
-           case when a_node is null then case when o.v2 then substr(o.line, 66, 64) else right(o.line, 64) end end,
-           case when b_node is null and o.v2 then substr(o.line, 131) end,
-           case when a_node is null and o.v2 then substr(o.line, 131) end
+           case when b_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
+           case when a_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
+           case when b_node is null and o.v2 then substr(o.line, 66) end,
+           case when a_node is null and o.v2 then substr(o.line, 66) end
     from one o
 $$;
 

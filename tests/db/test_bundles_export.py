@@ -114,9 +114,9 @@ def history_objects(cluster):
 
 def head_blobs(cluster):
     """The rows of the bundle's head commit, as its buckets hold them (bucket/2: each line's text
-    after the key hash and row hash) or their blobs (bucket/1)."""
+    after the key hash) or their blobs (bucket/1)."""
     return sorted([text for _id, kind, text in tree_objects(cluster) if kind == "blob"]
-                  + [line[130:] for _id, kind, text in tree_objects(cluster)
+                  + [line[65:] for _id, kind, text in tree_objects(cluster)
                      if text.startswith("aquapeer-bucket/2\n") for line in text.split("\n")[1:] if line])
 
 

@@ -83,9 +83,10 @@ def test_pulling_clones_then_fetches_only_what_changed(shop):
     second_head = alice.scalar("select bundle.commit('shop', 'second')")
     second = pull(bob)
     assert second["commits"] == 1 and second["head"] == second_head and second["fast_forward"] is True
-    # Only the two changed rows' blobs, and the path above them, crossed the wire.
+    # Only the two changed rows' buckets, and the path above them, crossed the wire.  (The path
+    # weighs: the table's node alone, the ids of its ~140 fan nodes, is a fifth of this clone.)
     assert second["blobs"] == 2 and second["objects"] < 20
-    assert second["bytes"] < first["bytes"] / 5
+    assert second["bytes"] < first["bytes"] / 3
     assert rows(bob) == rows(alice)
     again = pull(bob)
     assert again["commits"] == 0 and again["up_to_date"] is True and again["bytes"] == 0

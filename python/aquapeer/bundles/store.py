@@ -244,9 +244,13 @@ def _keep(db, name, transfer, ids, datas, places, wire_bytes):
     lacking = [] if not ids else [[r["id"], r["place"]] for r in db.query(
         "select id, place from bundle._keep($1, " + _texts(2) + ", $3, " + _texts(4) + ")",
         [name, ids, datas, places])]
-    # Rows: blobs (as bundle._kind tells them) and the lines of buckets that hold their rows.
-    blobs = sum(d.count(b"\n") - 1 if d.startswith(BUCKET2_HEADER) else not d.startswith(b"aquapeer-") for d in datas)
-    _progress(db, transfer, bytes=wire_bytes, rows=blobs, objects=len(ids))
+    # Rows: blobs (as bundle._kind tells them), and the rows buckets of format 2 bring.
+    rows = sum(1 for d in datas if not d.startswith(b"aquapeer-"))
+    holding = [(i, p) for i, p, d in zip(ids, places, datas, strict=True) if d.startswith(BUCKET2_HEADER)]
+    if holding:
+        rows += db.scalar("select bundle._new_rows($1, " + _texts(2) + ", " + _texts(3) + ")",
+                          [name, [i for i, _ in holding], [p for _, p in holding]])
+    _progress(db, transfer, bytes=wire_bytes, rows=rows, objects=len(ids))
     return lacking
 
 
