@@ -617,7 +617,8 @@ def report(args, rounds, judged):
         total = sum(s[t] for t in STORAGE_TABLES)
         table.add_row(fmt(mb(s["widget"]), 1), *(fmt(mb(s[t]), 1) for t in STORAGE_TABLES), fmt(mb(total), 1),
                       fmt(total / s["widget"]), *target["store"])
-        table.caption = "bundle.object holds every commit's objects: buckets (with their rows), fan nodes, roots, commits"
+        table.caption = ("bundle.object holds every commit's objects: buckets (with their rows), fan nodes, roots, "
+                         "commits")
         console.print(table)
 
     dump_restore, pull_s = best(rounds, "dump_restore_s"), best(rounds, "pull_s")

@@ -529,7 +529,7 @@ $run_once$;
 do $run_once$
 declare
     step constant text := '005-bundle_format2';
-    step_sha256 constant text := 'd6728a81b4f6c52c70c49188a045632a64cdd2e0c5f07362396c554271ef415e';
+    step_sha256 constant text := '7fecfe2b457bea31f136d494a2891d0d343c174c42b781c1a0671461dd500414';
     recorded text;
 begin
     select m.body_sha256 into recorded from peer.migration m where m.name = step;
@@ -543,6 +543,9 @@ begin
     execute $step_body$-- Object format aquapeer-bundle/2 (0.17.0): buckets hold their rows, so the head's rows are read
 -- from the head's buckets (bundle.head_node) and bundle.head_row goes.  Commits of
 -- aquapeer-bundle/1 keep their trees and blobs.
+-- Out of the extension first: that also takes it off the tables pg_dump dumps (extconfig), where
+-- a dropped table would stay behind as a bare oid.
+alter extension aquapeer drop table bundle.head_row;
 drop table bundle.head_row;
 
 -- Functions gone, or whose arguments or results changed (CREATE OR REPLACE cannot change those).
@@ -2545,7 +2548,8 @@ $$;
 -- node lacks or lists with another id.  Against no node at all, every line (a clone walks 65,536
 -- buckets so, a third faster without the join).  An entry is a child's name and id, or in a
 -- bucket a row's key hash and row hash (in a bucket/2 its text's, with the text); so a bucket/1
--- and a bucket/2 of the same rows differ in no entry.
+-- and a bucket/2 of the same rows differ in no entry.  Against no node, a bucket/2's rows come
+-- with their texts and no hashes: a clone's checkout needs none (bundle._tree_diff computes them).
 create or replace function bundle._node_diff(bundle_name text, a_node text, b_node text)
 returns table (name text, a_id text, b_id text, a_row text, b_row text)
 language sql stable rows 10 as $$
@@ -2576,8 +2580,8 @@ language sql stable rows 10 as $$
     where a.id is distinct from b.id
     union all
     select case when o.v2 then left(o.line, 64) else left(o.line, -65) end,
-           case when b_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
-           case when a_node is null then case when o.v2 then encode(sha256(convert_to(substr(o.line, 66), 'UTF8')), 'hex') else right(o.line, 64) end end,
+           case when b_node is null and not o.v2 then right(o.line, 64) end,
+           case when a_node is null and not o.v2 then right(o.line, 64) end,
            case when b_node is null and o.v2 then substr(o.line, 66) end,
            case when a_node is null and o.v2 then substr(o.line, 66) end
     from one o
@@ -2609,11 +2613,13 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     cross join lateral bundle._node_diff(bundle_name, b.a_id, b.b_id) k
 $$;
 
--- The rows that differ between two trees, with their texts (null: no such row).
+-- The rows that differ between two trees, with their hashes and texts (null: no such row).
 create or replace function bundle._tree_diff(bundle_name text, a_root text, b_root text)
 returns table (relation_name text, key_hash text, a_blob text, b_blob text, a_row text, b_row text)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
-    select d.relation_name, d.path, d.a_id, d.b_id,
+    select d.relation_name, d.path,
+           coalesce(d.a_id, encode(sha256(convert_to(d.a_row, 'UTF8')), 'hex')),
+           coalesce(d.b_id, encode(sha256(convert_to(d.b_row, 'UTF8')), 'hex')),
            coalesce(d.a_row, (select convert_from(o.data, 'UTF8') from bundle.object o
                               where o.bundle = bundle_name and o.id = d.a_id)),
            coalesce(d.b_row, (select convert_from(o.data, 'UTF8') from bundle.object o
@@ -2751,18 +2757,21 @@ begin
     if to_regclass('pg_temp.bundle_changes') is null then
         create temporary table bundle_changes (relation regclass not null, key_columns name[] not null,
                                                is_row boolean not null, path text not null, b_id text,
-                                               a_id text, row_text text) on commit drop;
+                                               a_id text, row_text text, present boolean not null)
+            on commit drop;
     end if;
     truncate pg_temp.bundle_changes;
-    -- A row's text: the target's, or for a row the target lacks the one it replaces (its key).
+    -- A row's text: the target's, or for a row the target lacks (not present) the one it
+    -- replaces (its key).
     insert into pg_temp.bundle_changes
         select n.relation, n.key_columns, length(d.path) = 64, d.path, d.b_id, d.a_id,
-               case when d.b_id is not null then d.b_row else d.a_row end
+               case when d.b_id is not null or d.b_row is not null then d.b_row else d.a_row end,
+               d.b_id is not null or d.b_row is not null
         from bundle._tree_changes(bundle_name, from_root, target_root) d
         join bundle._tracked_names(bundle_name) n using (relation_name);
     analyze pg_temp.bundle_changes;
     insert into bundle.head_node select bundle_name, c.relation, c.path, c.b_id from pg_temp.bundle_changes c
-        where not c.is_row and c.b_id is not null
+        where not c.is_row and c.present
         on conflict (bundle, relation, path) do update set id = excluded.id;
     -- Driven by the changes (analyzed above), each gone node found by its key.  head_node's
     -- statistics may predate this bundle (a clone after another bundle's), and a join planned from
@@ -2772,15 +2781,15 @@ begin
         select g.ctid from pg_temp.bundle_changes c
         cross join lateral (select n.ctid from bundle.head_node n
                             where n.bundle = bundle_name and n.relation = c.relation and n.path = c.path) g
-        where not c.is_row and c.b_id is null));
+        where not c.is_row and not c.present));
     insert into pg_temp.bundle_apply
-        select r.relation, bundle._key(r.fields, r.key_columns), case when r.b_id is not null then r.fields end
-        from (select c.relation, c.key_columns, c.b_id, c.row_text::jsonb as fields from pg_temp.bundle_changes c
+        select r.relation, bundle._key(r.fields, r.key_columns), case when r.present then r.fields end
+        from (select c.relation, c.key_columns, c.present, c.row_text::jsonb as fields from pg_temp.bundle_changes c
               where c.is_row and c.row_text is not null offset 0) r;  -- (offset 0: each text parsed once)
     -- Rows of bucket/1 nodes: their blobs.
     insert into pg_temp.bundle_apply
-        select r.relation, bundle._key(r.fields, r.key_columns), case when r.b_id is not null then r.fields end
-        from (select c.relation, c.key_columns, c.b_id, convert_from(o.data, 'UTF8')::jsonb as fields
+        select r.relation, bundle._key(r.fields, r.key_columns), case when r.present then r.fields end
+        from (select c.relation, c.key_columns, c.present, convert_from(o.data, 'UTF8')::jsonb as fields
               from pg_temp.bundle_changes c
               join bundle.object o on o.bundle = bundle_name and o.id = coalesce(c.b_id, c.a_id)
               where c.is_row and c.row_text is null offset 0) r;

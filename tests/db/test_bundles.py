@@ -227,7 +227,8 @@ def test_tree_nodes_compare_line_by_line_even_when_lines_shift(tracked):
     for name, text in (("old", old), ("new", new)):
         node[name] = alice.scalar("insert into bundle.object select 'shop', encode(sha256(d), 'hex'), 'fan', d "
                                   "from convert_to(%s, 'UTF8') d returning id", text)
-    assert set(alice.sql("select name, a_id, b_id from bundle._node_diff('shop', %s, %s)", node["old"], node["new"])) == {
+    diff = "select name, a_id, b_id from bundle._node_diff('shop', %s, %s)"
+    assert set(alice.sql(diff, node["old"], node["new"])) == {
         ("01", ids["b"], None), ("02", None, ids["c"]), ("04", None, ids["e"])}
     # Receiving the new node where the checked-out tree has the old one: only the children not on
     # the same line of both need a look in the store, each with its place below.

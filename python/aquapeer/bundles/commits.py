@@ -4,10 +4,10 @@ A commit names its parents (the first is the branch it was made on, a
 second one makes it a merge), the root of its tree, its author's peer id, a
 message, a time and how many rows it changed.  Its id is the SHA-256 of its
 canonical encoding (format ``aquapeer-bundle/2``; commits made before it
-keep ``aquapeer-bundle/1``; see docs/bundles.md): UTF-8 JSON with sorted keys and no whitespace.  The author signs the id
-with the key the commit records the index of, and the commit travels with
-the author's key chain, so anybody can check it, not only the author's
-friends.
+keep ``aquapeer-bundle/1``; see docs/bundles.md): UTF-8 JSON with sorted
+keys and no whitespace.  The author signs the id with the key the commit
+records the index of, and the commit travels with the author's key chain,
+so anybody can check it, not only the author's friends.
 """
 
 import base64
