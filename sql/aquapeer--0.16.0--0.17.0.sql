@@ -1752,6 +1752,15 @@ language sql immutable parallel safe as $$
     select convert_to('aquapeer-bucket/2' || E'\n' || lines, 'UTF8')
 $$;
 
+-- A bucket/2's rows, split in C (src/bucket.c): none for bytes that are not a bucket/2.
+create or replace function bundle._bucket_lines(data bytea) returns table (key_hash text, row_text text)
+    language c strict immutable parallel safe rows 20 as 'MODULE_PATHNAME', 'aquapeer_bucket_lines';
+
+-- The first line of a bucket/2 that does not fit (null: every line does): a key hash starting
+-- with path (unless null), above the line before it, a space and a row; the bytes UTF-8.
+create or replace function bundle._bucket_misfit(data bytea, path text) returns text
+    language c immutable parallel safe as 'MODULE_PATHNAME', 'aquapeer_bucket_misfit';
+
 -- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
 -- texts (a row's hash is its text's); a bucket/1 (aquapeer-bundle/1) names each row's blob, whose
 -- bytes are the text.  An inlined set of rows (no SET clause, not strict): a caller that never
@@ -1759,15 +1768,13 @@ $$;
 create or replace function bundle._bucket_rows(bundle_name text, data bytea)
 returns table (key_hash text, row_hash text, row_text text)
 language sql stable parallel safe rows 20 as $$
-    select left(u.l, 64),
-           case when b.lines[1] = 'aquapeer-bucket/2' then encode(sha256(convert_to(substr(u.l, 66), 'UTF8')), 'hex')
-                else right(u.l, 64) end,
-           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 66)
-                else (select convert_from(o.data, 'UTF8') from bundle.object o
-                      where o.bundle = bundle_name and o.id = right(u.l, 64)) end
-    from (select bundle._lines(data) as lines) b
-    cross join lateral unnest(b.lines) with ordinality u(l, n)
-    where u.n > 1 and u.l <> ''
+    select r.key_hash, encode(sha256(convert_to(r.row_text, 'UTF8')), 'hex'), r.row_text
+    from bundle._bucket_lines(data) r
+    union all
+    select left(u.l, 64), right(u.l, 64), (select convert_from(o.data, 'UTF8') from bundle.object o
+                                           where o.bundle = bundle_name and o.id = right(u.l, 64))
+    from unnest(bundle._lines(data)) with ordinality u(l, n)
+    where substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') and u.n > 1 and u.l <> ''
 $$;
 
 -- The row the bundle's checked-out tree has under a key hash (none: no such row): a probe of
@@ -1823,19 +1830,21 @@ begin
             and h.path > '' order by h.path limit 1) is null then
             -- No rows in the head (a first commit): every row is new, and one statement writes
             -- the buckets, in the order of their ids (the store's index then fills pages one
-            -- after the other).
+            -- after the other).  The rows go straight into their buckets, never kept whole
+            -- (materialized, a million rows' texts spilled to disk).
             execute format(
-                'with c as materialized (%s), done as (%s), body as ('
-                '    select left(c.key_hash, 4) as path, bundle._bucket(string_agg('
-                '               c.key_hash || '' '' || c.blob || E''\n'', '''' '
-                '               order by c.key_hash collate "C")) as data'
-                '    from c where c.blob is not null group by 1'
-                '), hashed as materialized (select b.path, encode(sha256(b.data), ''hex'') as id, b.data from body b'
+                'with body as ('
+                '    select left(c.key_hash, 4) as path, count(*) as n, bundle._bucket(string_agg('
+                '               c.key_hash || '' '' || c.blob || E''\n'', '''' order by c.key_hash collate "C")) as data'
+                '    from (%s) c where c.blob is not null group by 1'
+                '), done as (%s'
+                '), hashed as materialized (select b.path, b.n, encode(sha256(b.data), ''hex'') as id, b.data from body b'
                 '), kept as (insert into bundle.object select %L, h.id, ''bucket'', h.data from hashed h '
                 '            order by h.id collate "C" on conflict do nothing'
                 '), placed as (insert into bundle.head_node select %L, %s, h.path, h.id from hashed h'
                 '              on conflict (bundle, relation, path) do update set id = excluded.id) '
-                'select (select count(*) from c), (select array_agg(distinct left(h.path, 2)) from hashed h)',
+                'select coalesce((select sum(h.n) from hashed h), 0), '
+                '(select array_agg(distinct left(h.path, 2)) from hashed h)',
                 bundle._changes_query(bundle_name, t, true), forget, bundle_name, bundle_name, t.relation::oid)
                 into n, fans;
         else
@@ -2271,7 +2280,8 @@ $$;
 -- checked-out tree has there, with their places.  Where the place is known, each such line
 -- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
 -- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
--- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
+-- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too
+-- (bundle._bucket_misfit).  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
 -- ':') where the bundle tracks no such table that this transaction can see.  A clone is such a
 -- case: the caller's transaction tracks the tables (bundle._adopt) while executors keep what
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
@@ -2301,19 +2311,15 @@ language sql stable rows 100 as $$
                                and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
          with ordinality z(line, old, n)
     where z.n > 1 and z.line <> '' and z.line is distinct from z.old
-      and (substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
-           or not bundle._checked_row(place, z.line))
-$$;
-
--- Whether a line of a bucket/2 received is a key hash and a row that fits its place (when
--- known); never false, an error otherwise.  (The bucket's id covers its rows' bytes.)
-create or replace function bundle._checked_row(place text, line text) returns boolean
-language sql stable parallel safe as $$
-    select case when substr(line, 65, 2) = ' {' and left(line, 64) !~ '[^0-9a-f]'
-                     and (place is null or (length(split_part(place, ':', 2)) = 4
-                                            and left(line, 4) = split_part(place, ':', 2)))
-                then true
-                else bundle._misplaced('bucket', place, line) is null end
+      and substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+    union all
+    -- a bucket/2: every line checked at once (in C), and none returned
+    select null, null
+    from (select case when place is not null and length(split_part(place, ':', 2)) <> 4
+                      then '(a bucket that does not hang four hex digits down)'
+                      else bundle._bucket_misfit(data, split_part(place, ':', 2)) end as line) m
+    where substr(data, 1, 18) = convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+      and m.line is not null and bundle._misplaced(kind, place, m.line) is null
 $$;
 
 -- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,
@@ -2600,7 +2606,11 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
         select t.name, f.name as path, f.a_id, f.b_id from tables t
         cross join lateral bundle._node_diff(bundle_name, t.a_id, t.b_id) f
     ), buckets as (
-        select f.name, f.path || u.name as path, u.a_id, u.b_id from fans f
+        select f.name, f.path || u.name as path, u.a_id, u.b_id,
+               -- a bucket the other tree lacks (all of a clone's): read once, here
+               case when u.a_id is null then (select o.data from bundle.object o
+                                              where o.bundle = bundle_name and o.id = u.b_id) end as b_data
+        from fans f
         cross join lateral bundle._node_diff(bundle_name, f.a_id, f.b_id) u
     )
     select name, '', a_id, b_id, null, null from tables
@@ -2609,8 +2619,14 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     union all
     select name, path, a_id, b_id, null, null from buckets
     union all
+    -- The rows of a bucket/2 the other tree lacks come straight from its lines, without a call of
+    -- bundle._node_diff per bucket (a third of a clone's walk).
+    select b.name, l.key_hash, null, null, null, l.row_text from buckets b
+    cross join lateral bundle._bucket_lines(b.b_data) l
+    union all
     select b.name, k.name, k.a_id, k.b_id, k.a_row, k.b_row from buckets b
     cross join lateral bundle._node_diff(bundle_name, b.a_id, b.b_id) k
+    where b.b_data is null or substr(b.b_data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
 $$;
 
 -- The rows that differ between two trees, with their hashes and texts (null: no such row).
@@ -3271,6 +3287,7 @@ revoke all on function bundle._stage(text), bundle._rebuild_buckets(text, regcla
     bundle._rebuild_fans(text, regclass, text[]), bundle.commit(text, text), bundle.log(text),
     bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea), bundle._bucket(text),
     bundle._bucket_rows(text, bytea), bundle._head_row(text, regclass, text), bundle._head_rows(text, regclass),
+    bundle._bucket_lines(bytea), bundle._bucket_misfit(bytea, text),
     bundle._lines(bytea) from public;
 grant execute on function bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
 
@@ -3280,7 +3297,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
-    bundle._checked_row(text, text), bundle._new_rows(text, text[], text[]),
+    bundle._new_rows(text, text[], text[]),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),

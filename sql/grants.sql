@@ -110,6 +110,7 @@ revoke all on function bundle._stage(text), bundle._rebuild_buckets(text, regcla
     bundle._rebuild_fans(text, regclass, text[]), bundle.commit(text, text), bundle.log(text),
     bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea), bundle._bucket(text),
     bundle._bucket_rows(text, bytea), bundle._head_row(text, regclass, text), bundle._head_rows(text, regclass),
+    bundle._bucket_lines(bytea), bundle._bucket_misfit(bytea, text),
     bundle._lines(bytea) from public;
 grant execute on function bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
 
@@ -119,7 +120,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
-    bundle._checked_row(text, text), bundle._new_rows(text, text[], text[]),
+    bundle._new_rows(text, text[], text[]),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),

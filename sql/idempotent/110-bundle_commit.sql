@@ -159,6 +159,15 @@ language sql immutable parallel safe as $$
     select convert_to('aquapeer-bucket/2' || E'\n' || lines, 'UTF8')
 $$;
 
+-- A bucket/2's rows, split in C (src/bucket.c): none for bytes that are not a bucket/2.
+create or replace function bundle._bucket_lines(data bytea) returns table (key_hash text, row_text text)
+    language c strict immutable parallel safe rows 20 as 'MODULE_PATHNAME', 'aquapeer_bucket_lines';
+
+-- The first line of a bucket/2 that does not fit (null: every line does): a key hash starting
+-- with path (unless null), above the line before it, a space and a row; the bytes UTF-8.
+create or replace function bundle._bucket_misfit(data bytea, path text) returns text
+    language c immutable parallel safe as 'MODULE_PATHNAME', 'aquapeer_bucket_misfit';
+
 -- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
 -- texts (a row's hash is its text's); a bucket/1 (aquapeer-bundle/1) names each row's blob, whose
 -- bytes are the text.  An inlined set of rows (no SET clause, not strict): a caller that never
@@ -166,15 +175,13 @@ $$;
 create or replace function bundle._bucket_rows(bundle_name text, data bytea)
 returns table (key_hash text, row_hash text, row_text text)
 language sql stable parallel safe rows 20 as $$
-    select left(u.l, 64),
-           case when b.lines[1] = 'aquapeer-bucket/2' then encode(sha256(convert_to(substr(u.l, 66), 'UTF8')), 'hex')
-                else right(u.l, 64) end,
-           case when b.lines[1] = 'aquapeer-bucket/2' then substr(u.l, 66)
-                else (select convert_from(o.data, 'UTF8') from bundle.object o
-                      where o.bundle = bundle_name and o.id = right(u.l, 64)) end
-    from (select bundle._lines(data) as lines) b
-    cross join lateral unnest(b.lines) with ordinality u(l, n)
-    where u.n > 1 and u.l <> ''
+    select r.key_hash, encode(sha256(convert_to(r.row_text, 'UTF8')), 'hex'), r.row_text
+    from bundle._bucket_lines(data) r
+    union all
+    select left(u.l, 64), right(u.l, 64), (select convert_from(o.data, 'UTF8') from bundle.object o
+                                           where o.bundle = bundle_name and o.id = right(u.l, 64))
+    from unnest(bundle._lines(data)) with ordinality u(l, n)
+    where substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') and u.n > 1 and u.l <> ''
 $$;
 
 -- The row the bundle's checked-out tree has under a key hash (none: no such row): a probe of
@@ -230,19 +237,21 @@ begin
             and h.path > '' order by h.path limit 1) is null then
             -- No rows in the head (a first commit): every row is new, and one statement writes
             -- the buckets, in the order of their ids (the store's index then fills pages one
-            -- after the other).
+            -- after the other).  The rows go straight into their buckets, never kept whole
+            -- (materialized, a million rows' texts spilled to disk).
             execute format(
-                'with c as materialized (%s), done as (%s), body as ('
-                '    select left(c.key_hash, 4) as path, bundle._bucket(string_agg('
-                '               c.key_hash || '' '' || c.blob || E''\n'', '''' '
-                '               order by c.key_hash collate "C")) as data'
-                '    from c where c.blob is not null group by 1'
-                '), hashed as materialized (select b.path, encode(sha256(b.data), ''hex'') as id, b.data from body b'
+                'with body as ('
+                '    select left(c.key_hash, 4) as path, count(*) as n, bundle._bucket(string_agg('
+                '               c.key_hash || '' '' || c.blob || E''\n'', '''' order by c.key_hash collate "C")) as data'
+                '    from (%s) c where c.blob is not null group by 1'
+                '), done as (%s'
+                '), hashed as materialized (select b.path, b.n, encode(sha256(b.data), ''hex'') as id, b.data from body b'
                 '), kept as (insert into bundle.object select %L, h.id, ''bucket'', h.data from hashed h '
                 '            order by h.id collate "C" on conflict do nothing'
                 '), placed as (insert into bundle.head_node select %L, %s, h.path, h.id from hashed h'
                 '              on conflict (bundle, relation, path) do update set id = excluded.id) '
-                'select (select count(*) from c), (select array_agg(distinct left(h.path, 2)) from hashed h)',
+                'select coalesce((select sum(h.n) from hashed h), 0), '
+                '(select array_agg(distinct left(h.path, 2)) from hashed h)',
                 bundle._changes_query(bundle_name, t, true), forget, bundle_name, bundle_name, t.relation::oid)
                 into n, fans;
         else

@@ -393,7 +393,8 @@ $$;
 -- checked-out tree has there, with their places.  Where the place is known, each such line
 -- must fit it: a root hangs at '', a fan node at a table's place or one two-hex-digit step below,
 -- naming its children by two hex digits; a bucket four digits down, its key hashes starting so.
--- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too.  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
+-- A bucket/2 names no children: its rows are in it, each on a line that must fit its place too
+-- (bundle._bucket_misfit).  A root's child hangs at its table's place: the tracked table's oid, or none ('' before the
 -- ':') where the bundle tracks no such table that this transaction can see.  A clone is such a
 -- case: the caller's transaction tracks the tables (bundle._adopt) while executors keep what
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
@@ -423,19 +424,15 @@ language sql stable rows 100 as $$
                                and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
          with ordinality z(line, old, n)
     where z.n > 1 and z.line <> '' and z.line is distinct from z.old
-      and (substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
-           or not bundle._checked_row(place, z.line))
-$$;
-
--- Whether a line of a bucket/2 received is a key hash and a row that fits its place (when
--- known); never false, an error otherwise.  (The bucket's id covers its rows' bytes.)
-create or replace function bundle._checked_row(place text, line text) returns boolean
-language sql stable parallel safe as $$
-    select case when substr(line, 65, 2) = ' {' and left(line, 64) !~ '[^0-9a-f]'
-                     and (place is null or (length(split_part(place, ':', 2)) = 4
-                                            and left(line, 4) = split_part(place, ':', 2)))
-                then true
-                else bundle._misplaced('bucket', place, line) is null end
+      and substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+    union all
+    -- a bucket/2: every line checked at once (in C), and none returned
+    select null, null
+    from (select case when place is not null and length(split_part(place, ':', 2)) <> 4
+                      then '(a bucket that does not hang four hex digits down)'
+                      else bundle._bucket_misfit(data, split_part(place, ':', 2)) end as line) m
+    where substr(data, 1, 18) = convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+      and m.line is not null and bundle._misplaced(kind, place, m.line) is null
 $$;
 
 -- Keep objects received for a bundle, each checked against its id: blobs in bundle.object,

@@ -15,6 +15,7 @@ PURE = {
     "aquapeer.bundles.commits": "the commit format, its ids and signatures",
     "aquapeer.bundles.merge": "the three-way merge of rows, on dicts",
     "aquapeer.bundles.rowtext": "a row's canonical text, the reference of the C row codec",
+    "aquapeer.bundles.bucket": "a bucket of format 2, the reference of the C bucket codec",
     "aquapeer.net.wire": "the data channel's frame format",
 }
 # The network layer runs outside PostgreSQL too (the signaling server, light peers).
