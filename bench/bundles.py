@@ -234,6 +234,8 @@ def format_floor(conn, figures):
     every_row = f"from ({rows}) r where r.key_hash is not null and r.blob_id is not null"
     with conn.transaction(force_rollback=True):
         tb.use_row_hash_settings(conn, local=True)
+        # As bundle._stage sorts and as the store compresses (bundle.object's data is lz4).
+        conn.execute("set local work_mem = '256MB'; set local default_toast_compression = 'lz4'")
         _, figures["floor_row_hashes_s"] = timed(lambda: conn.execute(f"select count(*) {every_row}").fetchall())
         _, write = timed(lambda: conn.execute(
             "create table public.widget_buckets as select encode(sha256(b.data), 'hex') as id, b.data from ("
