@@ -39,12 +39,15 @@ begin
 end
 $$;
 
--- The rows to write to a bundle's tables (bundle._apply): fields null deletes the row.
+-- The rows to write to a bundle's tables (bundle._apply): each row's text (a JSON object, column
+-- -> text), or none and its key to delete it.  (A row written needs no key here: its columns
+-- hold it.)
 create or replace function bundle._apply_begin() returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     if to_regclass('pg_temp.bundle_apply') is null then
-        create temporary table bundle_apply (relation regclass not null, key jsonb not null, fields jsonb)
+        create temporary table bundle_apply (relation regclass not null, key jsonb, row_text text,
+                                             check (key is not null or row_text is not null))
             on commit drop;
     end if;
     truncate pg_temp.bundle_apply;
@@ -117,40 +120,57 @@ language sql stable rows 10 as $$
     from one o
 $$;
 
--- What differs between two trees (a null root is the empty tree), by table and path: '' a
--- table's node, two hex digits a fan node, four a bucket (as bundle.head_node keeps them), and
--- a row's key hash its row hashes and, from a bucket/2, its texts.  It descends only into nodes
--- whose ids differ.
-create or replace function bundle._tree_changes(bundle_name text, a_root text, b_root text)
-returns table (relation_name text, path text, a_id text, b_id text, a_row text, b_row text)
+-- The tree nodes that differ between two trees (a null root is the empty tree), by table and
+-- path: '' a table's node, two hex digits a fan node, four a bucket (as bundle.head_node keeps
+-- them).  It descends only into nodes whose ids differ.
+create or replace function bundle._tree_nodes(bundle_name text, a_root text, b_root text)
+returns table (relation_name text, path text, a_id text, b_id text)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     with tables as (
         select t.name, t.a_id, t.b_id from bundle._node_diff(bundle_name, a_root, b_root) t
     ), fans as (
         select t.name, f.name as path, f.a_id, f.b_id from tables t
         cross join lateral bundle._node_diff(bundle_name, t.a_id, t.b_id) f
-    ), buckets as (
-        select f.name, f.path || u.name as path, u.a_id, u.b_id,
-               -- a bucket the other tree lacks (all of a clone's): read once, here
-               case when u.a_id is null then (select o.data from bundle.object o
-                                              where o.bundle = bundle_name and o.id = u.b_id) end as b_data
-        from fans f
-        cross join lateral bundle._node_diff(bundle_name, f.a_id, f.b_id) u
     )
-    select name, '', a_id, b_id, null, null from tables
+    select name, '', a_id, b_id from tables
     union all
-    select name, path, a_id, b_id, null, null from fans
+    select name, path, a_id, b_id from fans
     union all
-    select name, path, a_id, b_id, null, null from buckets
+    select f.name, f.path || u.name, u.a_id, u.b_id from fans f
+    cross join lateral bundle._node_diff(bundle_name, f.a_id, f.b_id) u
+$$;
+
+-- The rows that differ between two versions of a bucket (null: none): key hash, row hashes and
+-- texts.  A bucket/2 the other side lacks (all of a clone's) gives its rows straight from its
+-- lines (in C), without hashes and without a call of bundle._node_diff (a third of a clone's
+-- walk); the rest goes through bundle._node_diff.
+create or replace function bundle._bucket_changes(bundle_name text, a_bucket text, b_bucket text)
+returns table (key_hash text, a_id text, b_id text, a_row text, b_row text)
+language sql stable rows 20 as $$
+    with b as (
+        select case when a_bucket is null then (select o.data from bundle.object o
+                                                 where o.bundle = bundle_name and o.id = b_bucket) end as data
+    )
+    select l.key_hash, null, null, null, l.row_text from b cross join lateral bundle._bucket_lines(b.data) l
     union all
-    -- The rows of a bucket/2 the other tree lacks come straight from its lines, without a call of
-    -- bundle._node_diff per bucket (a third of a clone's walk).
-    select b.name, l.key_hash, null, null, null, l.row_text from buckets b
-    cross join lateral bundle._bucket_lines(b.b_data) l
+    select k.name, k.a_id, k.b_id, k.a_row, k.b_row from b
+    cross join lateral bundle._node_diff(bundle_name, a_bucket, b_bucket) k
+    where b.data is null or substr(b.data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+$$;
+
+-- What differs between two trees: the nodes (bundle._tree_nodes) and, under a row's key hash, its
+-- row hashes and, from a bucket/2, its texts.
+create or replace function bundle._tree_changes(bundle_name text, a_root text, b_root text)
+returns table (relation_name text, path text, a_id text, b_id text, a_row text, b_row text)
+language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
+    with nodes as materialized (
+        select * from bundle._tree_nodes(bundle_name, a_root, b_root)
+    )
+    select n.relation_name, n.path, n.a_id, n.b_id, null, null from nodes n
     union all
-    select b.name, k.name, k.a_id, k.b_id, k.a_row, k.b_row from buckets b
-    cross join lateral bundle._node_diff(bundle_name, b.a_id, b.b_id) k
-    where b.b_data is null or substr(b.b_data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+    select n.relation_name, r.key_hash, r.a_id, r.b_id, r.a_row, r.b_row from nodes n
+    cross join lateral bundle._bucket_changes(bundle_name, n.a_id, n.b_id) r
+    where length(n.path) = 4
 $$;
 
 -- The rows that differ between two trees, with their hashes and texts (null: no such row).
@@ -177,12 +197,13 @@ create or replace function bundle._write_statement(relation regclass, key_column
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     with c as (
         select a.attnum, a.attname, a.attname = any (key_columns) as is_key,
-               format('(a.fields->>%L)::%s', a.attname, format_type(a.atttypid, a.atttypmod)) as value
+               format('(f.fields->>%L)::%s', a.attname, format_type(a.atttypid, a.atttypmod)) as value
         from pg_attribute a
         where a.attrelid = relation and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
     ), s as (
-        select format('pg_temp.bundle_apply a where a.relation = %s::regclass and a.fields is not null',
-                      relation::oid) as source,
+        -- (each row's text parsed once: "offset 0" keeps the parse from being copied into each column)
+        select format('pg_temp.bundle_apply a cross join lateral (select a.row_text::jsonb as fields offset 0) f '
+                      'where a.relation = %s::regclass and a.row_text is not null', relation::oid) as source,
                (select string_agg(format('t.%I = %s', c.attname, c.value), ' and ' order by c.attnum)
                 from c where c.is_key) as same_key
     )
@@ -268,7 +289,7 @@ begin
                  join bundle.tracked k on k.bundle = bundle_name and k.relation = o.relation
                  order by o.rank desc, o.relation::text desc loop
             execute format('delete from only %s t where (%s) and (%s) in (select %s from pg_temp.bundle_apply a '
-                           'where a.relation = %s::regclass and a.fields is null)',
+                           'where a.relation = %s::regclass and a.row_text is null)',
                            t.relation, coalesce(t.filter, 'true'),
                            (select string_agg(format('t.%I', k), ', ') from unnest(t.key_columns) k),
                            bundle._key_values(t.relation, t.key_columns, 'a.key'), t.relation::oid);
@@ -287,37 +308,31 @@ end
 $$;
 
 -- What differs between the commit checked out and the target: the head tree (bundle.head_node)
--- takes the target's nodes, and the rows to write go to pg_temp.bundle_apply.  The differences
--- go through a table with statistics: the rows of a tree of aquapeer-bundle/1 read their blobs
--- in one pass over the store instead of a lookup each (2 s instead of 9 for a million).
+-- takes the target's nodes, and the rows to write go to pg_temp.bundle_apply, straight from the
+-- buckets that differ (a row's text is parsed once, when it is written).  The nodes go through a
+-- table with statistics, which drives the rest.
 create or replace function bundle._checkout_changes(bundle_name text, from_root text, target_root text)
 returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     if to_regclass('pg_temp.bundle_changes') is null then
         create temporary table bundle_changes (relation regclass not null, key_columns name[] not null,
-                                               is_row boolean not null, path text not null, b_id text,
-                                               a_id text, row_text text, present boolean not null)
-            on commit drop;
+                                               path text not null, a_id text, b_id text) on commit drop;
     end if;
     truncate pg_temp.bundle_changes;
-    -- A row's text: the target's, or for a row the target lacks (not present) the one it
-    -- replaces (its key).
     insert into pg_temp.bundle_changes
-        select n.relation, n.key_columns, length(d.path) = 64, d.path, d.b_id, d.a_id,
-               case when d.b_id is not null or d.b_row is not null then d.b_row else d.a_row end,
-               d.b_id is not null or d.b_row is not null
-        from bundle._tree_changes(bundle_name, from_root, target_root) d
+        select n.relation, n.key_columns, d.path, d.a_id, d.b_id
+        from bundle._tree_nodes(bundle_name, from_root, target_root) d
         join bundle._tracked_names(bundle_name) n using (relation_name);
     analyze pg_temp.bundle_changes;
     -- (A bundle without head nodes, a clone's, takes them without "on conflict", which inserts
     -- each speculatively.)
     if (select h.path from bundle.head_node h where h.bundle = bundle_name order by h.relation, h.path limit 1) is null then
         insert into bundle.head_node select bundle_name, c.relation, c.path, c.b_id from pg_temp.bundle_changes c
-            where not c.is_row and c.present;
+            where c.b_id is not null;
     else
         insert into bundle.head_node select bundle_name, c.relation, c.path, c.b_id from pg_temp.bundle_changes c
-            where not c.is_row and c.present
+            where c.b_id is not null
             on conflict (bundle, relation, path) do update set id = excluded.id;
     end if;
     -- Driven by the changes (analyzed above), each gone node found by its key.  head_node's
@@ -328,18 +343,21 @@ begin
         select g.ctid from pg_temp.bundle_changes c
         cross join lateral (select n.ctid from bundle.head_node n
                             where n.bundle = bundle_name and n.relation = c.relation and n.path = c.path) g
-        where not c.is_row and not c.present));
+        where c.b_id is null));
+    -- Each row the target has, by its text (a bucket/1's from its blob), and each it lacks, by
+    -- the key of the row it replaces.
     insert into pg_temp.bundle_apply
-        select r.relation, bundle._key(r.fields, r.key_columns), case when r.present then r.fields end
-        from (select c.relation, c.key_columns, c.present, c.row_text::jsonb as fields from pg_temp.bundle_changes c
-              where c.is_row and c.row_text is not null offset 0) r;  -- (offset 0: each text parsed once)
-    -- Rows of bucket/1 nodes: their blobs.
-    insert into pg_temp.bundle_apply
-        select r.relation, bundle._key(r.fields, r.key_columns), case when r.present then r.fields end
-        from (select c.relation, c.key_columns, c.present, convert_from(o.data, 'UTF8')::jsonb as fields
-              from pg_temp.bundle_changes c
-              join bundle.object o on o.bundle = bundle_name and o.id = coalesce(c.b_id, c.a_id)
-              where c.is_row and c.row_text is null offset 0) r;
+        select c.relation,
+               case when r.b_id is null and r.b_row is null
+                    then bundle._key(coalesce(r.a_row, (select convert_from(o.data, 'UTF8') from bundle.object o
+                                                        where o.bundle = bundle_name and o.id = r.a_id))::jsonb,
+                                     c.key_columns) end,
+               case when r.b_row is not null then r.b_row
+                    when r.b_id is not null then (select convert_from(o.data, 'UTF8') from bundle.object o
+                                                  where o.bundle = bundle_name and o.id = r.b_id) end
+        from pg_temp.bundle_changes c
+        cross join lateral bundle._bucket_changes(bundle_name, c.a_id, c.b_id) r
+        where length(c.path) = 4;
     -- A table the target lacks is empty.
     insert into bundle.head_node
         select bundle_name, n.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex')
@@ -359,10 +377,10 @@ language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 begin
     if exists (select from bundle.changed_key c where c.bundle = bundle_name and c.key <> 'null'::jsonb) then
         analyze pg_temp.bundle_apply;
-        delete from bundle.changed_key c using pg_temp.bundle_apply a
-        where c.bundle = bundle_name and c.relation = a.relation and c.key = a.key
-          and a.relation in (select k.relation from bundle.tracked k
-                             where k.bundle = bundle_name and not bundle._has_user_triggers(k.relation));
+        delete from bundle.changed_key c using pg_temp.bundle_apply a, bundle.tracked k
+        where c.bundle = bundle_name and c.relation = a.relation and k.bundle = bundle_name and k.relation = a.relation
+          and c.key = coalesce(a.key, bundle._key(a.row_text::jsonb, k.key_columns))
+          and not bundle._has_user_triggers(k.relation);
     end if;
     if not force then
         delete from bundle.changed_key c
@@ -420,9 +438,12 @@ begin
     perform bundle._apply_begin();
     perform bundle._checkout_changes(bundle_name, bundle._tree(bundle_name, b.checked_out), target_root);
     if force then
-        -- The other rows changed since: back to the head rows (the target has them unchanged).
-        insert into pg_temp.bundle_apply (relation, key, fields)
-            select c.relation, c.key, h.row_text::jsonb
+        -- The other rows changed since: back to the head rows (the target has them unchanged),
+        -- each key once (the rows the target writes get their keys for it).
+        update pg_temp.bundle_apply a set key = bundle._key(a.row_text::jsonb, k.key_columns)
+            from bundle.tracked k where a.key is null and k.bundle = bundle_name and k.relation = a.relation;
+        insert into pg_temp.bundle_apply (relation, key, row_text)
+            select c.relation, c.key, h.row_text
             from bundle.changed_key c
             left join lateral bundle._head_row(c.bundle, c.relation,
                                                encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')) h on true

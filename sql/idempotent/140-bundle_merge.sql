@@ -52,8 +52,8 @@ begin
                p.their_row::jsonb as t_fields
         from plan p
     ), only_theirs as (
-        insert into pg_temp.bundle_apply (relation, key, fields)
-        select l.relation, bundle._key(coalesce(l.t_fields, l.b_fields), l.key_columns), l.t_fields
+        insert into pg_temp.bundle_apply (relation, key, row_text)
+        select l.relation, bundle._key(coalesce(l.t_fields, l.b_fields), l.key_columns), l.t_fields::text
         from loaded l where not l.both_changed
     )
     select l.relation, bundle._key(coalesce(l.t_fields, l.o_fields, l.b_fields), l.key_columns),
@@ -105,7 +105,7 @@ begin
                 using errcode = '22023', hint = 'Give the whole row as JSON (column -> text) with the same key, or null to delete it.';
         end if;
         perform bundle._apply_begin();
-        insert into pg_temp.bundle_apply (relation, key, fields) values (c.relation, c.key, chosen::jsonb);
+        insert into pg_temp.bundle_apply (relation, key, row_text) values (c.relation, c.key, chosen::jsonb::text);
         perform bundle._apply(bundle_name, 'resolve a conflict');
     else
         execute format('update only %s t set %I = $1::%s where (%s) = (%s)', c.relation, c.column_name,

@@ -61,8 +61,8 @@ def integrate(db, name, theirs, checkout):
             rows.append({"relation": r["relation"], "key": key, "fields": merged})
         conflicts += [{"relation": r["relation"], "key": key, "column": c.column,
                        "base": c.base, "ours": c.ours, "theirs": c.theirs} for c in found]
-    db.query("insert into pg_temp.bundle_apply (relation, key, fields) "
-             "select (x->>'relation')::oid::regclass, x->'key', nullif(x->'fields', 'null') "
+    db.query("insert into pg_temp.bundle_apply (relation, key, row_text) "
+             "select (x->>'relation')::oid::regclass, x->'key', nullif(x->'fields', 'null')::text "
              "from pg_catalog.jsonb_array_elements($1::jsonb) x", [json.dumps(rows)])
     db.query("insert into bundle.merge (bundle, theirs, ours, base) values ($1, $2, $3, $4)",
              [name, theirs, head, base])
