@@ -25,17 +25,18 @@ endif
 
 MODULE_big = aquapeer
 OBJS = $(patsubst %.c,%.o,$(wildcard src/*.c))
-# SQL: the install script and the upgrade script from the previous release
-# are built from sql/'s sources by scripts/build_sql.py, and committed when
-# released (sql/released.sha256 then freezes them).  The scripts of the
+# SQL: the install script and an upgrade script from each earlier release (an
+# update runs one script: a chain would run an older script's check against
+# this version's payload) are built from sql/'s sources by scripts/build_sql.py,
+# and committed when released (sql/released.sha256 then freezes them).  The scripts of the
 # versions before the first release are frozen history, installed as they are.
-# releases.txt records each release (version, commit); PREVIOUS_VERSION is the
-# newest one before this version.
-PREVIOUS_VERSION := $(shell awk '!/^\#/ && NF && $$1 != "$(EXTVERSION)" {v = $$1} END {print v}' releases.txt)
+# releases.txt records each release (version, commit); UPGRADE_SOURCES are those
+# before this version.
 SQL_SOURCES = sql/head.sql $(sort $(wildcard sql/incremental/*.sql sql/idempotent/*.sql)) sql/grants.sql sql/tail.sql
 SQL_INSTALL = sql/aquapeer--$(EXTVERSION).sql
-SQL_UPGRADE = sql/aquapeer--$(PREVIOUS_VERSION)--$(EXTVERSION).sql
-SQL_BUILT = $(SQL_INSTALL) $(SQL_UPGRADE)
+UPGRADE_SOURCES := $(shell awk '!/^\#/ && NF && $$1 != "$(EXTVERSION)" {print $$1}' releases.txt)
+SQL_UPGRADES = $(foreach v,$(UPGRADE_SOURCES),sql/aquapeer--$(v)--$(EXTVERSION).sql)
+SQL_BUILT = $(SQL_INSTALL) $(SQL_UPGRADES)
 DATA = $(sort $(wildcard sql/aquapeer--*.sql) $(SQL_BUILT))
 
 # make installcheck (and pgxn check): test/sql/*.sql against test/expected/,
@@ -105,8 +106,8 @@ PYTEST_ARGS ?=
 all: $(SQL_BUILT)
 $(SQL_INSTALL): $(SQL_SOURCES) scripts/build_sql.py
 	$(PYTHON) scripts/build_sql.py $(EXTVERSION) $@
-$(SQL_UPGRADE): $(SQL_SOURCES) scripts/build_sql.py releases.txt
-	$(PYTHON) scripts/build_sql.py $(EXTVERSION) $@ --from $(PREVIOUS_VERSION)
+$(SQL_UPGRADES): sql/aquapeer--%--$(EXTVERSION).sql: $(SQL_SOURCES) scripts/build_sql.py releases.txt
+	$(PYTHON) scripts/build_sql.py $(EXTVERSION) $@ --from $*
 
 # --- install ---------------------------------------------------------------
 

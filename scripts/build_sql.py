@@ -52,6 +52,13 @@ def releases() -> list[tuple[str, str]]:
     return rows
 
 
+def upgrade_sources(version: str) -> list[str]:
+    """The releases an update reaches version from, each in one step (one script from each).  A
+    chain of scripts would run an older release's script against this version's payload, which
+    that script's check of the payload (sql/tail.sql) refuses."""
+    return [v for v, _ in releases() if v != version]
+
+
 def previous_release(version: str) -> tuple[str, str]:
     """The newest release other than version, which its upgrade script starts from."""
     return [row for row in releases() if row[0] != version][-1]

@@ -39,9 +39,14 @@ def make_install(tree: Path) -> None:
     assert proc.returncode == 0, f"make install in {tree} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-@pytest.fixture
-def previous_release_installed(tmp_path):
-    version, commit = build_sql.previous_release(VERSION)
+# The last release whose bundles were of object format 1: an update from it crosses the format
+# boundary (docs/bundles.md, "Format 1 and the upgrade"), whatever release came before this one.
+FORMAT_1_RELEASE = "0.16.0"
+
+
+@pytest.fixture(params=sorted({build_sql.previous_release(VERSION)[0], FORMAT_1_RELEASE}))
+def previous_release_installed(request, tmp_path):
+    version, commit = request.param, dict(build_sql.releases())[request.param]
     known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
                            capture_output=True)
     assert known.returncode == 0, (
@@ -217,6 +222,10 @@ def test_update_from_the_previous_release_loses_nothing_and_matches_a_fresh_inst
         else:
             cluster.sql(statement, dbname=DATA_DB)
     before = table_contents(cluster, DATA_DB)
+    formats_before = [f for (f,) in cluster.sql(
+        "select c.document->'commit'->>'format' from bundle.commit c where c.bundle = 'widgets' "
+        "order by c.committed_at", dbname=DATA_DB)]
+    assert formats_before == ["aquapeer-bundle/1" if previous == FORMAT_1_RELEASE else "aquapeer-bundle/2"] * 2
     empty = sorted(name for name, (rows, _) in before.items() if rows == 0)
     assert not empty, f"the test leaves these tables empty: {empty}"
 
@@ -236,15 +245,19 @@ def test_update_from_the_previous_release_loses_nothing_and_matches_a_fresh_inst
     assert cluster.scalar("select peer.version()", dbname=DATA_DB) == VERSION
     # (bundle.head_row goes with object format 2: the head's buckets hold its rows.)
     assert table_contents(cluster, DATA_DB) == {t: v for t, v in before.items() if t != "bundle.head_row"}
+    # The run-once steps the previous release had ran then; those it lacked ran in this update.
+    commit = dict(build_sql.releases())[previous]
+    had = {Path(p).stem for p in subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", commit, "sql/incremental/"],
+        capture_output=True, text=True, check=True).stdout.split()}
     assert cluster.sql("select name, applied_in from peer.migration order by name", dbname=DATA_DB) == [
-        (step, previous) for step in ("001-peer_settings", "002-peer_friends", "003-peer_messages", "004-bundles")
-    ] + [("005-bundle_format2", VERSION)]
+        (step.stem, previous if step.stem in had else VERSION) for step in build_sql.incremental_steps()]
     assert cluster.scalar("select count(*) from bundle.log('widgets')", dbname=DATA_DB) == 2
     assert ("app.widget", ["3"]) in cluster.sql("select relation::text, key from bundle.status('widgets')",
                                                dbname=DATA_DB)
     cluster.sql("delete from bundle.merge", dbname=DATA_DB)
     cluster.sql("select bundle.commit('widgets', 'third, after the update')", dbname=DATA_DB)
-    _history_crosses_the_format_boundary(cluster)
+    _history_crosses_the_format_boundary(cluster, formats_before)
 
     # The schema an upgrade leaves is the schema a fresh install makes.
     cluster.sql(f'create database "{FRESH_DB}"')
@@ -254,14 +267,15 @@ def test_update_from_the_previous_release_loses_nothing_and_matches_a_fresh_inst
     assert_same(dump_schema(cluster, DATA_DB), dump_schema(cluster, FRESH_DB), "pg_dump --schema-only")
 
 
-def _history_crosses_the_format_boundary(cluster):
-    """The two commits made before the update keep aquapeer-bundle/1 and their ids; the one after
-    is aquapeer-bundle/2; diff, checkout and an export carry the whole history across."""
+def _history_crosses_the_format_boundary(cluster, formats_before):
+    """The two commits made before the update keep their format (aquapeer-bundle/1 from 0.16.0)
+    and their ids; the one after is this version's; diff, checkout and an export carry the whole
+    history across."""
     def sql(query, *args, dbname=DATA_DB):
         return cluster.sql(query, *args, dbname=dbname)
     log = sql("select l.commit_id, c.document->'commit'->>'format' from bundle.log('widgets') l "
               "join bundle.commit c on c.bundle = 'widgets' and c.id = l.commit_id order by l.committed_at")
-    assert [f for _, f in log] == ["aquapeer-bundle/1", "aquapeer-bundle/1", "aquapeer-bundle/2"]
+    assert [f for _, f in log] == [*formats_before, "aquapeer-bundle/2"]
     (first, _), (second, _), (third, _) = log
     assert sql("select key::text, old, new from bundle.diff('widgets', %s, %s) order by 1", first, third) == [
         ('["1"]', "widget 1", "widget 1!"), ('["2"]', "widget 2", "widget 2!"), ('["3"]', "widget 3", "changed")]
