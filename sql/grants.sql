@@ -91,7 +91,7 @@ grant execute on function peer.expose(regprocedure, text, text), peer.unexpose(t
 
 -- bundle_tracking
 revoke all on function bundle._rows_query(regclass, text, name[], text), bundle._whole(text, regclass),
-    bundle._row_hashes_query(regclass, text, name[], text),
+    bundle._hash(text), bundle._row_hashes_query(regclass, text, name[], text),
     bundle._row_hashes(regclass, text, name[], text), bundle._capture(), bundle."create"(text),
     bundle._bundle(text), bundle.track(text, regclass, text),
     bundle._changes_query(text, bundle.tracked, boolean), bundle.status(text),
@@ -99,7 +99,7 @@ revoke all on function bundle._rows_query(regclass, text, name[], text), bundle.
     bundle._key_values(regclass, name[], text), bundle.rescan(text), bundle._forget(),
     bundle._keep_name(), bundle._key_of_columns(jsonb, name[]), bundle._untracked(),
     bundle.drop(text) from public;
-grant execute on function bundle._rows_query(regclass, text, name[], text),
+grant execute on function bundle._rows_query(regclass, text, name[], text), bundle._hash(text),
     bundle._row_hashes_query(regclass, text, name[], text),
     bundle._row_hashes(regclass, text, name[], text), bundle._capture(), bundle._bundle(text) to public;
 grant execute on function bundle."create"(text), bundle.track(text, regclass, text), bundle.status(text),
@@ -110,7 +110,7 @@ revoke all on function bundle._stage(text), bundle._rebuild_buckets(text, regcla
     bundle._rebuild_fans(text, regclass, text[]), bundle.commit(text, text), bundle.log(text),
     bundle._children(bytea), bundle._kind(bytea), bundle._entries(bytea), bundle._bucket(text),
     bundle._bucket_rows(text, bytea), bundle._head_row(text, regclass, text), bundle._head_rows(text, regclass),
-    bundle._bucket_lines(bytea), bundle._bucket_misfit(bytea, text),
+    bundle._bucket_lines(bytea), bundle._bucket_misfit(bytea, text), bundle._blob_text(text, text),
     bundle._lines(bytea) from public;
 grant execute on function bundle.commit(text, text), bundle.log(text) to aquapeer_admin;
 
@@ -120,7 +120,7 @@ revoke all on function bundle._keep(text, text[], bytea[]), bundle._promote(text
     bundle._reachable(text), bundle.export(text), bundle.import(jsonb), bundle._collect_garbage(),
     bundle._tree(text, text), bundle._check_root(text, text), bundle._node_at(text, text),
     bundle._misplaced(text, text, text), bundle._new_children(text, text, bytea, text),
-    bundle._new_rows(text, text[], text[]),
+    bundle._new_rows(text, text[], text[]), bundle._unlike_lines(text, bytea, text),
     bundle._pending_walk(text, text[], text[]), bundle._lacking(text, text[], text[]),
     bundle._keep(text, text[], bytea[], text[]), bundle.import_batch(jsonb[]) from public;
 grant execute on function bundle.export(text), bundle.import(jsonb),

@@ -14,6 +14,14 @@ create or replace function bundle._blob(row_value record) returns text
 comment on function bundle._blob(record) is
     'a row''s blob: its non-null columns'' texts as a JSON object, in jsonb''s key order';
 
+-- The id of a text's UTF-8 bytes (a key's, a row's, a tree node's): SHA-256, lower-case hex.
+-- Without a SET clause, so that it is inlined.
+create or replace function bundle._hash(value text) returns text
+language sql stable parallel safe as $$
+    select encode(sha256(convert_to(value, 'UTF8')), 'hex')
+$$;
+comment on function bundle._hash(text) is 'the SHA-256 of a text''s UTF-8 bytes, lower-case hex: a key''s or a row''s id';
+
 -- The statement that yields (key, blob) for a tracked table's rows, narrowed by a condition.
 -- Run it only where the settings of docs/bundles.md are fixed (bundle._row_hashes).  The whole
 -- row goes to bundle._blob: every column that is not dropped, generated ones too ("t.*", because
@@ -46,8 +54,7 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     -- "offset 0" keeps the blob one column of the subquery: flattened, each use of it would
     -- compute it again.
     select format(
-        'select r.key, encode(sha256(convert_to(r.key::text, ''UTF8'')), ''hex'') as key_hash, r.blob, '
-        'encode(sha256(convert_to(r.blob, ''UTF8'')), ''hex'') as blob_id from %s',
+        'select r.key, bundle._hash(r.key::text) as key_hash, r.blob, bundle._hash(r.blob) as blob_id from %s',
         case when changed_in is null or bundle._whole(changed_in, relation)
              then format('(%s offset 0) r', bundle._rows_query(relation, filter, key_columns, null))
         -- The changed keys, each looked up through the primary key ("limit 1" keeps it a probe
@@ -376,8 +383,8 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
              then format('select bundle._key(h.row_text::jsonb, %L) as key, h.key_hash, h.row_hash '
                          'from bundle._head_rows(%L, %s) h', t.key_columns, bundle_name, t.relation::oid)
              else format('select c.key, k.key_hash, h.row_hash from bundle.changed_key c '
-                         'cross join lateral (select encode(sha256(convert_to(c.key::text, ''UTF8'')), ''hex'') '
-                         'as key_hash) k cross join lateral bundle._head_row(%L, %s, k.key_hash) h '
+                         'cross join lateral (select bundle._hash(c.key::text) as key_hash) k '
+                         'cross join lateral bundle._head_row(%L, %s, k.key_hash) h '
                          'where c.bundle = %L and c.relation = %s',
                          bundle_name, t.relation::oid, bundle_name, t.relation::oid) end)
 $$;

@@ -168,6 +168,12 @@ create or replace function bundle._bucket_lines(data bytea) returns table (key_h
 create or replace function bundle._bucket_misfit(data bytea, path text) returns text
     language c immutable parallel safe as 'MODULE_PATHNAME', 'aquapeer_bucket_misfit';
 
+-- A blob's text (a row of aquapeer-bundle/1, which a bucket/1 names); null for none.
+create or replace function bundle._blob_text(bundle_name text, id text) returns text
+language sql stable parallel safe set search_path = pg_catalog, pg_temp as $$
+    select convert_from(o.data, 'UTF8') from bundle.object o where o.bundle = bundle_name and o.id = _blob_text.id
+$$;
+
 -- The rows of a bucket: key hash, row hash and row text of each line.  A bucket/2 holds the
 -- texts (a row's hash is its text's); a bucket/1 (aquapeer-bundle/1) names each row's blob, whose
 -- bytes are the text.  An inlined set of rows (no SET clause, not strict): a caller that never
@@ -175,11 +181,10 @@ create or replace function bundle._bucket_misfit(data bytea, path text) returns 
 create or replace function bundle._bucket_rows(bundle_name text, data bytea)
 returns table (key_hash text, row_hash text, row_text text)
 language sql stable parallel safe rows 20 as $$
-    select r.key_hash, encode(sha256(convert_to(r.row_text, 'UTF8')), 'hex'), r.row_text
+    select r.key_hash, bundle._hash(r.row_text), r.row_text
     from bundle._bucket_lines(data) r
     union all
-    select left(u.l, 64), right(u.l, 64), (select convert_from(o.data, 'UTF8') from bundle.object o
-                                           where o.bundle = bundle_name and o.id = right(u.l, 64))
+    select left(u.l, 64), right(u.l, 64), bundle._blob_text(bundle_name, right(u.l, 64))
     from unnest(bundle._lines(data)) with ordinality u(l, n)
     where substr(data, 1, 18) = convert_to('aquapeer-bucket/1' || E'\n', 'UTF8') and u.n > 1 and u.l <> ''
 $$;

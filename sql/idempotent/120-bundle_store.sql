@@ -400,6 +400,20 @@ $$;
 -- arrives in their own; with its places unknown, every bucket would wait among the pending nodes
 -- for bundle._promote to walk and check at the end (9 s for a million rows).  A place's table only
 -- finds the node checked out there, and a bundle has none of a table it does not track.
+-- The lines (after the first) of a node received at a place that are not on the same line of the
+-- node the checked-out tree has there, with their numbers: what bundle._new_children looks at,
+-- and the rows bundle._new_rows counts.
+create or replace function bundle._unlike_lines(bundle_name text, data bytea, place text)
+returns table (line text, n bigint)
+language sql stable rows 100 as $$
+    select z.line, z.n
+    from unnest(bundle._lines(data),
+                bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
+                               and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
+         with ordinality z(line, old, n)
+    where z.n > 1 and z.line <> '' and z.line is distinct from z.old
+$$;
+
 create or replace function bundle._new_children(bundle_name text, kind text, data bytea, place text)
 returns table (id text, place text)
 language sql stable rows 100 as $$
@@ -419,12 +433,8 @@ language sql stable rows 100 as $$
                                                     and format('%s.%s', s.nspname, c.relname) = left(z.line, -65)),
                                                  '') || ':'
                 when kind = 'fan' then place || left(z.line, -65) end
-    from unnest(bundle._lines(data),
-                bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
-                               and o.id = (select n.id from bundle._node_at(bundle_name, place) n))))
-         with ordinality z(line, old, n)
-    where z.n > 1 and z.line <> '' and z.line is distinct from z.old
-      and substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
+    from bundle._unlike_lines(bundle_name, data, place) z
+    where substr(data, 1, 18) <> convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
     union all
     -- a bucket/2: every line checked at once (in C), and none returned
     select null, null
@@ -539,12 +549,8 @@ language sql stable set search_path = pg_catalog, pg_temp set jit = off set enab
     cross join lateral (select coalesce((select o.data from bundle.object o where o.bundle = bundle_name and o.id = r.id),
                                         (select p.data from bundle.pending p where p.bundle = bundle_name and p.id = r.id))
                                as data) d
-    cross join lateral unnest(bundle._lines(d.data),
-                              bundle._lines((select o.data from bundle.object o where o.bundle = bundle_name
-                                             and o.id = (select n.id from bundle._node_at(bundle_name, r.place) n))))
-         with ordinality z(line, old, n)
+    cross join lateral bundle._unlike_lines(bundle_name, d.data, r.place) z
     where substr(d.data, 1, 18) = convert_to('aquapeer-bucket/2' || E'\n', 'UTF8')
-      and z.n > 1 and z.line <> '' and z.line is distinct from z.old
 $$;
 
 -- Documents of an export in order, as bundle.import one at a time would take them, with each run

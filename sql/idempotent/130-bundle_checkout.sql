@@ -103,11 +103,11 @@ language sql stable rows 10 as $$
     )
     select coalesce(a.name, b.name), a.id, b.id, a.row, b.row
     from (select case when u.a2 then left(u.a, 64) else left(u.a, -65) end as name,
-                 case when u.a2 then encode(sha256(convert_to(substr(u.a, 66), 'UTF8')), 'hex') else right(u.a, 64) end as id,
+                 case when u.a2 then bundle._hash(substr(u.a, 66)) else right(u.a, 64) end as id,
                  case when u.a2 then substr(u.a, 66) end as row
           from unlike u where u.a <> '') a
     full join (select case when u.b2 then left(u.b, 64) else left(u.b, -65) end as name,
-                      case when u.b2 then encode(sha256(convert_to(substr(u.b, 66), 'UTF8')), 'hex') else right(u.b, 64) end as id,
+                      case when u.b2 then bundle._hash(substr(u.b, 66)) else right(u.b, 64) end as id,
                       case when u.b2 then substr(u.b, 66) end as row
                from unlike u where u.b <> '') b on b.name = a.name
     where a.id is distinct from b.id
@@ -178,12 +178,9 @@ create or replace function bundle._tree_diff(bundle_name text, a_root text, b_ro
 returns table (relation_name text, key_hash text, a_blob text, b_blob text, a_row text, b_row text)
 language sql stable set search_path = pg_catalog, pg_temp set jit = off as $$
     select d.relation_name, d.path,
-           coalesce(d.a_id, encode(sha256(convert_to(d.a_row, 'UTF8')), 'hex')),
-           coalesce(d.b_id, encode(sha256(convert_to(d.b_row, 'UTF8')), 'hex')),
-           coalesce(d.a_row, (select convert_from(o.data, 'UTF8') from bundle.object o
-                              where o.bundle = bundle_name and o.id = d.a_id)),
-           coalesce(d.b_row, (select convert_from(o.data, 'UTF8') from bundle.object o
-                              where o.bundle = bundle_name and o.id = d.b_id))
+           coalesce(d.a_id, bundle._hash(d.a_row)), coalesce(d.b_id, bundle._hash(d.b_row)),
+           coalesce(d.a_row, bundle._blob_text(bundle_name, d.a_id)),
+           coalesce(d.b_row, bundle._blob_text(bundle_name, d.b_id))
     from bundle._tree_changes(bundle_name, a_root, b_root) d
     where length(d.path) = 64
 $$;
@@ -349,18 +346,14 @@ begin
     insert into pg_temp.bundle_apply
         select c.relation,
                case when r.b_id is null and r.b_row is null
-                    then bundle._key(coalesce(r.a_row, (select convert_from(o.data, 'UTF8') from bundle.object o
-                                                        where o.bundle = bundle_name and o.id = r.a_id))::jsonb,
-                                     c.key_columns) end,
-               case when r.b_row is not null then r.b_row
-                    when r.b_id is not null then (select convert_from(o.data, 'UTF8') from bundle.object o
-                                                  where o.bundle = bundle_name and o.id = r.b_id) end
+                    then bundle._key(coalesce(r.a_row, bundle._blob_text(bundle_name, r.a_id))::jsonb, c.key_columns) end,
+               coalesce(r.b_row, bundle._blob_text(bundle_name, r.b_id))
         from pg_temp.bundle_changes c
         cross join lateral bundle._bucket_changes(bundle_name, c.a_id, c.b_id) r
         where length(c.path) = 4;
     -- A table the target lacks is empty.
     insert into bundle.head_node
-        select bundle_name, n.relation, '', encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex')
+        select bundle_name, n.relation, '', bundle._hash('aquapeer-fan/1' || E'\n')
         from bundle._tracked_names(bundle_name) n
         on conflict do nothing;
 end
@@ -402,7 +395,7 @@ begin
                                 and h.relation = n.relation and h.path = '' limit 1) as id) h
     left join (select e.* from bundle.object o cross join bundle._entries(o.data) e
                where o.bundle = bundle_name and o.id = target_root) e on e.name = n.relation_name
-    where h.id is distinct from coalesce(e.id, encode(sha256(convert_to('aquapeer-fan/1' || E'\n', 'UTF8')), 'hex'))
+    where h.id is distinct from coalesce(e.id, bundle._hash('aquapeer-fan/1' || E'\n'))
     limit 1;
     if found then
         raise exception 'bundle "%": the rows kept for % do not match commit % after the checkout', bundle_name, wrong, target
@@ -446,7 +439,7 @@ begin
             select c.relation, c.key, h.row_text
             from bundle.changed_key c
             left join lateral bundle._head_row(c.bundle, c.relation,
-                                               encode(sha256(convert_to(c.key::text, 'UTF8')), 'hex')) h on true
+                                               bundle._hash(c.key::text)) h on true
             where c.bundle = bundle_name
               and not exists (select from pg_temp.bundle_apply a where a.relation = c.relation and a.key = c.key);
     end if;
