@@ -701,7 +701,7 @@ def report(args, result, errors):
     nl = percentiles(native["latency"]["samples"]) if get(native, "latency", "samples") else (None, None)
     targets["latency_p50"] = None if ol[0] is None else ol[0] < LATENCY_P50_TARGET_MS
     targets["latency_p99"] = None if ol[1] is None else ol[1] < LATENCY_P99_TARGET_MS
-    n = len(get(ours, "latency", "samples") or get(native, "latency", "samples") or [])
+    n = len(get(ours, "latency", "samples") or get(native, "latency", "samples") or []) or args.latency_samples
     table.add_row(f"latency p50, {n:,} single-row UPDATEs at {args.rate:g}/s: COMMIT → trigger NOTIFY on bob, ms",
                   fmt(ol[0], 2), fmt(nl[0], 2), fmt(ratio(ol[0], nl[0]), 2), f"< {LATENCY_P50_TARGET_MS:g} ms",
                   verdict(targets["latency_p50"]))
@@ -766,7 +766,8 @@ def report(args, result, errors):
                     first = False
     cpu_table.caption = ("sampled every 0.2 s from pg_stat_activity and /proc; processes under 0.05 s left out "
                          "(aquapeer's always shown); client backends include pgbench's and the benchmark's")
-    console.print(cpu_table)
+    if cpu_table.row_count:
+        console.print(cpu_table)
     if ours.get("loop_lag_ms"):
         worst = max((lag for lags in ours["loop_lag_ms"].values() for lag in lags.values()), default=None)
         targets["loop_lag"] = None if worst is None else worst < LOOP_LAG_TARGET_MS
