@@ -128,8 +128,9 @@ class Poller:
     def __init__(self, cluster):
         self.cluster, self.conn, self.last_error = cluster, None, None
 
-    def value(self, query, params=None):
-        """The first column of the first row, or None when the server cannot be reached."""
+    def value(self, query, params=None, quiet=False):
+        """The first column of the first row, or None when the server cannot be reached (with
+        quiet, also when the query fails)."""
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = self.cluster.connect()
@@ -137,6 +138,10 @@ class Poller:
         except psycopg.OperationalError as e:
             self.last_error = e
             self.close()
+            return None
+        except psycopg.Error:
+            if not quiet:
+                raise
             return None
 
     def close(self):
@@ -552,7 +557,7 @@ def catchup(side, args, figures, workdir):
 
     def applied_all(count):
         nonlocal reconnected
-        if probe is not None and reconnected is None and poller.value(probe):
+        if probe is not None and reconnected is None and poller.value(probe, quiet=True):
             reconnected = time.perf_counter()
         return count == changes
     try:
@@ -774,7 +779,8 @@ def report(args, result, errors):
         console.print("aquapeer workers' worst loop lag during each part (ms): " + "; ".join(
             f"{part}: " + ", ".join(f"{who} {fmt(lag)}" for who, lag in lags.items())
             for part, lags in ours["loop_lag_ms"].items())
-            + f" — target < {LOOP_LAG_TARGET_MS:g} ms: {verdict(targets['loop_lag'])}")
+            + f" — target < {LOOP_LAG_TARGET_MS:g} ms: {verdict(targets['loop_lag'])} (each read of "
+              "peer.worker_status() covers the minute before it)")
     if ours.get("status"):
         last = list(ours["status"].values())[-1]
         console.print(f"aquapeer at the end: {json.dumps(last, default=str)}")
