@@ -16,9 +16,8 @@ revoke all on peer.migration, peer.config, peer.identity, peer.signal_server, pe
     peer.turn_server, peer.signal_server_id_seq, peer.stun_server_id_seq, peer.turn_server_id_seq,
     peer.friend, peer.friends, peer.friend_request, peer.friend_requests, peer.connections,
     peer.stream_epoch, peer.outbox_stream, peer.outbox_position, peer.outbox_message,
-    peer.commit_order, peer.outbox_commit, peer.outbox, peer.inbox_stream, peer.inbox,
-    peer.topic_grant, peer.message_handler, peer.exposed_function, peer.bundle_share, peer.transfer,
-    peer.transfers from public;
+    peer.outbox, peer.inbox_stream, peer.inbox, peer.topic_grant, peer.message_handler,
+    peer.exposed_function, peer.bundle_share, peer.transfer, peer.transfers from public;
 revoke all on bundle.bundle, bundle.tracked, bundle.changed_key, bundle.object,
     bundle.pending, bundle.commit, bundle.head_node, bundle.merge, bundle.conflicts from public;
 
@@ -74,11 +73,11 @@ grant execute on function peer.connect(text, interval), peer.reload_worker(), pe
     peer._connections() to aquapeer_admin;
 
 -- messages
-revoke all on function peer._wake_at_commit(), peer._stamp_commit(), peer._friend_for_sending(text),
+revoke all on function peer._wake_at_commit(), peer._friend_for_sending(text),
     peer.send(text, text, jsonb), peer.allow_topic(text, text), peer.disallow_topic(text, text),
     peer.on_message(text, regprocedure), peer._message_handled(uuid),
     peer.retry_message(uuid) from public;
-grant execute on function peer._stamp_commit(), peer._message_handled(uuid) to public;
+grant execute on function peer._message_handled(uuid) to public;
 grant execute on function peer.send(text, text, jsonb), peer.allow_topic(text, text),
     peer.disallow_topic(text, text), peer.on_message(text, regprocedure),
     peer.retry_message(uuid) to aquapeer_admin;

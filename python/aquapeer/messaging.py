@@ -4,11 +4,19 @@ The network worker runs this; SQL sessions only write peer.outbox_message
 (peer.send) and read peer.inbox.
 
 Sending.  peer.send inserts a row in the caller's transaction and asks to
-wake the worker once it commits.  The worker then numbers what became
-visible, per friend, in the order transactions became visible (messages of
-one transaction stay together and in order): sequence numbers are assigned
-by the worker, not by nextval, whose order is not commit order.  To each
-connected friend it streams what the friend has not acknowledged, at most a
+wake the worker once it commits.  The worker then numbers, per friend, what
+its statement's snapshot sees committed, in the order of the sending
+transactions' ids (peer.outbox_message.xact, the top-level xid) and, within
+one, in the order sent; a transaction's messages stay together.  That keeps
+the promise that a transaction which began after another committed is
+delivered after it: it got its xid after the other committed, so its xid is
+larger, and a snapshot that sees it committed sees the other committed too,
+so the other is numbered in the same pass or an earlier one.  A transaction
+still running (or prepared) with a smaller xid is numbered in a later pass,
+after larger ones; nothing began after it committed, so no promise breaks.
+Concurrent transactions are thus not delivered in commit order, and sending
+transactions take no lock: they commit side by side.  To each connected
+friend the worker streams what the friend has not acknowledged, at most a
 window of bytes ahead of the acknowledgements; after a reconnection it
 starts again from the last acknowledgement, so delivery is at least once.
 
@@ -85,21 +93,22 @@ START_EPOCH = [
     "delete from peer.stream_epoch",
 ]
 
-# Number the messages of the earliest committed transactions (whole), about
-# PICKUP_ROWS rows, in commit order (peer.outbox_commit) and, within one, in
-# the order they were sent.
+# Number the messages of committed transactions (whole, about PICKUP_ROWS
+# rows), in the order of their transaction ids and, within one, in the order
+# they were sent (see the module's docstring for why xid order is enough).
+# chosen is materialized: inlined, a plan made for the nearly empty table the
+# outbox was at the last analyze ran it once per unnumbered row (seconds).
 PICKUP = """
 with xacts as (
-    select m.xact, coalesce(min(c.commit_seq), 0) as commit_seq, min(m.position) as first, count(*) as n
-    from peer.outbox_message m left join peer.outbox_commit c using (xact)
+    select m.xact, count(*) as n
+    from peer.outbox_message m
     where m.seq is null and m.final_state is null group by m.xact
-), chosen as (
-    select xact, commit_seq, first from (
-        select *, sum(n) over (order by commit_seq, first) as running from xacts) x
+), chosen as materialized (
+    select xact from (select *, sum(n) over (order by xact) as running from xacts) x
     where running - n < $2
 ), numbered as (
     select m.id, m.peer_id,
-           row_number() over (partition by m.peer_id order by c.commit_seq, c.first, m.position) as n
+           row_number() over (partition by m.peer_id order by m.xact, m.position) as n
     from peer.outbox_message m join chosen c using (xact)
     where m.seq is null and m.final_state is null
 ), counts as (
@@ -114,8 +123,6 @@ with xacts as (
     from numbered nb join counts c using (peer_id) join streams st using (peer_id)
     where m.id = nb.id
     returning m.peer_id
-), done as (
-    delete from peer.outbox_commit where xact in (select xact from chosen)
 )
 select distinct peer_id from updated
 """
@@ -129,7 +136,14 @@ with candidates as (
     select seq, bytes, sum(bytes) over (order by seq) as running from peer.outbox_message
     where peer_id = $1 and epoch = $2::uuid and seq > $3 and seq <= $3 + 500 and final_state is null
 )
-select m.seq, m.id::text as id, m.topic, m.payload::text as payload,
+select m.seq, m.id::text as id, m.topic,
+       -- a friend applies a transaction's changes once it has them all: the last one says so
+       case when m.topic = 'aquapeer.changes'
+            then (m.payload || pg_catalog.jsonb_build_object('end', coalesce(
+                     (select n.xact <> m.xact from peer.outbox_message n
+                      where n.peer_id = $1 and n.epoch = $2::uuid and n.seq > m.seq and n.topic = m.topic
+                      order by n.seq limit 1), true)))::text
+            else m.payload::text end as payload,
        extract(epoch from m.created_at)::float8 as sent_at, m.bytes
 from candidates c
 -- one index probe per chosen row, whatever the estimates ("limit 1" keeps the

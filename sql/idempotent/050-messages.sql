@@ -8,20 +8,6 @@ create or replace function peer._wake_at_commit() returns void
     language c as 'MODULE_PATHNAME', 'aquapeer_wake_at_commit';
 comment on function peer._wake_at_commit() is 'wake the worker once this transaction commits (nothing if it aborts)';
 
-create or replace function peer._stamp_commit() returns trigger
-language plpgsql set search_path = pg_catalog, pg_temp as $$
-begin
-    perform pg_advisory_xact_lock(hashtext('aquapeer'), hashtext('outbox commit order'));
-    update peer.outbox_commit set commit_seq = nextval('peer.commit_order') where xact = new.xact;
-    return null;
-end
-$$;
-comment on function peer._stamp_commit() is 'gives each transaction that queued messages its place in commit order, as it commits';
--- OR REPLACE does not take constraint triggers.
-drop trigger if exists stamp_commit on peer.outbox_commit;
-create constraint trigger stamp_commit after insert on peer.outbox_commit
-    deferrable initially deferred for each row execute function peer._stamp_commit();
-
 -- Messages -------------------------------------------------------------------
 create or replace function peer._friend_for_sending(name text) returns peer.friend
 language plpgsql stable set search_path = pg_catalog, pg_temp as $$
@@ -63,10 +49,8 @@ begin
     insert into peer.outbox_message (peer_id, friend, topic, payload, bytes)
         values (f.peer_id, f.name, topic, payload, bytes)
         returning id into message_id;
-    if not exists (select from peer.outbox_commit where xact = pg_current_xact_id()) then
-        insert into peer.outbox_commit (xact) values (pg_current_xact_id());
-        perform peer._wake_at_commit();
-    end if;
+    -- Sets a flag: one wake at commit however many messages (cheaper than asking whether it is set).
+    perform peer._wake_at_commit();
     return message_id;
 end
 $$;
