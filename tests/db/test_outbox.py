@@ -1,7 +1,9 @@
 """The outbox on one real cluster, for a friend that never connects: what peer.send
-refuses, how messages are numbered, when they expire or are pruned, and what a new
-stream epoch does.  (Delivery between clusters: tests/net/test_messaging.py.)"""
+refuses, how messages are numbered, that sending transactions do not wait for each
+other, when messages expire or are pruned, and what a new stream epoch does.
+(Delivery between clusters: tests/net/test_messaging.py.)"""
 
+import threading
 import time
 
 import psycopg
@@ -53,6 +55,84 @@ def test_sent_messages_are_numbered_in_commit_order(outbox):
     numbered = outbox.sql("select payload from peer.outbox order by seq")
     assert [p for (p,) in numbered] == [2, 3, 1, 4]
     assert {s for _p, s, _r, _q in states(outbox)} == {"queued"}  # ghost never connects
+
+
+def numbered(cluster):
+    return cluster.scalar("select count(*) from peer.outbox where seq is not null")
+
+
+def test_sending_transactions_commit_side_by_side(outbox):
+    """A sender that is still committing (held here by a deferred trigger of its own, after
+    peer.send) does not hold up another sender's COMMIT, nor the numbering of its messages."""
+    outbox.sql("create table if not exists public.gate (x int); "
+               "create or replace function public.wait_at_gate() returns trigger language plpgsql as "
+               "$$ begin perform pg_advisory_xact_lock(4242); return null; end $$; "
+               "drop trigger if exists wait_at_gate on public.gate; "
+               "create constraint trigger wait_at_gate after insert on public.gate "
+               "deferrable initially deferred for each row execute function public.wait_at_gate()")
+    # A lock timeout, so that a sender waiting for another fails instead of hanging the test
+    # (statement_timeout does not cover the deferred triggers COMMIT runs).
+    with outbox.connect() as gatekeeper, outbox.connect(autocommit=False) as first, \
+            outbox.connect(autocommit=False, options="-c lock_timeout=5s") as second:
+        gatekeeper.execute("select pg_advisory_lock(4242)")
+        first_pid = first.info.backend_pid
+        first.execute("select peer.send('ghost', 't', '1')")
+        first.execute("insert into public.gate values (1)")
+        # Open after peer.send: the second sender does not wait for it.
+        second.execute("select peer.send('ghost', 't', '2')")
+        started = time.monotonic()
+        second.commit()
+        assert time.monotonic() - started < 2
+        # Inside its COMMIT (the deferred triggers run there): nor then.
+        committing = threading.Thread(target=first.commit)
+        committing.start()
+        try:
+            tb.wait_for(lambda: outbox.scalar("select count(*) from pg_locks where pid = %s and not granted "
+                                              "and locktype = 'advisory'", first_pid) == 1, 5,
+                        message="the first sender to wait at its gate, inside COMMIT")
+            second.execute("select peer.send('ghost', 't', '3')")
+            started = time.monotonic()
+            second.commit()
+            assert time.monotonic() - started < 2
+            tb.wait_for(lambda: numbered(outbox) == 2, 5, message="the second sender's messages numbered")
+            assert outbox.scalar("select seq from peer.outbox where payload = '1'") is None
+        finally:
+            gatekeeper.execute("select pg_advisory_unlock(4242)")
+            committing.join(10)
+    tb.wait_for(lambda: numbered(outbox) == 3, 5)
+    # The first began before the second committed: it may follow it.
+    assert [p for (p,) in outbox.sql("select payload from peer.outbox order by seq")] == [2, 3, 1]
+
+
+def test_a_prepared_sender_blocks_no_one_and_is_delivered_after_commit_prepared(make_testbed):
+    bed = make_testbed(1, names=["prepared"], extra_conf={"max_prepared_transactions": 2})
+    cluster = bed[0]
+    if cluster.scalar("select current_setting('max_prepared_transactions')::int") < 1:
+        pytest.skip("the test cluster did not take max_prepared_transactions > 0")
+    cluster.sql("create extension aquapeer cascade")
+    tb.wait_for(lambda: cluster.scalar("select peer.ping_worker() is not null"), 20,
+                message="the worker to answer", ignore=(Exception,))
+    ghost = identity.Identity.generate()
+    cluster.sql("select peer.add_friend('ghost', %s)", identity.make_invite(ghost, [], "ghost"))
+    options = "-c lock_timeout=5s"  # a sender waiting for the prepared one fails, not hangs
+    with cluster.connect(autocommit=False, options=options) as preparer:
+        preparer.execute("select peer.send('ghost', 't', '\"prepared\"')")
+        preparer.execute("prepare transaction 'sent'")
+        preparer.commit()  # psycopg's own transaction state; the prepared one stays
+    try:
+        with cluster.connect(autocommit=False, options=options) as other:
+            other.execute("select peer.send('ghost', 't', '\"other\"')")
+            started = time.monotonic()
+            other.commit()
+            assert time.monotonic() - started < 2
+        tb.wait_for(lambda: numbered(cluster) == 1, 5, message="the other sender's message numbered")
+        assert cluster.sql("select payload from peer.outbox where seq is not null") == [("other",)]
+        assert cluster.scalar("select count(*) from peer.outbox") == 1  # the prepared one is not visible
+    finally:
+        cluster.sql("commit prepared 'sent'")
+    # No wake comes with COMMIT PREPARED: the worker's poll (messaging.POLL_S, 5 s) finds it.
+    tb.wait_for(lambda: numbered(cluster) == 2, 15, message="the prepared message numbered after COMMIT PREPARED")
+    assert [p for (p,) in cluster.sql("select payload from peer.outbox order by seq")] == ["other", "prepared"]
 
 
 def test_a_rolled_back_send_never_exists(outbox):
