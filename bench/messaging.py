@@ -24,6 +24,15 @@ wal_level = logical):
   one row at a time into the replicated table, to the NOTIFY of an
   `ENABLE ALWAYS` trigger on B (apply workers run with
   session_replication_role = replica);
+- concurrent senders: 1, then --senders (8) sessions at once, each sending
+  one 1 KB message per transaction (`select peer.send(…)`, COMMIT) as fast
+  as it can for --seconds; messages per second from the first send until
+  each session's last message is in B's peer.inbox, and the latency of
+  each transaction's COMMIT (and of the whole transaction) as the sessions
+  saw it.  Reference: the same sessions each INSERTing one row per
+  transaction into the replicated table, until each one's last row is
+  visible on B.  No window here: a backlog drains at the end, within
+  --drain-timeout, and counts in the rate;
 - calls: `select peer.call('bob', 'public.bench_echo', …)` from A of a
   trivial SQL function bob exposed to alice.  Reference: the same function
   called over an open libpq TCP connection to B;
@@ -206,6 +215,75 @@ def pump(sender, receiver, send_batch, params, arrived_sql, seconds, window, dra
             "blocked_s": blocked_s}
 
 
+def concurrent(cluster, receiver, sessions, send_one, params, arrived_sql, seconds, synchronous_commit,
+               drain_timeout):
+    """`sessions` sessions, each one message (row) per transaction for `seconds`, all at once.
+
+    send_one(params) returns the id of the message (row); arrived_sql (on the
+    receiver) tells whether an id has arrived.  A session's transactions each
+    begin after its previous one committed, so its last id arriving means all
+    of its ids did.  Returns the count, the times (perf_counter) of the run and
+    the latencies in s of each COMMIT and each whole transaction.
+    """
+    conns = [sender_session(cluster, synchronous_commit) for _ in range(sessions)]
+    results = [None] * sessions
+    barrier = threading.Barrier(sessions + 1)
+
+    def run(i):
+        conn, commits, xacts, last = conns[i], [], [], None
+        try:
+            barrier.wait()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                began = time.perf_counter()
+                last = conn.execute(send_one, params).fetchone()[0]
+                committing = time.perf_counter()
+                conn.commit()
+                done = time.perf_counter()
+                commits.append(done - committing)
+                xacts.append(done - began)
+            results[i] = (commits, xacts, last)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(sessions)]
+    try:
+        for t in threads:
+            t.start()
+        barrier.wait()
+        started = time.perf_counter()
+        for t in threads:
+            t.join(seconds + 60)
+        sent_until = time.perf_counter()
+    finally:
+        for conn in conns:
+            conn.close()
+    failed = [r for r in results if not isinstance(r, tuple)]
+    if failed:
+        raise RuntimeError(f"a sending session failed: {failed[0]!r}")
+    lasts = [last for _c, _x, last in results if last is not None]
+    drained = None
+    give_up = sent_until + drain_timeout
+    while lasts and time.perf_counter() < give_up:
+        lasts = [key for key in lasts if not receiver.execute(arrived_sql, (key,)).fetchone()[0]]
+        if not lasts:
+            drained = time.perf_counter()
+            break
+        time.sleep(0.01)
+    return {"sessions": sessions, "count": sum(len(c) for c, _x, _l in results), "started": started,
+            "sent_until": sent_until, "drained": drained,
+            "commit": [v for c, _x, _l in results for v in c], "xact": [v for _c, x, _l in results for v in x]}
+
+
+def concurrent_parts(cluster, receiver, args, send_one, params, arrived_sql, figures):
+    """The concurrent part with 1 sending session, then with --senders."""
+    figures["concurrent"] = {}
+    for sessions in sorted({1, args.senders}):
+        figures["concurrent"][sessions] = concurrent(cluster, receiver, sessions, send_one, params, arrived_sql,
+                                                     args.seconds, args.sender_synchronous_commit,
+                                                     args.drain_timeout)
+
+
 def sender_session(cluster, synchronous_commit):
     conn = cluster.connect(autocommit=False)
     conn.execute("select set_config('synchronous_commit', %s, false)", (synchronous_commit,))
@@ -255,6 +333,10 @@ def bench_native(alice, bob, args, pad, figures):
         bob.sql("drop trigger bench_native_notify on public.bench_native")
         figures["latency"] = latencies
         figures["latency_lost"] = lost
+
+        # Concurrent senders, one row per transaction.
+        with bob.connect() as receiver:
+            concurrent_parts(alice, receiver, args, NATIVE_INSERT_ONE, (pad,), NATIVE_ARRIVED, figures)
 
         # Throughput.
         base = bob.scalar("select count(*) from public.bench_native")
@@ -350,6 +432,11 @@ def aquapeer_calls(alice, bob, args, figures):
     figures["call_native"] = direct
 
 
+def aquapeer_concurrent(alice, bob, args, pad, figures):
+    with bob.connect() as receiver:
+        concurrent_parts(alice, receiver, args, AQUAPEER_SEND_ONE, (TOPIC, pad), AQUAPEER_ARRIVED, figures)
+
+
 def aquapeer_throughput(alice, bob, args, pad, figures, workers):
     base = bob.scalar("select coalesce(max(position), 0) from peer.inbox")
     before = workers.snapshot()
@@ -393,6 +480,7 @@ def bench_aquapeer(alice, bob, signal_url, args, pad, figures, errors):
     figures["workers"] = {}
     parts = (("latency", lambda: aquapeer_latency(alice, bob, args, pad, figures)),
              ("calls", lambda: aquapeer_calls(alice, bob, args, figures)),
+             ("concurrent", lambda: aquapeer_concurrent(alice, bob, args, pad, figures)),
              ("throughput", lambda: aquapeer_throughput(alice, bob, args, pad, figures, workers)))
     for name, run in parts:
         try:
@@ -429,8 +517,24 @@ def rates(run, end_key):
     return run["count"] / (run[end_key] - run["started"])
 
 
+def concurrent_figures(native, ours):
+    """One row per number of sessions of the concurrent part: rates and latencies of both."""
+    rows = []
+    for sessions in sorted(set(native) | set(ours)):
+        row = {"sessions": sessions}
+        for label, runs in (("aquapeer", ours), ("native", native)):
+            run = runs.get(sessions)
+            row[f"{label}_sent"] = run and run["count"]
+            row[f"{label}_per_s"] = rates(run, "drained")
+            row[f"{label}_commit_ms"] = percentiles(run["commit"]) if run and run["commit"] else None
+            row[f"{label}_xact_ms"] = percentiles(run["xact"]) if run and run["xact"] else None
+        rows.append(row)
+    return rows
+
+
 def report(args, result, errors):
     summary = {"seconds": args.seconds, "window": args.window, "payload_bytes": result.get("payload_bytes"),
+               "fsync": args.fsync, "senders": args.senders,
                "batch": BATCH, "rate_per_s": args.rate,
                "sender_synchronous_commit": args.sender_synchronous_commit}
     native = result.get("native", {})
@@ -468,6 +572,28 @@ def report(args, result, errors):
                   f"< {CALL_P50_TARGET_MS:g} ms", verdict(None if oc[0] is None else oc[0] < CALL_P50_TARGET_MS))
     table.add_row("call p99, ms", "", fmt(oc[1], 2), "", fmt(nc[1], 3), fmt(ratio(oc[1], nc[1]), 1), "", "")
     console.print(table)
+
+    concurrent_rows = concurrent_figures(native.get("concurrent") or {}, ours.get("concurrent") or {})
+    if concurrent_rows:
+        table = Table(title=f"concurrent senders, one {result.get('payload_bytes', PAYLOAD_BYTES)} B message (row) "
+                            f"per transaction, {args.seconds:g} s each")
+        for column in ("sessions", "aquapeer msg/s in bob's inbox", "native rows/s on bob", "aquapeer/native",
+                       "aquapeer COMMIT p50 / p99 ms", "native COMMIT p50 / p99 ms",
+                       "aquapeer xact p50 / p99 ms", "native xact p50 / p99 ms"):
+            table.add_column(column)
+        table.caption = ("xact: peer.send (INSERT) and COMMIT, as the session saw it; the rate counts from the first "
+                         "send until every session's last message (row) arrived")
+        pair = lambda v: "" if v is None else f"{fmt(v[0], 2)} / {fmt(v[1], 2)}"  # noqa: E731
+        for row in concurrent_rows:
+            table.add_row(str(row["sessions"]),
+                          "[red]incomplete[/]" if row["aquapeer_sent"] and row["aquapeer_per_s"] is None
+                          else fmt(row["aquapeer_per_s"], 0),
+                          "[red]incomplete[/]" if row["native_sent"] and row["native_per_s"] is None
+                          else fmt(row["native_per_s"], 0),
+                          fmt(ratio(row["aquapeer_per_s"], row["native_per_s"]), 2),
+                          pair(row["aquapeer_commit_ms"]), pair(row["native_commit_ms"]),
+                          pair(row["aquapeer_xact_ms"]), pair(row["native_xact_ms"]))
+        console.print(table)
 
     for label, run, end_key in (("aquapeer", ot, "acked"), ("native", nt, "drained")):
         if not run:
@@ -534,6 +660,8 @@ def report(args, result, errors):
                     "loop_lag": None if not ours.get("workers") else all(
                         (s["loop_lag_max_ms"] or 0.0) < LOOP_LAG_TARGET_MS
                         for s in list(ours["workers"].values())[-1].values())},
+        "concurrent": [{k: (r(v) if isinstance(v, float) else [r(x) for x in v] if isinstance(v, tuple) else v)
+                        for k, v in row.items()} for row in concurrent_rows] or None,
         "errors": errors or None,
     })
     if ours.get("workers"):
@@ -558,6 +686,8 @@ def main():
                         help="messages (rows) per latency figure, after 10 unmeasured ones (default: 300)")
     parser.add_argument("--rate", type=float, default=20.0,
                         help="messages (rows) per second in the latency parts (default: 20)")
+    parser.add_argument("--senders", type=int, default=8,
+                        help="sending sessions of the concurrent part, after one (default: 8)")
     parser.add_argument("--call-samples", type=int, default=300, help="peer.call round trips (default: 300)")
     parser.add_argument("--call-warmup", type=int, default=30, help="unmeasured calls first (default: 30)")
     parser.add_argument("--window", type=int, default=20000,
@@ -566,18 +696,23 @@ def main():
                         help="how long to wait for the backlog after a throughput part (default: 60)")
     parser.add_argument("--sender-synchronous-commit", default="on", choices=("on", "off", "local"),
                         help="synchronous_commit of the sending sessions (default: on; see above)")
+    parser.add_argument("--fsync", action="store_true",
+                        help="run both clusters with fsync = on (the test bed turns it off), so that a COMMIT "
+                             "waits for its WAL flush")
     parser.add_argument("--only", choices=PARTS, default=None, help="run one part only")
     parser.add_argument("--json", action="store_true", help="print the figures as one line of JSON too")
     args = parser.parse_args()
     if args.window < BATCH:
         parser.error(f"--window must be at least {BATCH}")
+    if args.senders < 1:
+        parser.error("--senders must be at least 1")
     parts = [args.only] if args.only else list(PARTS)
     sys.setswitchinterval(0.0005)  # the LISTEN thread must not wait long for the GIL
 
     result, errors = {}, {}
     pad = pad_text()
     with tempfile.TemporaryDirectory(prefix="aqp-bench-") as workdir, \
-            tb.Testbed(2, names=["alice", "bob"], extra_conf={"wal_level": "logical"}) as bed:
+            tb.Testbed(2, names=["alice", "bob"], extra_conf={"wal_level": "logical", "fsync": args.fsync}) as bed:
         alice, bob = bed.alice, bed.bob
         result["payload_bytes"] = alice.scalar(
             "select octet_length(jsonb_build_object('n', 50, 'pad', %s::text)::text)", pad)
