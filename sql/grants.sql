@@ -157,3 +157,30 @@ grant execute on function peer._check_bundle_served(text, text, boolean, boolean
     peer._serve_bundle_commits(text, text, boolean, text[], text[]) to public;
 grant execute on function peer.share_bundle(text, text, boolean), peer.unshare_bundle(text, text),
     peer.pull_bundle(text, text, boolean), peer.push_bundle(text, text) to aquapeer_admin;
+
+-- replication
+revoke all on peer.publication, peer.subscription, peer.clock, peer.row_clock, peer.apply_errors,
+    peer.apply_errors_id_seq, peer.replication_conflicts, peer.replication_conflicts_id_seq,
+    peer.publications, peer.subscriptions from public;
+grant select on peer.publications, peer.subscriptions, peer.publication, peer.subscription, peer.row_clock,
+    peer.apply_errors, peer.replication_conflicts to aquapeer_admin;
+grant delete on peer.replication_conflicts to aquapeer_admin;
+revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), peer._relation_name(regclass),
+    peer._capture_changes(), peer._refuse_truncate(), peer.publish(regclass, text, text[], text),
+    peer.unpublish(regclass, text), peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text),
+    peer._copy_rows(peer.inbox), peer._applying_friend(text), peer._pending_changes(text, bigint),
+    peer._change_message(text, uuid), peer._subscribed(text, text), peer._row_states(text, regclass, jsonb),
+    peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
+    peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
+    peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox), peer.retry_apply(bigint),
+    peer.discard_apply(bigint) from public;
+-- What an executor applying a friend's changes (connected as the friend's role) calls; each
+-- checks that it runs in an executor for that friend.
+grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(text),
+    peer._pending_changes(text, bigint), peer._change_message(text, uuid), peer._subscribed(text, text),
+    peer._row_states(text, regclass, jsonb), peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
+    peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
+    peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox) to public;
+grant execute on function peer.publish(regclass, text, text[], text), peer.unpublish(regclass, text),
+    peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text), peer.retry_apply(bigint),
+    peer.discard_apply(bigint) to aquapeer_admin;

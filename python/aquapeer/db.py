@@ -88,6 +88,10 @@ class PlpyDatabase:
         rows = self.query(sql, args)
         return next(iter(rows[0].values())) if rows else None
 
+    def savepoint(self):
+        """A context in which the statements are undone together if it raises."""
+        return self.plpy.subtransaction()
+
     def commit(self):
         self.plpy.commit()
 
@@ -119,6 +123,10 @@ class PsycopgDatabase:
     def scalar(self, sql, args=()):
         rows = self.query(sql, args)
         return next(iter(rows[0].values())) if rows else None
+
+    def savepoint(self):
+        """A context in which the statements are undone together if it raises."""
+        return self.conn.transaction()
 
     def commit(self):
         self.conn.commit()

@@ -20,6 +20,7 @@ from .bundles import integrate
 from .bundles import store as bundle_store
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
+from .replication import apply as replication_apply
 
 _db = PlpyDatabase(plpy)
 
@@ -254,6 +255,12 @@ def retry_message(message_id):
     with _client() as client:
         return client.request("retry", {"id": message_id}, timeout=executor.START_TIMEOUT_S + executor.ANSWER_GRACE_S
                               + _db.scalar("select extract(epoch from handler_timeout)::float8 from peer.config"))
+
+
+@sql_errors
+def apply_changes(friend, position):
+    """The handler of a friend's changes (in an executor connected as the friend's role)."""
+    replication_apply.apply_pending(_db, friend, position)
 
 
 # --- bundles -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .executor import ExecutorPool
 from .messaging import Messaging
 from .net import transport
 from .net.node import PeerNode
+from .replication import resume as replication_resume
 
 STOP_POLL_S = 0.25
 LAG_TICK_S = 0.1
@@ -364,7 +365,8 @@ class Worker:
         self.messaging.start_epoch()
         tasks = [asyncio.create_task(coro) for coro in (
             self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity(), self.messaging.run_pickup(),
-            self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role))]
+            self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role),
+            replication_resume.run(self.db, self.messaging))]
         try:
             await self.start_node()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

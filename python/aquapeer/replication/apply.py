@@ -1,0 +1,236 @@
+"""Applying a friend's changes, in an executor connected as the friend's role.
+
+The handler of topic aquapeer.changes (peer._apply_changes) calls apply_pending
+for each message that arrives.  It applies, in order, each of the friend's
+transactions whose messages have all arrived (the sender marks the last one,
+"end"), each atomically: its rows are resolved against the local stamps
+(resolve.py), written with one statement per kind of write and set of
+columns, and the messages deleted, in one subtransaction.  A row the database
+refuses (a unique or foreign-key violation, row-level security, a value that
+does not convert) is set aside in peer.apply_errors and the others go on;
+later changes to its key wait behind it.  What stops every row (a missing
+column, a missing table privilege, a clock too far ahead) pauses the
+subscription: the transaction stays pending and is tried again when the next
+message arrives or the worker retries paused subscriptions.
+"""
+
+import json
+
+from ..errors import AquapeerError, DatabaseError
+from . import resolve
+
+PRIVILEGES = {"I": "INSERT", "U": "UPDATE", "D": "DELETE"}
+# What stops every change of a transaction, not one row: the subscription pauses.
+PAUSING_STATES = frozenset({"22008", "42703"})
+# A deadlock with a local writer, a serialization failure, a lock timeout: the transaction stays
+# pending and is tried again (replication.resume), nothing is set aside.
+TRANSIENT_STATES = frozenset({"40P01", "40001", "55P03"})
+
+
+class Paused(AquapeerError):
+    def __init__(self, relation, message, *, hint=None, sqlstate="55000"):
+        super().__init__(message, hint=hint, sqlstate=sqlstate)
+        self.relation = relation
+
+
+def _canon(key):
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def _loads(text):
+    return None if text is None else json.loads(text)
+
+
+def apply_pending(db, friend, upto):
+    """Apply the friend's complete transactions received up to inbox position upto."""
+    group = []
+    for message in db.query("select id::text as id, ends from peer._pending_changes($1, $2)", [friend, upto]):
+        group.append(message["id"])
+        if message["ends"]:
+            if not _apply_transaction(db, friend, group):
+                return
+            group = []
+
+
+def _apply_transaction(db, friend, ids):
+    tally = {}
+    try:
+        with db.savepoint():
+            for message_id in ids:
+                payload = _loads(db.scalar("select peer._change_message($1, $2::uuid)::text", [friend, message_id]))
+                if payload is not None:
+                    _apply_message(db, friend, payload, tally)
+    except Paused as paused:
+        db.query("select peer._pause_subscription($1, $2, $3)",
+                 [friend, paused.relation, f"{paused.message} ({paused.hint})" if paused.hint else paused.message])
+        return False
+    except DatabaseError as e:
+        if e.sqlstate in TRANSIENT_STATES:
+            return False
+        raise
+    db.query("select peer._applied($1, $2::uuid[], $3::jsonb)", [friend, "{" + ",".join(ids) + "}",
+                                                                 list(tally.values())])
+    return True
+
+
+def _apply_message(db, friend, payload, tally):
+    relation, rows = payload["r"], payload.get("rows") or []
+    default_stamp = (int(payload.get("c") or 0), str(payload.get("o") or ""))
+    entry = tally.setdefault(relation, {"relation": relation, "applied": 0, "conflicts": 0, "clock": None,
+                                        "copied": False})
+    entry["copied"] = entry["copied"] or bool(payload.get("copy"))
+    found = db.query("select relation::oid as oid, key_columns::text[] as key_columns from peer._subscribed($1, $2)",
+                     [friend, relation])
+    if not found:
+        if rows:
+            db.query("select peer._set_aside($1, $2, $3::jsonb, '42501', $4)",
+                     [friend, relation, rows, f'{relation} is not subscribed from "{friend}"'])
+        return
+    if not rows:
+        return
+    oid, key_columns = found[0]["oid"], found[0]["key_columns"]
+    _check_schema(db, relation, oid, rows)
+    table = Table(relation, key_columns)
+    # The local rows first, locked, then their stamps: a local write takes the row's lock before
+    # it stamps, so the stamps read are current and the two never wait for each other crosswise.
+    lock = " for update of t" if db.scalar("select pg_catalog.has_table_privilege($1::oid, 'UPDATE')", [oid]) else ""
+    local = {}
+    for r in db.query(f"select pg_catalog.to_jsonb(t)::text as row from only {relation} t "
+                      f"join pg_catalog.jsonb_populate_recordset(null::{relation}, $1::jsonb) s on {table.key_match}"
+                      f"{lock}", [[r["k"] for r in rows]]):
+        row = json.loads(r["row"])
+        local[_canon({k: row.get(k) for k in key_columns})] = row
+    states = {_canon(json.loads(r["key"])): r for r in db.query(
+        "select key::text as key, columns::text as columns, born::text as born, deleted::text as deleted, waiting "
+        "from peer._row_states($1, $2::oid::regclass, $3::jsonb)", [friend, oid, [r["k"] for r in rows]])}
+    decisions, waiting = [], []
+    for change in rows:
+        key = _canon(change["k"])
+        state = states.get(key) or {}
+        if state.get("waiting") is not None:
+            waiting.append((change, state["waiting"]))
+            continue
+        stored = {"columns": _loads(state.get("columns")), "born": _loads(state.get("born")),
+                  "deleted": _loads(state.get("deleted"))}
+        decisions.append((change, resolve.resolve(change, default_stamp, stored, local.get(key))))
+    for change, error_id in waiting:
+        db.query("select peer._set_aside($1, $2, $3::jsonb, null, $4)",
+                 [friend, relation, [change], f"waiting behind apply error {error_id} of the same key"])
+    for _change, decision in _write_all(db, friend, oid, table, decisions):
+        if decision.action != resolve.NOTHING:
+            entry["applied"] += 1
+        entry["conflicts"] += len(decision.conflicts)
+        clock = decision.stamp[0]
+        entry["clock"] = clock if entry["clock"] is None else max(entry["clock"], clock)
+
+
+def _check_schema(db, relation, oid, rows):
+    local = {r["name"] for r in db.query(
+        "select attname::text as name from pg_catalog.pg_attribute "
+        "where attrelid = $1::oid and attnum > 0 and not attisdropped", [oid])}
+    sent = set()
+    ops = set()
+    for change in rows:
+        sent.update(change.get("v") or ())
+        sent.update(change["k"])
+        ops.add(change["op"])
+    missing = sorted(sent - local)
+    if missing:
+        raise Paused(relation, f"column {missing[0]} of {relation} does not exist here",
+                     hint="Add it (ALTER TABLE ... ADD COLUMN); the subscription then resumes by itself.",
+                     sqlstate="42703")
+    for op in sorted(ops):
+        privilege = PRIVILEGES[op]
+        for needed in (privilege, "SELECT"):
+            if not db.scalar("select pg_catalog.has_table_privilege($1::oid, $2)", [oid, needed]):
+                role = db.scalar("select current_user::text")
+                raise Paused(relation, f"role {role} lacks the {needed} privilege on {relation}",
+                             hint=f"GRANT {needed} ON {relation} TO {role}; the subscription then resumes by itself.",
+                             sqlstate="42501")
+
+
+class Table:
+    """The statements that write resolved changes into one table."""
+
+    def __init__(self, name, key_columns):
+        self.name = name
+        self.key_columns = key_columns
+        self.key_match = " and ".join(f"t.{_ident(k)} = s.{_ident(k)}" for k in key_columns)
+
+    def statements(self, decisions):
+        """(sql, rows) to run, deletes first (they may free unique values), then updates, then inserts."""
+        deletes = [change["k"] for change, d in decisions if d.action == "delete"]
+        if deletes:
+            yield (f"delete from only {self.name} t using pg_catalog.jsonb_populate_recordset(null::{self.name}, "
+                   f"$1::jsonb) s where {self.key_match}", deletes)
+        for action in ("update", "insert"):
+            groups = {}
+            for change, d in decisions:
+                if d.action == action:
+                    groups.setdefault(tuple(sorted(d.values)), []).append({**change["k"], **d.values})
+            for columns, rows in groups.items():
+                names = ", ".join(_ident(c) for c in columns)
+                if action == "update":
+                    sets = ", ".join(f"{_ident(c)} = s.{_ident(c)}" for c in columns)
+                    yield (f"update only {self.name} t set {sets} from pg_catalog.jsonb_populate_recordset("
+                           f"null::{self.name}, $1::jsonb) s where {self.key_match}", rows)
+                else:
+                    yield (f"insert into {self.name} ({names}) select {names} from "
+                           f"pg_catalog.jsonb_populate_recordset(null::{self.name}, $1::jsonb)", rows)
+
+
+def _ident(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _write(db, friend, oid, table, decisions):
+    states, conflicts, forward, newest = [], [], [], None
+    for change, d in decisions:
+        if d.state is not None:
+            states.append({"key": change["k"], **d.state})
+        for c in d.conflicts:
+            local, remote = c["local_stamp"] or [None, None], c["remote_stamp"] or [None, None]
+            conflicts.append({"key": change["k"], "column": c["column"], "local_value": c["local_value"],
+                              "local_clock": local[0], "local_origin": local[1], "remote_value": c["remote_value"],
+                              "remote_clock": remote[0], "remote_origin": remote[1], "winner": c["winner"]})
+        if d.action != resolve.NOTHING:
+            forward.append({"key": change["k"], "clock": d.stamp[0], "origin": d.stamp[1]})
+        newest = d.stamp[0] if newest is None else max(newest, d.stamp[0])
+    db.query("select peer._record_apply($1, $2::oid::regclass, $3::jsonb, $4::jsonb, $5::jsonb, $6)",
+             [friend, oid, states, conflicts, forward, newest])
+    for sql, rows in table.statements(decisions):
+        db.query(sql, [rows])
+
+
+def _write_all(db, friend, oid, table, decisions):
+    """All rows in one go; when the database refuses, row by row, setting aside what it refuses.
+    Returns the decisions written."""
+    if len(decisions) > 1:
+        try:
+            with db.savepoint():
+                _write(db, friend, oid, table, decisions)
+            return decisions
+        except DatabaseError as e:
+            _pause_if_every_row(table, e)
+    written = []
+    for one in decisions:
+        try:
+            with db.savepoint():
+                _write(db, friend, oid, table, [one])
+            written.append(one)
+        except DatabaseError as e:
+            _pause_if_every_row(table, e)
+            _set_aside(db, friend, table.name, one[0], e)
+    return written
+
+
+def _pause_if_every_row(table, error):
+    if error.sqlstate in TRANSIENT_STATES:
+        raise error
+    if error.sqlstate in PAUSING_STATES:
+        raise Paused(table.name, error.message, hint=error.hint, sqlstate=error.sqlstate) from None
+
+
+def _set_aside(db, friend, relation, change, error):
+    db.query("select peer._set_aside($1, $2, $3::jsonb, $4, $5)",
+             [friend, relation, [change], error.sqlstate, error.message])
