@@ -5,6 +5,8 @@ module shares three clusters, friends of each other: alice, bob and carol.
 Each test uses tables of its own.
 """
 
+import time
+
 import psycopg
 import pytest
 
@@ -100,23 +102,28 @@ def test_changes_flow_both_ways_and_concurrent_edits_converge(peers):
     bob.sql("update public.item set b = 'bob' where id <= 10")
     result = wait_same((alice, bob), "public.item")
     assert all(r[1] == "alice" and r[2] == "bob" for r in result[:10])
-    # the same column at once: one value wins everywhere, and the loser is kept as a conflict
-    alice.sql("update public.item set n = -1 where id = 20")
-    bob.sql("update public.item set n = -2 where id = 20")
+    # the same column at once (bob's edit is stamped first, commits last): the later stamp wins
+    # everywhere, and alice keeps bob's losing value as a conflict
+    with bob.connect() as conn:
+        conn.execute("update public.item set n = -2 where id = 20")
+        alice.sql("update public.item set n = -1 where id = 20")
+        conn.commit()
     result = wait_same((alice, bob), "public.item")
-    assert result[19][3] in (-1, -2)
-    tb.wait_for(lambda: sum(c.scalar("select count(*) from peer.replication_conflicts where \"column\" = 'n'")
-                            for c in (alice, bob)) >= 1, 10, message="the conflict to be kept")
+    assert result[19][3] == -1
+    tb.wait_for(lambda: alice.sql("select local_value, remote_value, winner from peer.replication_conflicts "
+                                  "where \"column\" = 'n'") == [(-1, -2, "local")], 10, message="the conflict to be kept")
     # a delete on one side against an update on the other: the row is gone on both
     alice.sql("delete from public.item where id = 30")
     bob.sql("update public.item set a = 'late' where id = 30")
     result = wait_same((alice, bob), "public.item")
     assert 30 not in [r[0] for r in result]
     # insert against insert of the same key: one row, the same on both
-    alice.sql("insert into public.item values (500, 'from alice', null, 1)")
-    bob.sql("insert into public.item values (500, 'from bob', 'b', 2)")
+    with bob.connect() as conn:
+        conn.execute("insert into public.item values (500, 'from bob', 'b', 2)")
+        alice.sql("insert into public.item values (500, 'from alice', null, 1)")
+        conn.commit()
     result = wait_same((alice, bob), "public.item")
-    assert [r for r in result if r[0] == 500][0][1] in ("from alice", "from bob")
+    assert [r for r in result if r[0] == 500] == [(500, "from alice", None, 1)]  # alice's stamp is later
     # nothing echoes: each side applied the other's changes only
     status = bob.sql("select state, last_error, apply_errors from peer.subscriptions where relation = 'public.item'::regclass")
     assert status == [("streaming", None, 0)]
@@ -152,14 +159,18 @@ def test_a_ring_of_three_converges_without_echo(peers):
         here.sql("select peer.subscribe('public.ring', %s::text, initial => false)", there)
     alice.sql("insert into public.ring select g, 'alice' from generate_series(1, 50) g")
     carol.sql("insert into public.ring select g, 'carol' from generate_series(51, 100) g")
+    assert len(wait_same((alice, bob, carol), "public.ring")) == 100
     bob.sql("update public.ring set v = 'bob' where id % 10 = 0")
     result = wait_same((alice, bob, carol), "public.ring")
-    assert len(result) == 100
     assert {r[1] for r in result if r[0] % 10 == 0} == {"bob"}
+    # Each change applied once on each other database, never back at its origin: bob has alice's
+    # and carol's 100 rows, carol alice's 50 and bob's 10 updates, alice carol's 50 and bob's 10.
     tb.wait_for(lambda: (applied(bob, "public.ring", "alice"), applied(carol, "public.ring", "bob"),
-                         applied(alice, "public.ring", "carol")) == (90, 95, 55), 20,
-                message="each change applied once on each other database",
-                ignore=(AssertionError,))
+                         applied(alice, "public.ring", "carol")) == (100, 60, 60), 20,
+                message="each change to be applied once everywhere")
+    time.sleep(1)  # and nothing more comes
+    assert (applied(bob, "public.ring", "alice"), applied(carol, "public.ring", "bob"),
+            applied(alice, "public.ring", "carol")) == (100, 60, 60)
 
 
 def test_schema_and_privilege_problems_pause_and_resume_after_the_fix(peers):

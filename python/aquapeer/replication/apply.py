@@ -76,6 +76,9 @@ def _apply_transaction(db, friend, ids):
 def _apply_message(db, friend, payload, tally):
     relation, rows = payload["r"], payload.get("rows") or []
     default_stamp = (int(payload.get("c") or 0), str(payload.get("o") or ""))
+    for change in rows:  # each keeps its stamp, also when set aside and retried
+        change.setdefault("c", default_stamp[0])
+        change.setdefault("o", default_stamp[1])
     entry = tally.setdefault(relation, {"relation": relation, "applied": 0, "conflicts": 0, "clock": None,
                                         "copied": False})
     entry["copied"] = entry["copied"] or bool(payload.get("copy"))
@@ -91,6 +94,27 @@ def _apply_message(db, friend, payload, tally):
     oid, key_columns = found[0]["oid"], found[0]["key_columns"]
     _check_schema(db, relation, oid, rows)
     table = Table(relation, key_columns)
+    for batch in _distinct_key_runs(rows):
+        _apply_batch(db, friend, oid, table, batch, entry)
+
+
+def _distinct_key_runs(rows):
+    """The rows in order, cut where a key comes again (changes retried together, say): each run
+    is resolved against the stamps the run before it wrote."""
+    run, keys = [], set()
+    for change in rows:
+        key = _canon(change["k"])
+        if key in keys:
+            yield run
+            run, keys = [], set()
+        run.append(change)
+        keys.add(key)
+    if run:
+        yield run
+
+
+def _apply_batch(db, friend, oid, table, rows, entry):
+    relation, key_columns = table.name, table.key_columns
     # The local rows first, locked, then their stamps: a local write takes the row's lock before
     # it stamps, so the stamps read are current and the two never wait for each other crosswise.
     lock = " for update of t" if db.scalar("select pg_catalog.has_table_privilege($1::oid, 'UPDATE')", [oid]) else ""
@@ -112,7 +136,7 @@ def _apply_message(db, friend, payload, tally):
             continue
         stored = {"columns": _loads(state.get("columns")), "born": _loads(state.get("born")),
                   "deleted": _loads(state.get("deleted"))}
-        decisions.append((change, resolve.resolve(change, default_stamp, stored, local.get(key))))
+        decisions.append((change, resolve.resolve(change, (change["c"], change["o"]), stored, local.get(key))))
     for change, error_id in waiting:
         db.query("select peer._set_aside($1, $2, $3::jsonb, null, $4)",
                  [friend, relation, [change], f"waiting behind apply error {error_id} of the same key"])
@@ -156,6 +180,10 @@ class Table:
         self.name = name
         self.key_columns = key_columns
         self.key_match = " and ".join(f"t.{_ident(k)} = s.{_ident(k)}" for k in key_columns)
+
+    def exists(self, db, key):
+        return db.scalar(f"select exists (select from only {self.name} t join pg_catalog.jsonb_populate_record("
+                         f"null::{self.name}, $1::jsonb) s on {self.key_match})", [key])
 
     def statements(self, decisions):
         """(sql, rows) to run, deletes first (they may free unique values), then updates, then inserts."""
@@ -220,6 +248,9 @@ def _write_all(db, friend, oid, table, decisions):
             written.append(one)
         except DatabaseError as e:
             _pause_if_every_row(table, e)
+            if e.sqlstate == "23505" and one[1].action == "insert" and table.exists(db, one[0]["k"]):
+                # A local insert of the same key committed meanwhile: merge with it, next time round.
+                raise DatabaseError(e.message, sqlstate="40001") from None
             _set_aside(db, friend, table.name, one[0], e)
     return written
 
