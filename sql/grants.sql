@@ -169,7 +169,7 @@ revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), pe
     peer._capture_changes(), peer._refuse_truncate(), peer.publish(regclass, text, text[], text),
     peer.unpublish(regclass, text), peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text),
     peer._copy_rows(peer.inbox), peer._applying_friend(text), peer._pending_changes(text, bigint),
-    peer._change_message(text, uuid), peer._subscribed(text, text), peer._row_states(text, regclass, jsonb),
+    peer._change_messages(text, uuid[]), peer._subscribed(text, text), peer._row_states(text, regclass, jsonb),
     peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
     peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
     peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox), peer.retry_apply(bigint),
@@ -177,10 +177,17 @@ revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), pe
 -- What an executor applying a friend's changes (connected as the friend's role) calls; each
 -- checks that it runs in an executor for that friend.
 grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(text),
-    peer._pending_changes(text, bigint), peer._change_message(text, uuid), peer._subscribed(text, text),
+    peer._pending_changes(text, bigint), peer._change_messages(text, uuid[]), peer._subscribed(text, text),
     peer._row_states(text, regclass, jsonb), peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
     peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
     peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox) to public;
 grant execute on function peer.publish(regclass, text, text[], text), peer.unpublish(regclass, text),
     peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text), peer.retry_apply(bigint),
     peer.discard_apply(bigint) to aquapeer_admin;
+
+-- bundle_follow
+revoke all on peer.bundle_follow, peer.followed_bundles from public;
+grant select on peer.bundle_follow, peer.followed_bundles to aquapeer_admin;
+revoke all on function peer.follow_bundle(text, text), peer.unfollow_bundle(text, text),
+    peer._follow_pull(jsonb) from public;
+grant execute on function peer.follow_bundle(text, text), peer.unfollow_bundle(text, text) to aquapeer_admin;

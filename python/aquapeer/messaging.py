@@ -66,6 +66,9 @@ RETENTION_TIMEOUT_S = 300.0
 HANDLER_BATCH = 200
 # Received messages stored per transaction at most.
 STORE_ITEMS = 5000
+# Topics whose handler takes every message of its sender received before its own (replication's:
+# it applies whole transactions), so only the newest of a batch is handed to it.
+TAKES_ALL_BEFORE = frozenset({"aquapeer.changes"})
 
 NEW_EPOCH = """
 with here as (
@@ -481,6 +484,8 @@ class Messaging:
                     asyncio.ensure_future(self._handle_group(key, messages))
 
     async def _handle_group(self, key, messages):
+        if key[1] in TAKES_ALL_BEFORE:
+            messages = messages[-1:]
         try:
             for message in messages:
                 await self.handle(message)

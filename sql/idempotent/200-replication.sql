@@ -347,22 +347,29 @@ end
 $$;
 comment on function peer._applying_friend(text) is 'the friend an executor applies changes of; refused in any other session';
 
+-- The messages of changes a friend sent that are not applied yet, up to an inbox position, marked
+-- handled: the handler of the last one applies them all (messaging runs only that one).
 create or replace function peer._pending_changes(friend text, upto bigint)
 returns table (id uuid, "position" bigint, rows integer, ends boolean)
-language sql stable security definer set search_path = pg_catalog, pg_temp as $$
-    select i.id, i.position, jsonb_array_length(i.payload -> 'rows'), coalesce((i.payload ->> 'end')::boolean, true)
-    from peer.inbox i
-    where i.friend = (peer._applying_friend(_pending_changes.friend)).name and i.topic = 'aquapeer.changes'
-      and i.position <= upto
-    order by i.position
+language sql security definer set search_path = pg_catalog, pg_temp as $$
+    with seen as (
+        update peer.inbox i set handled_at = coalesce(i.handled_at, now())
+        where i.friend = (peer._applying_friend(_pending_changes.friend)).name and i.topic = 'aquapeer.changes'
+          and i.position <= upto
+        returning i.id, i.position, jsonb_array_length(i.payload -> 'rows') as rows,
+                  coalesce((i.payload ->> 'end')::boolean, true) as ends
+    )
+    select * from seen order by position
 $$;
 comment on function peer._pending_changes(text, bigint) is 'the messages of changes a friend sent that are not applied yet';
 
-create or replace function peer._change_message(friend text, id uuid) returns jsonb
+create or replace function peer._change_messages(friend text, ids uuid[]) returns setof jsonb
 language sql stable security definer set search_path = pg_catalog, pg_temp as $$
     select i.payload from peer.inbox i
-    where i.id = _change_message.id and i.friend = (peer._applying_friend(_change_message.friend)).name
+    where i.id = any (ids) and i.friend = (peer._applying_friend(_change_messages.friend)).name
+    order by i.position
 $$;
+comment on function peer._change_messages(text, uuid[]) is 'the payloads of messages of changes a friend sent, in order';
 
 create or replace function peer._subscribed(friend text, relation_name text)
 returns table (relation regclass, key_columns name[], state text)

@@ -20,6 +20,9 @@ from ..errors import AquapeerError, DatabaseError
 from . import resolve
 
 PRIVILEGES = {"I": "INSERT", "U": "UPDATE", "D": "DELETE"}
+# Rows read, resolved and written together at most: whole transactions of the friend per
+# subtransaction (a larger one goes alone, in batches of this size).
+STEP_ROWS = 5000
 # What stops every change of a transaction, not one row: the subscription pauses.
 PAUSING_STATES = frozenset({"22008", "42703"})
 # A deadlock with a local writer, a serialization failure, a lock timeout: the transaction stays
@@ -42,24 +45,43 @@ def _loads(text):
 
 
 def apply_pending(db, friend, upto):
-    """Apply the friend's complete transactions received up to inbox position upto."""
-    group = []
-    for message in db.query("select id::text as id, ends from peer._pending_changes($1, $2)", [friend, upto]):
-        group.append(message["id"])
+    """Apply the friend's complete transactions received up to inbox position upto, in steps of
+    about STEP_ROWS rows (whole transactions), each step in a subtransaction of its own."""
+    steps, step, step_rows, transaction = [], [], 0, []
+    for message in db.query("select id::text as id, rows, ends from peer._pending_changes($1, $2)", [friend, upto]):
+        transaction.append((message["id"], message["rows"]))
+        step_rows += message["rows"]
         if message["ends"]:
-            if not _apply_transaction(db, friend, group):
-                return
-            group = []
+            step += transaction
+            transaction = []
+            if step_rows >= STEP_ROWS:
+                steps.append(step)
+                step, step_rows = [], 0
+    if step:
+        steps.append(step)
+    tables = {}
+    for step in steps:
+        if not _apply_step(db, friend, step, tables):
+            return
 
 
-def _apply_transaction(db, friend, ids):
+def _apply_step(db, friend, messages, tables):
     tally = {}
     try:
         with db.savepoint():
-            for message_id in ids:
-                payload = _loads(db.scalar("select peer._change_message($1, $2::uuid)::text", [friend, message_id]))
-                if payload is not None:
-                    _apply_message(db, friend, payload, tally)
+            batch, batch_key = [], None
+            for payload in _payloads(db, friend, messages):
+                key = (payload["r"], bool(payload.get("copy")))
+                if batch and (key != batch_key or len(batch) >= STEP_ROWS):
+                    _apply_rows(db, friend, tables, batch_key, batch, tally)
+                    batch = []
+                batch_key = key
+                default_stamp = (int(payload.get("c") or 0), str(payload.get("o") or ""))
+                for change in payload.get("rows") or ():  # each keeps its stamp, also when set aside
+                    change.setdefault("c", default_stamp[0])
+                    change.setdefault("o", default_stamp[1])
+                    batch.append(change)
+            _apply_rows(db, friend, tables, batch_key, batch, tally)
     except Paused as paused:
         db.query("select peer._pause_subscription($1, $2, $3)",
                  [friend, paused.relation, f"{paused.message} ({paused.hint})" if paused.hint else paused.message])
@@ -68,34 +90,81 @@ def _apply_transaction(db, friend, ids):
         if e.sqlstate in TRANSIENT_STATES:
             return False
         raise
-    db.query("select peer._applied($1, $2::uuid[], $3::jsonb)", [friend, "{" + ",".join(ids) + "}",
-                                                                 list(tally.values())])
+    db.query("select peer._applied($1, $2::uuid[], $3::jsonb)",
+             [friend, "{" + ",".join(m for m, _rows in messages) + "}", list(tally.values())])
     return True
 
 
-def _apply_message(db, friend, payload, tally):
-    relation, rows = payload["r"], payload.get("rows") or []
-    default_stamp = (int(payload.get("c") or 0), str(payload.get("o") or ""))
-    for change in rows:  # each keeps its stamp, also when set aside and retried
-        change.setdefault("c", default_stamp[0])
-        change.setdefault("o", default_stamp[1])
-    entry = tally.setdefault(relation, {"relation": relation, "applied": 0, "conflicts": 0, "clock": None,
-                                        "copied": False})
-    entry["copied"] = entry["copied"] or bool(payload.get("copy"))
-    found = db.query("select relation::oid as oid, key_columns::text[] as key_columns from peer._subscribed($1, $2)",
-                     [friend, relation])
-    if not found:
-        if rows:
-            db.query("select peer._set_aside($1, $2, $3::jsonb, '42501', $4)",
-                     [friend, relation, rows, f'{relation} is not subscribed from "{friend}"'])
-        return
+def _payloads(db, friend, messages):
+    """The messages' payloads in order, read about STEP_ROWS rows at a time."""
+    group, rows = [], 0
+    for message_id, n in messages + [(None, 0)]:
+        if group and (message_id is None or rows + n > STEP_ROWS):
+            for r in db.query("select p::text as payload from peer._change_messages($1, $2::uuid[]) p",
+                              [friend, "{" + ",".join(group) + "}"]):
+                yield json.loads(r["payload"])
+            group, rows = [], 0
+        if message_id is not None:
+            group.append(message_id)
+            rows += n
+
+
+class Subscribed:
+    """A subscribed table as the applying role sees it: columns, privileges, key."""
+
+    def __init__(self, db, friend, relation):
+        found = db.query("select relation::oid as oid, key_columns::text[] as key_columns "
+                         "from peer._subscribed($1, $2)", [friend, relation])
+        self.found = bool(found)
+        if not found:
+            return
+        self.oid = found[0]["oid"]
+        self.table = Table(relation, found[0]["key_columns"])
+        self.columns = {r["name"] for r in db.query(
+            "select attname::text as name from pg_catalog.pg_attribute "
+            "where attrelid = $1::oid and attnum > 0 and not attisdropped", [self.oid])}
+        self.privileges = {p: db.scalar("select pg_catalog.has_table_privilege($1::oid, $2)", [self.oid, p])
+                           for p in ("SELECT", "INSERT", "UPDATE", "DELETE")}
+        self.role = db.scalar("select current_user::text")
+
+    def check(self, rows):
+        """Pause on what stops every row: a column missing here, a table privilege missing."""
+        relation = self.table.name
+        sent, ops = set(), set()
+        for change in rows:
+            sent.update(change.get("v") or ())
+            sent.update(change["k"])
+            ops.add(change["op"])
+        missing = sorted(sent - self.columns)
+        if missing:
+            raise Paused(relation, f"column {missing[0]} of {relation} does not exist here",
+                         hint="Add it (ALTER TABLE ... ADD COLUMN); the subscription then resumes by itself.",
+                         sqlstate="42703")
+        for needed in ["SELECT"] + [PRIVILEGES[op] for op in sorted(ops)]:
+            if not self.privileges[needed]:
+                raise Paused(relation, f"role {self.role} lacks the {needed} privilege on {relation}",
+                             hint=f"GRANT {needed} ON {relation} TO {self.role}; "
+                                  "the subscription then resumes by itself.",
+                             sqlstate="42501")
+
+
+def _apply_rows(db, friend, tables, key, rows, tally):
     if not rows:
         return
-    oid, key_columns = found[0]["oid"], found[0]["key_columns"]
-    _check_schema(db, relation, oid, rows)
-    table = Table(relation, key_columns)
+    relation, copied = key
+    entry = tally.setdefault(relation, {"relation": relation, "applied": 0, "conflicts": 0, "clock": None,
+                                        "copied": False})
+    entry["copied"] = entry["copied"] or copied
+    subscribed = tables.get(relation)
+    if subscribed is None:
+        subscribed = tables[relation] = Subscribed(db, friend, relation)
+    if not subscribed.found:
+        db.query("select peer._set_aside($1, $2, $3::jsonb, '42501', $4)",
+                 [friend, relation, rows, f'{relation} is not subscribed from "{friend}"'])
+        return
+    subscribed.check(rows)
     for batch in _distinct_key_runs(rows):
-        _apply_batch(db, friend, oid, table, batch, entry)
+        _apply_batch(db, friend, subscribed, batch, entry)
 
 
 def _distinct_key_runs(rows):
@@ -113,11 +182,12 @@ def _distinct_key_runs(rows):
         yield run
 
 
-def _apply_batch(db, friend, oid, table, rows, entry):
+def _apply_batch(db, friend, subscribed, rows, entry):
+    table, oid = subscribed.table, subscribed.oid
     relation, key_columns = table.name, table.key_columns
     # The local rows first, locked, then their stamps: a local write takes the row's lock before
     # it stamps, so the stamps read are current and the two never wait for each other crosswise.
-    lock = " for update of t" if db.scalar("select pg_catalog.has_table_privilege($1::oid, 'UPDATE')", [oid]) else ""
+    lock = " for update of t" if subscribed.privileges["UPDATE"] else ""
     local = {}
     for r in db.query(f"select pg_catalog.to_jsonb(t)::text as row from only {relation} t "
                       f"join pg_catalog.jsonb_populate_recordset(null::{relation}, $1::jsonb) s on {table.key_match}"
@@ -146,31 +216,6 @@ def _apply_batch(db, friend, oid, table, rows, entry):
         entry["conflicts"] += len(decision.conflicts)
         clock = decision.stamp[0]
         entry["clock"] = clock if entry["clock"] is None else max(entry["clock"], clock)
-
-
-def _check_schema(db, relation, oid, rows):
-    local = {r["name"] for r in db.query(
-        "select attname::text as name from pg_catalog.pg_attribute "
-        "where attrelid = $1::oid and attnum > 0 and not attisdropped", [oid])}
-    sent = set()
-    ops = set()
-    for change in rows:
-        sent.update(change.get("v") or ())
-        sent.update(change["k"])
-        ops.add(change["op"])
-    missing = sorted(sent - local)
-    if missing:
-        raise Paused(relation, f"column {missing[0]} of {relation} does not exist here",
-                     hint="Add it (ALTER TABLE ... ADD COLUMN); the subscription then resumes by itself.",
-                     sqlstate="42703")
-    for op in sorted(ops):
-        privilege = PRIVILEGES[op]
-        for needed in (privilege, "SELECT"):
-            if not db.scalar("select pg_catalog.has_table_privilege($1::oid, $2)", [oid, needed]):
-                role = db.scalar("select current_user::text")
-                raise Paused(relation, f"role {role} lacks the {needed} privilege on {relation}",
-                             hint=f"GRANT {needed} ON {relation} TO {role}; the subscription then resumes by itself.",
-                             sqlstate="42501")
 
 
 class Table:
