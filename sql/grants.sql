@@ -173,17 +173,19 @@ revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), pe
     peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
     peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
     peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox), peer.retry_apply(bigint),
-    peer.discard_apply(bigint) from public;
+    peer.discard_apply(bigint), peer._row_hashes(regclass, name[], name[], text),
+    peer._published_row_hashes(jsonb), peer.verify_subscription(regclass, text) from public;
 -- What an executor applying a friend's changes (connected as the friend's role) calls; each
 -- checks that it runs in an executor for that friend.
 grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(text),
     peer._pending_changes(text, bigint), peer._change_messages(text, uuid[]), peer._subscribed(text, text),
     peer._row_states(text, regclass, jsonb), peer._record_apply(text, regclass, jsonb, jsonb, jsonb, bigint),
     peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
-    peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox) to public;
+    peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox),
+    peer._published_row_hashes(jsonb) to public;
 grant execute on function peer.publish(regclass, text, text[], text), peer.unpublish(regclass, text),
     peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text), peer.retry_apply(bigint),
-    peer.discard_apply(bigint) to aquapeer_admin;
+    peer.discard_apply(bigint), peer.verify_subscription(regclass, text) to aquapeer_admin;
 
 -- bundle_follow
 revoke all on peer.bundle_follow, peer.followed_bundles from public;

@@ -26,7 +26,7 @@ ANSWER_GRACE_S = 0.5
 RESEND_PAUSE_S = 0.2
 
 EXPOSED = """
-select e.function::oid as function,
+select e.function::oid as function, f.name as friend,
        (select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role
 from peer.friend f join peer.exposed_function e on e.friend = f.name or e.friend is null
 where f.peer_id = $1 and f.state = 'accepted' and e.name = $2
@@ -159,7 +159,7 @@ class Calls:
         timeout_ms = frame["timeout_ms"]
         reply = await self.executors.run(
             rows[0]["role"], {"op": "call", "args": {"function": rows[0]["function"], "arg": frame["arg"],
-                                                     "timeout_ms": timeout_ms}},
+                                                     "friend": rows[0]["friend"], "timeout_ms": timeout_ms}},
             timeout_ms / 1000.0)
         if not reply.get("ok"):
             raise AquapeerError.from_dict(reply.get("error") or {})

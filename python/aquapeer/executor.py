@@ -204,9 +204,12 @@ def _bounded(db, timeout_ms, work):
 
 
 def handle_call(db, args):
-    """Run function(arg jsonb), returning jsonb as text."""
-    return _bounded(db, args["timeout_ms"], lambda: db.scalar(
-        f"select {_qualified_function(db, args['function'])}($1::jsonb)::text", [args["arg"]]))
+    """Run function(arg jsonb), returning jsonb as text.  peer.caller names the calling friend
+    meanwhile (a setting the caller cannot make: the executor sets it, in this transaction)."""
+    def work():
+        db.query("select pg_catalog.set_config('peer.caller', $1, true)", [args.get("friend") or ""])
+        return db.scalar(f"select {_qualified_function(db, args['function'])}($1::jsonb)::text", [args["arg"]])
+    return _bounded(db, args["timeout_ms"], work)
 
 
 def handle_message(db, args):

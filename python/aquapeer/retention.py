@@ -54,6 +54,20 @@ PRUNE = [
     """delete from peer.outbox_message m using peer.config c
        where (m.final_state = 'acked' and m.finished_at < pg_catalog.now() - c.outbox_retention)
           or (m.final_state in ('rejected', 'expired') and m.finished_at < pg_catalog.now() - c.outbox_max_age)""",
+    # Replication's resolved conflicts, after peer.config.conflict_retention.
+    """delete from peer.replication_conflicts r using peer.config c
+       where r.at < pg_catalog.now() - c.conflict_retention""",
+    # Tombstones past peer.config.tombstone_retention that every friend the table goes to has
+    # acknowledged (no change older than the delete still waits for it).
+    """delete from peer.row_clock k using peer.config c
+       where k.deleted is not null and k.deleted_at < pg_catalog.now() - c.tombstone_retention
+         and not exists (
+             select from peer.publication p
+             join peer.outbox_message m on m.friend = p.friend
+             left join peer.outbox_stream s on s.peer_id = m.peer_id
+             where p.relation = k.relation and m.topic = 'aquapeer.changes' and m.final_state is null
+               and m.created_at <= k.deleted_at
+               and (m.seq is null or m.epoch is distinct from s.epoch or m.seq > s.acked_upto))""",
     # Transfers show in peer.transfers for a day after they end; keep them a week for questions.
     """delete from peer.transfer where finished_at < pg_catalog.now() - interval '7 days'""",
 ]

@@ -19,6 +19,7 @@ import platform
 import time
 
 from . import __version__, control, friends
+from .bundles import follow as bundle_follow
 from .bundles.transfer import Transfers
 from .calls import Calls
 from .db import current_database
@@ -366,7 +367,8 @@ class Worker:
         tasks = [asyncio.create_task(coro) for coro in (
             self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity(), self.messaging.run_pickup(),
             self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role),
-            replication_resume.run(self.db, self.messaging))]
+            replication_resume.run(self.db, self.messaging),
+            bundle_follow.run(self.transfers))]
         try:
             await self.start_node()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -207,6 +207,10 @@ begin
         set columns = excluded.columns, row_filter = excluded.row_filter, key_columns = excluded.key_columns;
     -- The friend asks for the rows it lacks on this topic (peer.subscribe(initial => true)).
     insert into peer.topic_grant values ('aquapeer.copy', f.name) on conflict do nothing;
+    -- peer.verify_subscription at the friend asks for the rows' hashes.
+    insert into peer.exposed_function (name, function, friend)
+        values ('aquapeer.row_hashes', 'peer._published_row_hashes(jsonb)'::regprocedure, f.name)
+        on conflict on constraint exposed_function_name_friend_key do nothing;
     if not exists (select from pg_trigger where tgrelid = relation and tgname = trigger_name || '_ins') then
         execute format('create trigger %I after insert on %s referencing new table as new_rows '
                        'for each statement execute function peer._capture_changes(%s)',
@@ -237,6 +241,7 @@ begin
     end if;
     if not exists (select from peer.publication p where p.friend = unpublish.friend) then
         delete from peer.topic_grant g where g.topic = 'aquapeer.copy' and g.friend = unpublish.friend;
+        delete from peer.exposed_function e where e.name = 'aquapeer.row_hashes' and e.friend = unpublish.friend;
     end if;
     if not exists (select from peer.publication p where p.relation = unpublish.relation) then
         foreach suffix in array array['_ins', '_upd', '_del', '_trunc'] loop
@@ -544,3 +549,79 @@ create or replace view peer.subscriptions as
         where i.friend = s.friend and i.topic = 'aquapeer.changes'
           and i.payload ->> 'r' = peer._relation_name(s.relation)) q on true;
 comment on view peer.subscriptions is 'tables taken from friends: state, lag, what was applied, conflicts and errors';
+
+-- Verifying ------------------------------------------------------------------
+-- A table's published rows as {key text: row hash}, under the settings that make a column's
+-- text the same on any server (bundle._row_hashes's): what peer.verify_subscription compares.
+create or replace function peer._row_hashes(relation regclass, key_columns name[], columns name[], row_filter text)
+returns table (key jsonb, hash text)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set datestyle = 'ISO, YMD' set intervalstyle = 'iso_8601'
+set extra_float_digits = 1 set bytea_output = 'hex' set lc_monetary = 'C' set jit = off
+as $$
+begin
+    return query execute format(
+        'select jsonb_build_object(%s), bundle._hash(%s::text) from only %s r where (%s)',
+        (select string_agg(format('%L, r.%I', k, k), ', ') from unnest(key_columns) k),
+        format('(select jsonb_object_agg(e.key, e.value) from jsonb_each(to_jsonb(r)) e where e.key = any (%L))',
+               columns),
+        relation, coalesce(row_filter, 'true'));
+end
+$$;
+comment on function peer._row_hashes(regclass, name[], name[], text) is 'the key and hash of each row a publication sends';
+
+-- Exposed to each friend a table is published to (as aquapeer.row_hashes): the hashes of the
+-- rows it is sent.  Only in an executor running a friend's call (peer.caller).
+create or replace function peer._published_row_hashes(arg jsonb) returns jsonb
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    p peer.publication;
+    columns name[];
+begin
+    perform peer._executor_nonce();
+    select * into p from peer.publication
+    where friend = current_setting('peer.caller', true) and peer._relation_name(relation) = arg ->> 'relation';
+    if not found then
+        raise exception '% is not published to you', arg ->> 'relation' using errcode = '42501';
+    end if;
+    columns := coalesce(p.columns, (select array_agg(a.attname) from pg_attribute a
+                                    where a.attrelid = p.relation and a.attnum > 0 and not a.attisdropped));
+    return jsonb_build_object(
+        'columns', columns,
+        'hashes', (select coalesce(jsonb_object_agg(h.key::text, h.hash), '{}')
+                   from peer._row_hashes(p.relation, p.key_columns, columns, p.row_filter) h));
+end
+$$;
+comment on function peer._published_row_hashes(jsonb) is 'the row hashes of a table published to the calling friend';
+
+create or replace function peer.verify_subscription(relation regclass, friend text)
+returns table (key jsonb, difference text)
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    s peer.subscription;
+    theirs jsonb;
+begin
+    select * into s from peer.subscription x where x.relation = verify_subscription.relation and x.friend = verify_subscription.friend;
+    if not found then
+        raise exception '% is not subscribed from "%"', relation, friend using errcode = '42704',
+            hint = 'See select * from peer.subscriptions.';
+    end if;
+    theirs := peer.call(friend, 'aquapeer.row_hashes', jsonb_build_object('relation', peer._relation_name(relation)));
+    -- hashed over the columns the friend sends, here as there
+    return query
+        with mine as (
+            select h.key::text as k, h.key, h.hash
+            from peer._row_hashes(relation, s.key_columns, array(select jsonb_array_elements_text(theirs -> 'columns'))::name[],
+                                  null) h
+        ), remote as (
+            select t.key as k, t.value #>> '{}' as hash from jsonb_each(theirs -> 'hashes') t
+        )
+        select coalesce(m.key, r.k::jsonb),
+               case when m.k is null then 'missing here' when r.k is null then 'not at the friend' else 'differs' end
+        from mine m full join remote r on r.k = m.k
+        where m.hash is distinct from r.hash;
+end
+$$;
+comment on function peer.verify_subscription(regclass, text) is
+    'compare a subscribed table with the friend''s by row hashes: the keys that differ, and how';
