@@ -46,6 +46,9 @@ create table peer.row_clock (
 );
 create index row_clock_tombstones on peer.row_clock (deleted_at) where deleted is not null;
 
+-- A friend's changes waiting in peer.inbox, in order (apply, views, the worker's retries).
+create index inbox_changes on peer.inbox (friend, position) where topic = 'aquapeer.changes';
+
 -- Changes that could not be applied, set aside with the reason; later changes to the same key
 -- wait behind them.
 create table peer.apply_errors (
