@@ -133,7 +133,7 @@ returns void
 language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
 declare
     origin text := (select peer_id from peer.identity);
-    name text := peer._relation_name(relation);
+    name text := relation::regclass::text;  -- qualified and quoted (search_path is pinned): peer._relation_name's
     p record;
     selected jsonb;
 begin
