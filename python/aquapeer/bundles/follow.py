@@ -67,7 +67,7 @@ class Follower:
                     self.db.rollback()
                     log.warning("following bundles: %s", e.message)
         finally:
-            for task in self.busy.values():
+            for task in list(self.busy.values()):
                 task.cancel()
 
     def tick(self):
@@ -86,6 +86,9 @@ class Follower:
             if self.links.get(friend) is not link:  # (re)connected: whatever waited is asked now
                 self.links[friend] = link
                 for row in follows:
+                    self.not_before.pop((friend, row["bundle"]), None)
+            for row in follows:  # peer.follow_bundle took it out of 'error': try again now
+                if row["state"] != "error":
                     self.not_before.pop((friend, row["bundle"]), None)
             due = [row for row in follows if self.not_before.get((friend, row["bundle"]), 0.0) <= now]
             if due:
@@ -108,6 +111,8 @@ class Follower:
                 raise
             except Exception as e:  # noqa: BLE001 - one bundle's failure must not stop the others
                 message = getattr(e, "message", None) or str(e) or type(e).__name__
+                if isinstance(e, DatabaseError):  # (on the worker's connection: no await since)
+                    self.db.rollback()
                 self.not_before[(name, row["bundle"])] = time.monotonic() + ERROR_RETRY_S
                 self._record_error(name, row["bundle"], message)
 
