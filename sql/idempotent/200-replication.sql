@@ -48,12 +48,14 @@ begin
     return key_columns;
 end
 $$;
+comment on function peer._key_columns(regclass) is 'a table''s primary key columns; an error naming the fix when it has none';
 
 create or replace function peer._relation_name(relation regclass) returns text
 language sql stable set search_path = pg_catalog, pg_temp as $$
     select format('%I.%I', n.nspname, c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace
     where c.oid = relation
 $$;
+comment on function peer._relation_name(regclass) is 'a table''s schema-qualified, quoted name, as changes name it between friends';
 
 -- Capture --------------------------------------------------------------------
 -- A row's key, {column: value}, from the row as jsonb.  Without a SET clause, so that it is
@@ -62,6 +64,7 @@ create or replace function peer._key_of(fields jsonb, key_columns text[]) return
 language sql immutable parallel safe as $$
     select jsonb_object_agg(k, fields -> k) from unnest(key_columns) k
 $$;
+comment on function peer._key_of(jsonb, text[]) is 'a row''s key, {column: value}, from the row as jsonb';
 
 -- The statement-level trigger of a published table (TG_ARGV: its key columns).  In the user's
 -- transaction it hands each 1,000 changed rows (op, key, the values that changed, the row) to
@@ -406,6 +409,7 @@ language sql stable security definer set search_path = pg_catalog, pg_temp as $$
     select s.relation, s.key_columns, s.state from peer.subscription s
     where s.friend = (peer._applying_friend(_subscribed.friend)).name and peer._relation_name(s.relation) = relation_name
 $$;
+comment on function peer._subscribed(text, text) is 'the local table subscribed from the friend an executor applies changes of, by the name the friend sent';
 
 create or replace function peer._row_states(friend text, relation regclass, keys jsonb)
 returns table (key jsonb, columns jsonb, born jsonb, deleted jsonb, waiting bigint)

@@ -94,3 +94,6 @@ select pg_catalog.pg_extension_config_dump('peer.subscription', '');
 select pg_catalog.pg_extension_config_dump('peer.row_clock', '');
 select pg_catalog.pg_extension_config_dump('peer.apply_errors', '');
 select pg_catalog.pg_extension_config_dump('peer.replication_conflicts', '');
+-- The handlers of aquapeer's own topics are the extension's (sql/idempotent/200-replication.sql
+-- inserts them): pg_dump keeps only the users'.
+select pg_catalog.pg_extension_config_dump('peer.message_handler', $$where topic not like 'aquapeer.%'$$);
