@@ -262,3 +262,4 @@ bench: prepare
 	'$(VENV)/bin/python' bench/connect.py $(CONNECT_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/messaging.py $(MESSAGING_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/bundles.py $(BUNDLES_BENCH_ARGS)
+	'$(VENV)/bin/python' bench/replication.py $(REPLICATION_BENCH_ARGS)
