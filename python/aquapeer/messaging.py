@@ -69,6 +69,9 @@ STORE_ITEMS = 5000
 # Topics whose handler takes every message of its sender received before its own (replication's:
 # it applies whole transactions), so only the newest of a batch is handed to it.
 TAKES_ALL_BEFORE = frozenset({"aquapeer.changes"})
+# Such a handler applies a friend's transactions whole, however large (a million rows take
+# minutes): peer.config.handler_timeout, meant for one message, is too short for it.
+TAKES_ALL_BEFORE_TIMEOUT_S = 3600.0
 
 NEW_EPOCH = """
 with here as (
@@ -499,6 +502,8 @@ class Messaging:
             reply = {"ok": False, "error": {"message": "the friend's role does not exist", "sqlstate": "42704"}}
         else:
             timeout_s = message["timeout_s"]
+            if message["topic"] in TAKES_ALL_BEFORE:
+                timeout_s = max(timeout_s, TAKES_ALL_BEFORE_TIMEOUT_S)
             try:
                 reply = await self.executors.run(
                     message["role"], {"op": "handle", "args": {"function": message["handler"], "row": message["row"],

@@ -111,7 +111,7 @@ def test_changes_flow_both_ways_and_concurrent_edits_converge(peers):
     result = wait_same((alice, bob), "public.item")
     assert result[19][3] == -1
     tb.wait_for(lambda: alice.sql("select local_value, remote_value, winner from peer.replication_conflicts "
-                                  "where \"column\" = 'n'") == [(-1, -2, "local")], 10,
+                                  "where \"column\" = 'n'") == [(-1, -2, "local")], 30,
                 message="the conflict to be kept")
     # a delete on one side against an update on the other: the row is gone on both
     alice.sql("delete from public.item where id = 30")
