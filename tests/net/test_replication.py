@@ -104,7 +104,7 @@ def test_changes_flow_both_ways_and_concurrent_edits_converge(peers):
     assert all(r[1] == "alice" and r[2] == "bob" for r in result[:10])
     # the same column at once (bob's edit is stamped first, commits last): the later stamp wins
     # everywhere, and alice keeps bob's losing value as a conflict
-    with bob.connect() as conn:
+    with bob.connect(autocommit=False) as conn:
         conn.execute("update public.item set n = -2 where id = 20")
         alice.sql("update public.item set n = -1 where id = 20")
         conn.commit()
@@ -119,7 +119,7 @@ def test_changes_flow_both_ways_and_concurrent_edits_converge(peers):
     result = wait_same((alice, bob), "public.item")
     assert 30 not in [r[0] for r in result]
     # insert against insert of the same key: one row, the same on both
-    with bob.connect() as conn:
+    with bob.connect(autocommit=False) as conn:
         conn.execute("insert into public.item values (500, 'from bob', 'b', 2)")
         alice.sql("insert into public.item values (500, 'from alice', null, 1)")
         conn.commit()

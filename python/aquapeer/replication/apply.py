@@ -269,10 +269,13 @@ def _write(db, friend, oid, table, decisions):
         if d.action != resolve.NOTHING:
             forward.append({"key": change["k"], "clock": d.stamp[0], "origin": d.stamp[1]})
         newest = d.stamp[0] if newest is None else max(newest, d.stamp[0])
-    db.query("select peer._record_apply($1, $2::oid::regclass, $3::jsonb, $4::jsonb, $5::jsonb, $6)",
-             [friend, oid, states, conflicts, forward, newest])
+    # What the capture trigger forwards first, then the rows, then their stamps: a local writer
+    # writes the row before it stamps, so a new key's row and stamp are locked in the same order.
+    record = "select peer._record_apply($1, $2::oid::regclass, $3::jsonb, $4::jsonb, $5::jsonb, $6::bigint)"
+    db.query(record, [friend, oid, [], [], forward, newest])
     for sql, rows in table.statements(decisions):
         db.query(sql, [rows])
+    db.query(record, [friend, oid, states, conflicts, [], None])
 
 
 def _write_all(db, friend, oid, table, decisions):
