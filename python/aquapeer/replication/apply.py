@@ -123,8 +123,9 @@ class Subscribed:
         self.columns = {r["name"] for r in db.query(
             "select attname::text as name from pg_catalog.pg_attribute "
             "where attrelid = $1::oid and attnum > 0 and not attisdropped", [self.oid])}
-        self.privileges = {p: db.scalar("select pg_catalog.has_table_privilege($1::oid, $2)", [self.oid, p])
-                           for p in ("SELECT", "INSERT", "UPDATE", "DELETE")}
+        self.privileges = {r["privilege"]: r["granted"] for r in db.query(
+            "select p as privilege, pg_catalog.has_table_privilege($1::oid, p) as granted "
+            "from unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p", [self.oid])}
         self.role = db.scalar("select current_user::text")
 
     def check(self, rows):
@@ -188,28 +189,29 @@ def _apply_batch(db, friend, subscribed, rows, entry):
     # The local rows first, locked, then their stamps: a local write takes the row's lock before
     # it stamps, so the stamps read are current and the two never wait for each other crosswise.
     lock = " for update of t" if subscribed.privileges["UPDATE"] else ""
+    keys = [r["k"] for r in rows]
     local = {}
     for r in db.query(f"select pg_catalog.to_jsonb(t)::text as row from only {relation} t "
                       f"join pg_catalog.jsonb_populate_recordset(null::{relation}, $1::jsonb) s on {table.key_match}"
-                      f"{lock}", [[r["k"] for r in rows]]):
+                      f"{lock}", [keys]):
         row = json.loads(r["row"])
         local[_canon({k: row.get(k) for k in key_columns})] = row
     states = {_canon(json.loads(r["key"])): r for r in db.query(
         "select key::text as key, columns::text as columns, born::text as born, deleted::text as deleted, waiting "
-        "from peer._row_states($1, $2::oid::regclass, $3::jsonb)", [friend, oid, [r["k"] for r in rows]])}
-    decisions, waiting = [], []
+        "from peer._row_states($1, $2::oid::regclass, $3::jsonb)", [friend, oid, keys])}
+    decisions, waiting = [], {}   # waiting: apply error id -> the changes behind it
     for change in rows:
         key = _canon(change["k"])
         state = states.get(key) or {}
         if state.get("waiting") is not None:
-            waiting.append((change, state["waiting"]))
+            waiting.setdefault(state["waiting"], []).append(change)
             continue
         stored = {"columns": _loads(state.get("columns")), "born": _loads(state.get("born")),
                   "deleted": _loads(state.get("deleted"))}
         decisions.append((change, resolve.resolve(change, (change["c"], change["o"]), stored, local.get(key))))
-    for change, error_id in waiting:
+    for error_id, changes in waiting.items():
         db.query("select peer._set_aside($1, $2, $3::jsonb, null, $4)",
-                 [friend, relation, [change], f"waiting behind apply error {error_id} of the same key"])
+                 [friend, relation, changes, f"waiting behind apply error {error_id} of the same key"])
     for _change, decision in _write_all(db, friend, oid, table, decisions):
         if decision.action != resolve.NOTHING:
             entry["applied"] += 1

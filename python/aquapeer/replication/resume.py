@@ -5,30 +5,23 @@ deadlock with a local writer sent back."""
 import asyncio
 import logging
 
+from ..errors import AquapeerError
+
 log = logging.getLogger("aquapeer.replication")
 
 RETRY_S = 5.0
 
-# The newest pending message of each friend with changes pending for a while, in the shape
-# messaging.Messaging.handle takes (its handler applies everything pending before it too).
+# The newest pending message of each friend with changes pending for a while: its handler
+# applies everything pending before it too.
 PENDING = """
-with newest as (
-    -- one index probe per friend with subscriptions, however long its inbox
-    select i.id from peer.friend f
-    cross join lateral (select i.id, i.received_at from peer.inbox i
-                        where i.friend = f.name and i.topic = 'aquapeer.changes'
-                        order by i.position desc limit 1) i
-    where exists (select from peer.subscription s where s.friend = f.name)
-      and i.received_at < pg_catalog.clock_timestamp() - interval '2 s'
-)
-select i.id::text as id, i.friend, i.topic, h.handler::oid as handler,
-       (select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role,
-       (pg_catalog.to_jsonb(i) - 'handler')::text as row,
-       (select extract(epoch from handler_timeout)::float8 from peer.config) as timeout_s
-from newest n
-join peer.inbox i on i.id = n.id
-join peer.friend f on f.name = i.friend
-join peer.message_handler h on h.topic = i.topic
+select i.id::text as id, f.name as friend
+from peer.friend f
+-- one index probe per friend with subscriptions, however long its inbox
+cross join lateral (select i.id, i.received_at from peer.inbox i
+                    where i.friend = f.name and i.topic = 'aquapeer.changes'
+                    order by i.position desc limit 1) i
+where exists (select from peer.subscription s where s.friend = f.name)
+  and i.received_at < pg_catalog.clock_timestamp() - interval '2 s'
 """
 
 
@@ -38,11 +31,13 @@ async def run(db, messaging):
         rows = db.query(PENDING)
         db.commit()
         for message in rows:
-            group = (message["friend"], message["topic"])
+            group = (message["friend"], "aquapeer.changes")
             if group in messaging.handling:
                 continue  # its handler runs now, and applies what it can
             messaging.handling.add(group)
             try:
-                await messaging.handle(message)
+                await messaging.retry(message["id"])
+            except AquapeerError as e:
+                log.info("changes from %s are still pending: %s", message["friend"], e.message)
             finally:
                 messaging.handling.discard(group)
