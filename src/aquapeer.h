@@ -1,6 +1,6 @@
 /*
  * aquapeer.h: what the launcher (launcher.c) and the SQL-callable helpers
- * (helpers.c) share.
+ * (helpers.c) share, and the row codecs (rowcodec.c, capture.c).
  */
 #ifndef AQUAPEER_H
 #define AQUAPEER_H
@@ -56,5 +56,6 @@ extern bool aquapeer_launcher_manages(Oid dboid);
 extern void aquapeer_wake_launcher(void);
 extern pid_t aquapeer_register_worker(Oid dboid, bool wait_for_start);
 extern void aquapeer_register_executor(Oid dboid, Oid roleid, const char *nonce);
+extern int	aquapeer_jsonb_key_order(const char *a, const char *b);
 
 #endif

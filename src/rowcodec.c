@@ -46,18 +46,24 @@ typedef struct BlobCodec
 } BlobCodec;
 
 /* jsonb's key order: shorter names first, then bytewise. */
+int
+aquapeer_jsonb_key_order(const char *a, const char *b)
+{
+	size_t		len_a = strlen(a);
+	size_t		len_b = strlen(b);
+
+	if (len_a != len_b)
+		return len_a < len_b ? -1 : 1;
+	return memcmp(a, b, len_a);
+}
+
 static int
 compare_key_order(const void *a, const void *b, void *arg)
 {
 	TupleDesc	desc = (TupleDesc) arg;
-	const char *name_a = NameStr(TupleDescAttr(desc, ((const BlobColumn *) a)->attno)->attname);
-	const char *name_b = NameStr(TupleDescAttr(desc, ((const BlobColumn *) b)->attno)->attname);
-	size_t		len_a = strlen(name_a);
-	size_t		len_b = strlen(name_b);
 
-	if (len_a != len_b)
-		return len_a < len_b ? -1 : 1;
-	return memcmp(name_a, name_b, len_a);
+	return aquapeer_jsonb_key_order(NameStr(TupleDescAttr(desc, ((const BlobColumn *) a)->attno)->attname),
+									NameStr(TupleDescAttr(desc, ((const BlobColumn *) b)->attno)->attname));
 }
 
 static BlobCodec *
