@@ -245,7 +245,7 @@ begin
     end if;
     insert into peer.topic_grant values ('aquapeer.changes', f.name) on conflict do nothing;
     if initial then
-        perform peer.send(f.name, 'aquapeer.copy', jsonb_build_object('r', peer._relation_name(relation)));
+        perform peer._start_copy(relation, f.name);  -- sql/idempotent/210-replication_copy.sql
     end if;
 end
 $$;
@@ -266,49 +266,6 @@ begin
 end
 $$;
 comment on function peer.unsubscribe(regclass, text) is 'stop applying a friend''s changes to a table';
-
--- The initial copy, on the publisher: every published row as an insert stamped with its
--- column stamps (or the oldest stamp, so that any change made since wins over it), queued in
--- one transaction, so from one snapshot, ahead of every change committed after it.
-create or replace function peer._copy_rows(m peer.inbox) returns void
-language plpgsql security definer set search_path = pg_catalog, pg_temp set extra_float_digits = 1 set jit = off as $$
-declare
-    p peer.publication;
-    f peer.friend;
-    origin text := (select peer_id from peer.identity);
-begin
-    perform peer._executor_nonce();
-    select * into f from peer.friend where name = m.friend;
-    select * into p from peer.publication where friend = m.friend and peer._relation_name(relation) = m.payload->>'r';
-    if not found then
-        raise exception '% is not published to "%"', m.payload->>'r', m.friend using errcode = '42501';
-    end if;
-    execute format($q$
-        insert into peer.outbox_message (peer_id, friend, topic, payload, bytes)
-        select %1$L, %2$L, 'aquapeer.changes', payload, octet_length(payload::text)
-        from (select jsonb_build_object('r', %3$L, 'copy', true, 'c', 0, 'o', %4$L, 'rows', jsonb_agg(change)) as payload
-              from (select jsonb_build_object('op', 'I', 'k', jsonb_build_object(%5$s), 'v', to_jsonb(r.*) - %6$L::text[],
-                                              'stamps', k.columns) as change,
-                           (row_number() over () - 1) / 1000 as chunk
-                    from only %7$s r left join peer.row_clock k on k.relation = %8$s and k.key = jsonb_build_object(%5$s)
-                    where (%9$s)) c
-              group by chunk
-              union all
-              -- an empty table still says so, and ends the copy
-              select jsonb_build_object('r', %3$L, 'copy', true, 'c', 0, 'o', %4$L, 'rows', '[]'::jsonb)) x$q$,
-        f.peer_id, f.name, peer._relation_name(p.relation), origin,
-        (select string_agg(format('%L, r.%I', k, k), ', ') from unnest(p.key_columns) k),
-        coalesce((select array_agg(a.attname::text) from pg_attribute a
-                  where a.attrelid = p.relation and a.attnum > 0 and not a.attisdropped
-                    and a.attname <> all (p.columns)), '{}'),
-        p.relation, p.relation::oid, coalesce(p.row_filter, 'true'));
-    perform peer._wake_at_commit();
-end
-$$;
-comment on function peer._copy_rows(peer.inbox) is 'queue a published table''s rows to the friend that subscribed with initial => true';
-
-insert into peer.message_handler values ('aquapeer.copy', 'peer._copy_rows(peer.inbox)'::regprocedure)
-    on conflict (topic) do update set handler = excluded.handler;
 
 -- Applying -------------------------------------------------------------------
 -- The executor applying a friend's changes runs as the friend's role (so GRANT and row-level
@@ -513,7 +470,11 @@ create or replace view peer.publications as
 comment on view peer.publications is 'tables sent to friends, with the changes the friend has not acknowledged yet';
 
 create or replace view peer.subscriptions as
-    select s.relation, s.friend, s.state, s.last_error,
+    select s.relation, s.friend,
+           -- initializing until the copy's last chunk is applied, also if it paused meanwhile
+           case when s.copy_started_at is not null and s.copy_finished_at is null and s.state = 'streaming'
+                then 'initializing' else s.state end as state,
+           s.last_error,
            coalesce(q.changes, 0) as lag_changes,
            case when q.oldest is null then 0
                 else (extract(epoch from clock_timestamp() - q.oldest) * 1000)::bigint end as lag_ms,

@@ -12,6 +12,13 @@ later changes to its key wait behind it.  What stops every row (a missing
 column, a missing table privilege, a clock too far ahead) pauses the
 subscription: the transaction stays pending and is tried again when the next
 message arrives or the worker retries paused subscriptions.
+
+An initial copy comes in chunks on the same stream (copy_id, and on a chunk's
+last message its marker).  Applying a chunk moves the copy's checkpoint and asks
+for the next chunk in the same transaction (peer._copy_chunk_applied).  While
+a copy runs, an update to a row it has not brought yet is kept
+(peer.change_ahead_of_copy) and applied right after the copy brings the row,
+where its stamp beats the copy's.
 """
 
 import json
@@ -65,13 +72,20 @@ def apply_pending(db, friend, upto):
             return
 
 
+def _copy_kind(payload):
+    """None for changes; "chunk" for a chunk of a copy; "whole" for a friend of 0.20.0's copy, all at once."""
+    if not payload.get("copy"):
+        return None
+    return "chunk" if "copy_id" in payload else "whole"
+
+
 def _apply_step(db, friend, messages, tables):
-    tally = {}
+    tally, chunks, whole_rows = {}, [], {}
     try:
         with db.savepoint():
             batch, batch_key = [], None
             for payload in _payloads(db, friend, messages):
-                key = (payload["r"], bool(payload.get("copy")))
+                key = (payload["r"], _copy_kind(payload))
                 if batch and (key != batch_key or len(batch) >= STEP_ROWS):
                     _apply_rows(db, friend, tables, batch_key, batch, tally)
                     batch = []
@@ -81,7 +95,16 @@ def _apply_step(db, friend, messages, tables):
                     change.setdefault("c", default_stamp[0])
                     change.setdefault("o", default_stamp[1])
                     batch.append(change)
+                if "chunk" in payload:
+                    chunks.append((payload["r"], payload["chunk"]))
+                elif key[1] == "whole":
+                    whole_rows[payload["r"]] = whole_rows.get(payload["r"], 0) + len(payload.get("rows") or ())
+                    if payload.get("end", True):
+                        chunks.append((payload["r"], {"rows": whole_rows.pop(payload["r"])}))
             _apply_rows(db, friend, tables, batch_key, batch, tally)
+            # after the chunks' rows, in their transaction: the checkpoint and the next request
+            finished = [relation for relation, chunk in chunks
+                        if db.scalar("select peer._copy_chunk_applied($1, $2, $3::jsonb)", [friend, relation, chunk])]
     except Paused as paused:
         db.query("select peer._pause_subscription($1, $2, $3)",
                  [friend, paused.relation, f"{paused.message} ({paused.hint})" if paused.hint else paused.message])
@@ -92,6 +115,8 @@ def _apply_step(db, friend, messages, tables):
         raise
     db.query("select peer._applied($1, $2::uuid[], $3::jsonb)",
              [friend, "{" + ",".join(m for m, _rows in messages) + "}", list(tally.values())])
+    for relation in finished:
+        tables.pop(relation, None)  # its copy ended: changes are no longer held for it
     return True
 
 
@@ -127,6 +152,7 @@ class Subscribed:
             "select p as privilege, pg_catalog.has_table_privilege($1::oid, p) as granted "
             "from unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p", [self.oid])}
         self.role = db.scalar("select current_user::text")
+        self.copying = db.scalar("select peer._copy_in_progress($1, $2)", [friend, relation])
 
     def check(self, rows):
         """Pause on what stops every row: a column missing here, a table privilege missing."""
@@ -152,10 +178,12 @@ class Subscribed:
 def _apply_rows(db, friend, tables, key, rows, tally):
     if not rows:
         return
-    relation, copied = key
+    relation, copy = key
+    # "copied" ends the initializing state of a subscription to a friend of 0.20.0; a chunked copy
+    # ends it with its last chunk
     entry = tally.setdefault(relation, {"relation": relation, "applied": 0, "conflicts": 0, "clock": None,
                                         "copied": False})
-    entry["copied"] = entry["copied"] or copied
+    entry["copied"] = entry["copied"] or copy == "whole"
     subscribed = tables.get(relation)
     if subscribed is None:
         subscribed = tables[relation] = Subscribed(db, friend, relation)
@@ -165,7 +193,13 @@ def _apply_rows(db, friend, tables, key, rows, tally):
         return
     subscribed.check(rows)
     for batch in _distinct_key_runs(rows):
-        _apply_batch(db, friend, subscribed, batch, entry)
+        _apply_batch(db, friend, subscribed, batch, entry, copy is not None)
+    if copy is not None and subscribed.copying:
+        held = [json.loads(r["change"]) for r in db.query(
+            "select c::text as change from peer._take_held_changes($1, $2::oid::regclass, $3::jsonb) c",
+            [friend, subscribed.oid, [r["k"] for r in rows]])]
+        for batch in _distinct_key_runs(held):
+            _apply_batch(db, friend, subscribed, batch, entry, False)
 
 
 def _distinct_key_runs(rows):
@@ -183,7 +217,7 @@ def _distinct_key_runs(rows):
         yield run
 
 
-def _apply_batch(db, friend, subscribed, rows, entry):
+def _apply_batch(db, friend, subscribed, rows, entry, copied):
     table, oid = subscribed.table, subscribed.oid
     relation, key_columns = table.name, table.key_columns
     # The local rows first, locked, then their stamps: a local write takes the row's lock before
@@ -199,12 +233,17 @@ def _apply_batch(db, friend, subscribed, rows, entry):
     states = {_canon(json.loads(r["key"])): r for r in db.query(
         "select key::text as key, columns::text as columns, born::text as born, deleted::text as deleted, waiting "
         "from peer._row_states($1, $2::oid::regclass, $3::jsonb)", [friend, oid, keys])}
-    decisions, waiting = [], {}   # waiting: apply error id -> the changes behind it
+    decisions, waiting, held = [], {}, []   # waiting: apply error id -> the changes behind it
     for change in rows:
         key = _canon(change["k"])
         state = states.get(key) or {}
         if state.get("waiting") is not None:
             waiting.setdefault(state["waiting"], []).append(change)
+            continue
+        if (subscribed.copying and not copied and change["op"] == "U" and key not in local
+                and state.get("deleted") is None):
+            # the copy has not brought the row yet (an update alone would be dropped here)
+            held.append(change)
             continue
         stored = {"columns": _loads(state.get("columns")), "born": _loads(state.get("born")),
                   "deleted": _loads(state.get("deleted"))}
@@ -212,6 +251,8 @@ def _apply_batch(db, friend, subscribed, rows, entry):
     for error_id, changes in waiting.items():
         db.query("select peer._set_aside($1, $2, $3::jsonb, null, $4)",
                  [friend, relation, changes, f"waiting behind apply error {error_id} of the same key"])
+    if held:
+        db.query("select peer._hold_changes($1, $2::oid::regclass, $3::jsonb)", [friend, oid, held])
     for _change, decision in _write_all(db, friend, oid, table, decisions):
         if decision.action != resolve.NOTHING:
             entry["applied"] += 1
