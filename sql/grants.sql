@@ -166,8 +166,9 @@ grant select on peer.publications, peer.subscriptions, peer.publication, peer.su
     peer.apply_errors, peer.replication_conflicts, peer.change_ahead_of_copy to aquapeer_admin;
 grant delete on peer.replication_conflicts to aquapeer_admin;
 revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), peer._relation_name(regclass),
-    peer._key_of(jsonb, text[]), peer._capture_changes(), peer._queue_changes(oid, jsonb, bigint, text),
-    peer._refuse_truncate(), peer.publish(regclass, text, text[], text),
+    peer._key_of(jsonb, text[]), peer._capture_changes(), peer._stamp_changes(oid, jsonb, bigint),
+    peer._filtered_changes(oid, jsonb, text), peer._forwarded_changes(oid, jsonb, text),
+    peer._recipients_changed(), peer._refuse_truncate(), peer.publish(regclass, text, text[], text),
     peer.unpublish(regclass, text), peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text),
     peer._copy_rows(peer.inbox), peer._applying_friend(text), peer._pending_changes(text, bigint),
     peer._change_messages(text, uuid[]), peer._subscribed(text, text), peer._row_states(text, regclass, jsonb),

@@ -9,6 +9,7 @@
 
 #include <signal.h>
 
+#include "fmgr.h"
 #include "port/atomics.h"
 
 #define AQUAPEER_WORKER_TYPE	"aquapeer worker"
@@ -57,5 +58,7 @@ extern void aquapeer_wake_launcher(void);
 extern pid_t aquapeer_register_worker(Oid dboid, bool wait_for_start);
 extern void aquapeer_register_executor(Oid dboid, Oid roleid, const char *nonce);
 extern int	aquapeer_jsonb_key_order(const char *a, const char *b);
+extern void aquapeer_wake_worker_at_commit(void);
+extern Datum aquapeer_clock_tick(PG_FUNCTION_ARGS);
 
 #endif

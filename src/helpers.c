@@ -203,8 +203,9 @@ wake_at_commit_callback(XactEvent event, void *arg)
 		wake_pending = false;
 }
 
-Datum
-aquapeer_wake_at_commit(PG_FUNCTION_ARGS)
+/* Wake this database's worker when the current transaction commits. */
+void
+aquapeer_wake_worker_at_commit(void)
 {
 	if (!wake_registered)
 	{
@@ -212,5 +213,11 @@ aquapeer_wake_at_commit(PG_FUNCTION_ARGS)
 		wake_registered = true;
 	}
 	wake_pending = true;
+}
+
+Datum
+aquapeer_wake_at_commit(PG_FUNCTION_ARGS)
+{
+	aquapeer_wake_worker_at_commit();
 	PG_RETURN_VOID();
 }

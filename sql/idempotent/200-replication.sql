@@ -11,24 +11,10 @@ comment on column peer.config.tombstone_retention is 'deleted rows'' stamps are 
 
 -- The clock ------------------------------------------------------------------
 -- The next stamp of this database's hybrid logical clock: past every stamp it gave and saw
--- (at_least), and at least the current time in milliseconds, shifted past the 16-bit counter.
--- The session lock is held for two sequence calls only, so writers never wait on each
--- other's transactions.
+-- (at_least), and at least the current time in milliseconds, shifted past the 16-bit counter
+-- (src/clock.c).
 create or replace function peer._clock_tick(at_least bigint default 0) returns bigint
-language plpgsql set search_path = pg_catalog, pg_temp as $$
-declare
-    floor bigint := greatest((extract(epoch from clock_timestamp()) * 1000)::bigint << 16, at_least + 1);
-    stamp bigint;
-begin
-    perform pg_advisory_lock(hashtext('aquapeer'), hashtext('clock'));
-    stamp := nextval('peer.clock');
-    if stamp < floor then
-        stamp := setval('peer.clock', floor);
-    end if;
-    perform pg_advisory_unlock(hashtext('aquapeer'), hashtext('clock'));
-    return stamp;
-end
-$$;
+language c strict as 'MODULE_PATHNAME', 'aquapeer_clock_tick';
 comment on function peer._clock_tick(bigint) is 'the next stamp of this database''s hybrid logical clock, past at_least';
 
 -- Shared checks ----------------------------------------------------------------
@@ -75,71 +61,70 @@ language c security definer set search_path = pg_catalog, pg_temp set extra_floa
 as 'MODULE_PATHNAME', 'aquapeer_capture_changes';
 comment on function peer._capture_changes() is 'capture trigger of published tables: queues each row change to the friends it is published to';
 
--- Queues changes ([{op, k, v, r}]) of a published table to each friend it is published to, as a
--- message on topic aquapeer.changes (so a change leaves if and only if the transaction commits,
--- in the order of peer.send): the friend's columns of the rows its filter selects.  A local
--- write (stamp given) is stamped in peer.row_clock when friends also send changes to the table.
--- A change applied from a friend (applying: its peer id) keeps its origin's stamp
--- (pg_temp.aquapeer_applying) and goes to every other friend, never back.
-create or replace function peer._queue_changes(relation oid, changes jsonb, stamp bigint, applying text)
-returns void
-language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+-- What the capture trigger asks of SQL, for changes ([{op, k, v, r}]) of a published table:
+-- A local write's stamps, for a table friends also send changes to.
+create or replace function peer._stamp_changes(relation oid, changes jsonb, stamp bigint) returns void
+language sql set search_path = pg_catalog, pg_temp as $$
+    insert into peer.row_clock as k (relation, key, columns, born, deleted, deleted_at)
+    select _stamp_changes.relation, c -> 'k',
+           case when c ->> 'op' = 'D' then '{}'
+                else (select jsonb_object_agg(n, jsonb_build_array(stamp, i.peer_id)) from jsonb_object_keys(c -> 'v') n) end,
+           case when c ->> 'op' = 'I' then jsonb_build_array(stamp, i.peer_id) end,
+           case when c ->> 'op' = 'D' then jsonb_build_array(stamp, i.peer_id) end,
+           case when c ->> 'op' = 'D' then now() end
+    from jsonb_array_elements(changes) c cross join peer.identity i
+    on conflict on constraint row_clock_pkey do update set
+        columns = case when excluded.deleted is not null then k.columns
+                       when excluded.born is not null then excluded.columns
+                       else k.columns || excluded.columns end,
+        born = coalesce(excluded.born, k.born),
+        deleted = case when excluded.born is not null then null else coalesce(excluded.deleted, k.deleted) end,
+        deleted_at = case when excluded.born is not null then null else coalesce(excluded.deleted_at, k.deleted_at) end
+$$;
+comment on function peer._stamp_changes(oid, jsonb, bigint) is 'stamp a local write''s changes of a table friends also send changes to';
+
+-- The changes whose rows a publication's row filter selects (null: none).
+create or replace function peer._filtered_changes(relation oid, changes jsonb, row_filter text) returns jsonb
+language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
-    origin text := (select peer_id from peer.identity);
-    name text := relation::regclass::text;  -- qualified and quoted (search_path is pinned): peer._relation_name's
-    p record;
     selected jsonb;
 begin
-    if applying is null and exists (select from peer.subscription s where s.relation = _queue_changes.relation) then
-        insert into peer.row_clock as k (relation, key, columns, born, deleted, deleted_at)
-        select _queue_changes.relation, c -> 'k',
-               case when c ->> 'op' = 'D' then '{}'
-                    else (select jsonb_object_agg(n, jsonb_build_array(stamp, origin)) from jsonb_object_keys(c -> 'v') n) end,
-               case when c ->> 'op' = 'I' then jsonb_build_array(stamp, origin) end,
-               case when c ->> 'op' = 'D' then jsonb_build_array(stamp, origin) end,
-               case when c ->> 'op' = 'D' then now() end
-        from jsonb_array_elements(changes) c
-        on conflict on constraint row_clock_pkey do update set
-            columns = case when excluded.deleted is not null then k.columns
-                           when excluded.born is not null then excluded.columns
-                           else k.columns || excluded.columns end,
-            born = coalesce(excluded.born, k.born),
-            deleted = case when excluded.born is not null then null else coalesce(excluded.deleted, k.deleted) end,
-            deleted_at = case when excluded.born is not null then null else coalesce(excluded.deleted_at, k.deleted_at) end;
-    end if;
-    for p in select x.friend, x.columns::text[] as columns, x.row_filter, f.peer_id
-             from peer.publication x join peer.friend f on f.name = x.friend and f.state = 'accepted'
-             where x.relation = _queue_changes.relation
-    loop
-        selected := changes;
-        if p.row_filter is not null then
-            execute format('select jsonb_agg(c) from jsonb_array_elements($1) c '
-                           'where (select %s from jsonb_populate_record(null::%s, c -> ''r'') r)',
-                           p.row_filter, relation::regclass)
-                into selected using changes;
-        end if;
-        if applying is not null then
-            select jsonb_agg(c || jsonb_build_object('c', a.clock, 'o', a.origin)) into selected
-            from jsonb_array_elements(selected) c
-            join pg_temp.aquapeer_applying a on a.relation = _queue_changes.relation and a.key = c -> 'k'
-            where p.peer_id <> a.origin and p.peer_id <> a.from_peer;
-        end if;
-        insert into peer.outbox_message (peer_id, friend, topic, payload, bytes)
-        select p.peer_id, p.friend, 'aquapeer.changes', m, octet_length(m::text)
-        from (select jsonb_build_object('r', name, 'c', stamp, 'o', origin, 'rows', jsonb_agg(c)) as m
-              from (select case when p.columns is null or c -> 'v' is null then c - 'r'
-                                else jsonb_set(c - 'r', '{v}', (select coalesce(jsonb_object_agg(e.key, e.value), '{}')
-                                                                from jsonb_each(c -> 'v') e
-                                                                where e.key = any (p.columns))) end as c
-                    from jsonb_array_elements(selected) c) x
-              where c ->> 'op' <> 'U' or c -> 'v' <> '{}'
-              having count(*) > 0) y;
-    end loop;
-    perform peer._wake_at_commit();
+    execute format('select jsonb_agg(c) from jsonb_array_elements($1) c '
+                   'where (select %s from jsonb_populate_record(null::%s, c -> ''r'') r)',
+                   row_filter, relation::regclass)
+        into selected using changes;
+    return selected;
 end
 $$;
-comment on function peer._queue_changes(oid, jsonb, bigint, text) is
-    'queue a published table''s changed rows to each friend it is published to, with their stamps';
+comment on function peer._filtered_changes(oid, jsonb, text) is 'the changes of the rows a publication''s row filter selects';
+
+-- Changes applied from a friend go on to the other friends (never back to the one they came
+-- from, nor to their origin), each with its origin's stamp (pg_temp.aquapeer_applying, written
+-- by peer._record_apply).  Null: none.
+create or replace function peer._forwarded_changes(relation oid, changes jsonb, friend_peer_id text) returns jsonb
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    return (select jsonb_agg(c || jsonb_build_object('c', a.clock, 'o', a.origin))
+            from jsonb_array_elements(changes) c
+            join pg_temp.aquapeer_applying a on a.relation = _forwarded_changes.relation and a.key = c -> 'k'
+            where friend_peer_id <> a.origin and friend_peer_id <> a.from_peer);
+end
+$$;
+comment on function peer._forwarded_changes(oid, jsonb, text) is 'the changes applied from a friend that go on to another, with their origin''s stamps';
+
+-- The capture trigger keeps each published table's recipients per backend until one of these
+-- tables changes (src/capture.c).
+create or replace function peer._recipients_changed() returns trigger
+language c as 'MODULE_PATHNAME', 'aquapeer_recipients_changed';
+comment on function peer._recipients_changed() is 'tells every backend''s capture trigger that whom published tables go to changed';
+create or replace trigger recipients_changed after insert or update or delete or truncate on peer.publication
+    for each statement execute function peer._recipients_changed();
+create or replace trigger recipients_changed after insert or update of relation or delete or truncate on peer.subscription
+    for each statement execute function peer._recipients_changed();
+create or replace trigger recipients_changed after insert or update of name, peer_id, state or delete or truncate
+    on peer.friend for each statement execute function peer._recipients_changed();
+create or replace trigger recipients_changed after insert or update or delete or truncate on peer.identity
+    for each statement execute function peer._recipients_changed();
 
 create or replace function peer._refuse_truncate() returns trigger
 language plpgsql set search_path = pg_catalog, pg_temp as $$

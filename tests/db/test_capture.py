@@ -2,7 +2,8 @@
 written here in Python: for each statement, the changes queued to the friend are exactly those
 that turn the table as it was into the table as it is (inserted rows whole, updated rows' changed
 columns, deleted rows' keys), 1,000 to a message.  The friend never connects, so what was queued
-stays in peer.outbox_message.  (Applying them: tests/net/test_replication.py.)"""
+stays in peer.outbox_message.  Friend "ghost" gets every column of every row; "picky" the columns
+PICKY_COLUMNS of the rows where n > 3.  (Applying them: tests/net/test_replication.py.)"""
 
 import json
 
@@ -12,19 +13,22 @@ from aquapeer import identity
 
 TABLE = "public.captured"
 KEY = ("region", "id")
+PICKY_COLUMNS = ["region", "id", "n", "doc"]
 
 
 @pytest.fixture(scope="module")
 def published(worker_cluster):
     c = worker_cluster
-    ghost = identity.Identity.generate()
-    c.sql("select peer.add_friend('ghost', %s)", identity.make_invite(ghost, [], "ghost"))
+    for name in ("ghost", "picky"):
+        invite = identity.make_invite(identity.Identity.generate(), [], name)
+        c.sql("select peer.add_friend(%s::text, %s)", name, invite)
     # Columns named like the old capture query's aliases (n, o), one dropped, a composite key (checked
     # at the end of each statement, so that keys can be swapped), a toasted value.
     c.sql(f"""create table {TABLE} (id int, gone text, n int, o int, doc jsonb, note text, at timestamptz,
                                     region text, primary key (region, id) deferrable)""")
     c.sql(f"alter table {TABLE} drop column gone")
     c.sql(f"select peer.publish('{TABLE}', 'ghost')")
+    c.sql(f"select peer.publish('{TABLE}', 'picky', %s, 'n > 3')", PICKY_COLUMNS)
     return c
 
 
@@ -32,15 +36,20 @@ def snapshot(c):
     return {tuple(row[k] for k in KEY): row for (row,) in c.sql(f"select to_jsonb(t) from {TABLE} t")}
 
 
-def reference_changes(before, after):
-    """The changes that turn before into after: {key: row} each, as the capture must queue them."""
+def reference_changes(before, after, columns=None, selects=lambda row: True):
+    """The changes that turn before into after, as the capture must queue them: {key: row} each;
+    only the rows selects selects (as they are after the change, or before a delete), only columns."""
     def key_of(row):
         return {k: row[k] for k in KEY}
-    changes = [{"op": "I", "k": key_of(after[k]), "v": after[k]} for k in after.keys() - before.keys()]
-    changes += [{"op": "D", "k": key_of(before[k])} for k in before.keys() - after.keys()]
+
+    def only(values):
+        return {c: v for c, v in values.items() if columns is None or c in columns}
+    changes = [{"op": "I", "k": key_of(after[k]), "v": only(after[k])}
+               for k in after.keys() - before.keys() if selects(after[k])]
+    changes += [{"op": "D", "k": key_of(before[k])} for k in before.keys() - after.keys() if selects(before[k])]
     for k in after.keys() & before.keys():
-        changed = {c: v for c, v in after[k].items() if before[k][c] != v}
-        if changed:
+        changed = only({c: v for c, v in after[k].items() if before[k][c] != v})
+        if changed and selects(after[k]):
             changes.append({"op": "U", "k": key_of(after[k]), "v": changed})
     return changes
 
@@ -50,21 +59,23 @@ def canonical(changes):
 
 
 def captured(c, statement):
-    """Run statement; the messages of changes it queued, after checking them."""
+    """Run statement; the messages of changes it queued to ghost, after checking them and picky's."""
     c.sql("delete from peer.outbox_message")
     before = snapshot(c)
     c.sql(statement)
     after = snapshot(c)
     origin = c.scalar("select peer_id from peer.identity")
-    messages = [m for (m,) in c.sql("select payload from peer.outbox_message "
-                                    "where topic = 'aquapeer.changes' order by position")]
-    changes = []
-    for m in messages:
+    messages = {"ghost": [], "picky": []}
+    for friend, m in c.sql("select friend, payload from peer.outbox_message "
+                           "where topic = 'aquapeer.changes' order by position"):
         assert m["r"] == TABLE and m["o"] == origin and m["c"] > 0
         assert 0 < len(m["rows"]) <= 1000
-        changes += m["rows"]
-    assert canonical(changes) == canonical(reference_changes(before, after))
-    return messages
+        messages[friend].append(m)
+    sent = {friend: [change for m in ms for change in m["rows"]] for friend, ms in messages.items()}
+    assert canonical(sent["ghost"]) == canonical(reference_changes(before, after))
+    assert canonical(sent["picky"]) == canonical(
+        reference_changes(before, after, PICKY_COLUMNS, lambda row: row["n"] is not None and row["n"] > 3))
+    return messages["ghost"]
 
 
 def test_inserts_go_whole_in_messages_of_a_thousand(published):
@@ -107,3 +118,17 @@ def test_a_friends_changes_being_applied_are_not_stamped_anew(published):
         conn.execute("select set_config('peer.applying_from', 'someone', false)")
         conn.execute(f"update {TABLE} set n = n + 1 where id = 2")
     assert published.scalar("select count(*) from peer.outbox_message") == 0
+
+
+def test_a_table_friends_also_write_to_is_stamped(published):
+    """Subscribed from a friend too, each local change stamps the key's columns in peer.row_clock
+    with the clock its message carries."""
+    c = published
+    c.sql(f"select peer.subscribe('{TABLE}', 'ghost', initial => false)")
+    try:
+        [message] = captured(c, f"update {TABLE} set n = 42 where region = 'east' and id = 4")
+        columns, born = c.sql("select columns, born from peer.row_clock where relation = %s::regclass "
+                              "and key = %s::jsonb", TABLE, json.dumps({"region": "east", "id": 4}))[0]
+        assert columns == {"n": [message["c"], message["o"]]} and born is None
+    finally:
+        c.sql(f"select peer.unsubscribe('{TABLE}', 'ghost')")
