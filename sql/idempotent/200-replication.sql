@@ -306,12 +306,17 @@ comment on function peer._subscribed(text, text) is 'the local table subscribed 
 create or replace function peer._row_states(friend text, relation regclass, keys jsonb)
 returns table (key jsonb, columns jsonb, born jsonb, deleted jsonb, waiting bigint)
 language sql stable security definer set search_path = pg_catalog, pg_temp as $$
-    select k.key, c.columns, c.born, c.deleted,
-           (select min(e.id) from peer.apply_errors e
-            where e.relation = peer._relation_name(_row_states.relation) and e.friend = f.name and e.key = k.key)
+    with waiting as (
+        select e.key, min(e.id) as id from peer.apply_errors e
+        where e.relation = peer._relation_name(_row_states.relation)
+          and e.friend = (peer._applying_friend(_row_states.friend)).name
+        group by e.key
+    )
+    select k.key, c.columns, c.born, c.deleted, w.id
     from peer._applying_friend(_row_states.friend) f
     cross join jsonb_array_elements(keys) k(key)
     left join peer.row_clock c on c.relation = _row_states.relation and c.key = k.key
+    left join waiting w on w.key = k.key
 $$;
 comment on function peer._row_states(text, regclass, jsonb) is 'the stamps and waiting apply errors of the keys a friend''s changes touch';
 
@@ -347,12 +352,15 @@ begin
     from jsonb_to_recordset(conflicts) as c(key jsonb, "column" text, local_value jsonb, local_clock bigint,
                                             local_origin text, remote_value jsonb, remote_clock bigint,
                                             remote_origin text, winner text);
-    create temporary table if not exists aquapeer_applying (
-        relation oid, key jsonb, clock bigint, origin text, from_peer text) on commit delete rows;
-    delete from pg_temp.aquapeer_applying;
-    insert into pg_temp.aquapeer_applying
-    select _record_apply.relation, a.key, a.clock, a.origin, f.peer_id
-    from jsonb_to_recordset(forward) as a(key jsonb, clock bigint, origin text);
+    -- only a table published to friends has a capture trigger to forward them
+    if exists (select from peer.publication p where p.relation = _record_apply.relation) then
+        create temporary table if not exists aquapeer_applying (
+            relation oid, key jsonb, clock bigint, origin text, from_peer text) on commit delete rows;
+        delete from pg_temp.aquapeer_applying;
+        insert into pg_temp.aquapeer_applying
+        select _record_apply.relation, a.key, a.clock, a.origin, f.peer_id
+        from jsonb_to_recordset(forward) as a(key jsonb, clock bigint, origin text);
+    end if;
     perform set_config('peer.applying_from', f.peer_id, true);
 end
 $$;
