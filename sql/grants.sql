@@ -161,9 +161,10 @@ grant execute on function peer.share_bundle(text, text, boolean), peer.unshare_b
 -- replication
 revoke all on peer.publication, peer.subscription, peer.clock, peer.row_clock, peer.apply_errors,
     peer.apply_errors_id_seq, peer.replication_conflicts, peer.replication_conflicts_id_seq,
-    peer.publications, peer.subscriptions, peer.change_ahead_of_copy, peer.change_ahead_of_copy_id_seq from public;
+    peer.publications, peer.subscriptions, peer.change_ahead_of_copy, peer.change_ahead_of_copy_id_seq,
+    peer.resync_key, peer.resync_key_id_seq from public;
 grant select on peer.publications, peer.subscriptions, peer.publication, peer.subscription, peer.row_clock,
-    peer.apply_errors, peer.replication_conflicts, peer.change_ahead_of_copy to aquapeer_admin;
+    peer.apply_errors, peer.replication_conflicts, peer.change_ahead_of_copy, peer.resync_key to aquapeer_admin;
 grant delete on peer.replication_conflicts to aquapeer_admin;
 revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), peer._relation_name(regclass),
     peer._key_of(jsonb, text[]), peer._capture_changes(), peer._stamp_changes(oid, jsonb, bigint),
@@ -177,9 +178,10 @@ revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), pe
     peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox), peer.retry_apply(bigint),
     peer.discard_apply(bigint), peer._row_hashes(regclass, name[], name[], text),
     peer._published_row_hashes(jsonb), peer.verify_subscription(regclass, text), peer._start_copy(regclass, text),
-    peer._queue_copy_chunk(peer.publication, peer.friend, uuid, jsonb), peer._copy_chunk_applied(text, text, jsonb),
+    peer._queue_copy_chunk(peer.publication, peer.friend, jsonb), peer._copy_chunk_applied(text, text, jsonb),
     peer._copy_in_progress(text, text), peer._hold_changes(text, regclass, jsonb),
-    peer._take_held_changes(text, regclass, jsonb) from public;
+    peer._take_held_changes(text, regclass, jsonb), peer._ask_copy_chunk(peer.subscription),
+    peer._expire_changes(), peer._start_resync(text, text) from public;
 -- What an executor applying a friend's changes (connected as the friend's role) calls; each
 -- checks that it runs in an executor for that friend.
 grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(text),
@@ -188,7 +190,8 @@ grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(tex
     peer._set_aside(text, text, jsonb, text, text), peer._applied(text, uuid[], jsonb),
     peer._pause_subscription(text, text, text), peer._apply_changes(peer.inbox),
     peer._published_row_hashes(jsonb), peer._copy_chunk_applied(text, text, jsonb), peer._copy_in_progress(text, text),
-    peer._hold_changes(text, regclass, jsonb), peer._take_held_changes(text, regclass, jsonb) to public;
+    peer._hold_changes(text, regclass, jsonb), peer._take_held_changes(text, regclass, jsonb),
+    peer._start_resync(text, text) to public;
 grant execute on function peer.publish(regclass, text, text[], text), peer.unpublish(regclass, text),
     peer.subscribe(regclass, text, boolean), peer.unsubscribe(regclass, text), peer.retry_apply(bigint),
     peer.discard_apply(bigint), peer.verify_subscription(regclass, text) to aquapeer_admin;

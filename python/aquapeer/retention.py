@@ -72,6 +72,10 @@ PRUNE = [
     """delete from peer.transfer where finished_at < pg_catalog.now() - interval '7 days'""",
 ]
 
+# Replication's changes past peer.config.change_retention, and re-syncs for the friends whose
+# changes were dropped (last: also after what EXPIRE_OLD and EXPIRE_LARGE dropped).
+EXPIRE_CHANGES = "select * from peer._expire_changes()"
+
 # Objects a pull or an import kept that no commit came to reference, once they are older than
 # peer.config.object_retention (a walk over the bundle's trees, in SQL).
 COLLECT = "select * from bundle._collect_garbage()"
@@ -80,7 +84,7 @@ COLLECT = "select * from bundle._collect_garbage()"
 def run(db):
     """Expire what waited too long or is too much, prune what was acknowledged long ago, collect
     unreferenced bundle objects; return [{friend, n, reason}] for what expired."""
-    expired = [dict(r) for query in (EXPIRE_OLD, EXPIRE_LARGE) for r in db.query(query)]
+    expired = [dict(r) for query in (EXPIRE_OLD, EXPIRE_LARGE, EXPIRE_CHANGES) for r in db.query(query)]
     for statement in PRUNE:
         db.query(statement)
     db.query(COLLECT)

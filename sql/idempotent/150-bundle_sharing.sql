@@ -108,14 +108,14 @@ end
 $$;
 comment on function peer._serve_bundle_commits(text, text, boolean, text[], text[]) is 'the commits of a shared bundle a friend lacks (executors only)';
 
--- Also the initial copies of subscriptions (peer.subscription keeps their progress): rows_total
--- is the friend's estimate until the copy ends.
+-- Also the copies of subscriptions, initial or re-syncs (peer.subscription keeps their progress):
+-- rows_total is the friend's estimate (for a re-sync, the rows that differ) until the copy ends.
 create or replace view peer.transfers as
     select id, friend, bundle, direction, state, bytes_done, rows_done, rows_total, objects_done, commits,
            started_at, finished_at, error, null::regclass as relation
     from peer.transfer where state = 'running' or finished_at > now() - interval '1 day'
     union all
-    select copy_id, friend, null, 'copy', case when copy_finished_at is null then 'running' else 'done' end, null,
+    select copy_id, friend, null, case copy_kind when 'resync' then 'resync' else 'copy' end, case when copy_finished_at is null then 'running' else 'done' end, null,
            copy_rows, case when copy_finished_at is not null then copy_rows
                            when copy_rows_estimate is not null then greatest(copy_rows_estimate, copy_rows) end,
            null, null, copy_started_at, copy_finished_at, last_error, relation

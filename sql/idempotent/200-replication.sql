@@ -464,9 +464,9 @@ comment on view peer.publications is 'tables sent to friends, with the changes t
 
 create or replace view peer.subscriptions as
     select s.relation, s.friend,
-           -- initializing until the copy's last chunk is applied, also if it paused meanwhile
-           case when s.copy_started_at is not null and s.copy_finished_at is null and s.state = 'streaming'
-                then 'initializing' else s.state end as state,
+           -- initializing (or resyncing) until the copy's last chunk is applied, also if it paused meanwhile
+           case when s.copy_started_at is null or s.copy_finished_at is not null or s.state <> 'streaming' then s.state
+                when s.copy_kind = 'resync' then 'resyncing' else 'initializing' end as state,
            s.last_error,
            coalesce(q.changes, 0) as lag_changes,
            case when q.oldest is null then 0

@@ -183,3 +183,42 @@ def test_a_copy_resumes_from_its_checkpoint_after_either_server_restarts(peers):
     assert len(served) == 30 and served[0] is None and None not in served[1:]
     assert copy_status(bob, name) == ("streaming", 30000, 30)
     print(f"alice stopped when bob had copied {at_stop} rows")
+
+
+def test_a_friend_away_past_change_retention_resyncs_only_the_rows_that_differ(peers):
+    alice, bob = peers
+    name = "public.resynced"
+    make_table((alice, bob), name, 10000)
+    alice.sql(f"select peer.publish('{name}', 'bob')")
+    bob.sql(f"select peer.subscribe('{name}', 'alice')")
+    wait_copied(bob, name)
+    alice.sql(f"update {name} set note = 'streamed' where id <= 10")
+    tb.wait_for(lambda: bob.scalar(f"select count(*) from {name} where note = 'streamed'") == 10, 30,
+                message="a change to stream")
+    bob.stop()
+    alice.sql("update peer.config set change_retention = '1 s'")
+    try:
+        with alice.connect() as conn:
+            conn.autocommit = True
+            conn.execute(f"update {name} set a = 'while bob was away' where id between 1001 and 1100")
+            conn.execute(f"delete from {name} where id between 2001 and 2050")
+            conn.execute(f"insert into {name} select g, 'new', g, null from generate_series(10001, 10030) g")
+        time.sleep(1.5)
+        # what the outbox's retention runs every 5 minutes: those changes are dropped, bob is told
+        assert alice.sql("select friend, n from peer._expire_changes()") == [("bob", 3)]
+    finally:
+        alice.sql("update peer.config set change_retention = default")
+    alice.sql(f"update {name} set b = -1 where id in (5, 1005, 10005)")  # after the drop: streamed as usual
+    bob.start()
+    tb.wait_connected(alice, "bob", timeout=60)
+    tb.wait_for(lambda: copy_status(bob, name)[0] == "streaming"
+                and bob.scalar("select direction from peer.transfers where relation = %s::regclass", name) == "resync",
+                60, interval=0.1, message="the re-sync to end", ignore=(psycopg.Error,))
+    tb.wait_for(lambda: table_rows(bob, name) == table_rows(alice, name), 60, interval=0.2,
+                message="bob's table to be alice's", ignore=(psycopg.Error,))
+    assert bob.sql(f"select * from peer.verify_subscription('{name}', 'alice')") == []
+    # Only what differed moved: the 100 rows updated and the 30 inserted (the 50 deleted went
+    # here), and row 5, whose change after the drop was still on its way when they were compared.
+    assert bob.sql("select state, rows_done, rows_total from peer.transfers where relation = %s::regclass",
+                   name) == [("done", 131, 131)]
+    assert bob.scalar("select count(*) from peer.resync_key") == 0
