@@ -181,7 +181,7 @@ revoke all on function peer._clock_tick(bigint), peer._key_columns(regclass), pe
     peer._queue_copy_chunk(peer.publication, peer.friend, jsonb), peer._copy_chunk_applied(text, text, jsonb),
     peer._copy_in_progress(text, text), peer._hold_changes(text, regclass, jsonb),
     peer._take_held_changes(text, regclass, jsonb), peer._ask_copy_chunk(peer.subscription),
-    peer._expire_changes(), peer._start_resync(text, text) from public;
+    peer._expire_changes(), peer._start_resync(text, text), peer._ask_stalled_copies() from public;
 -- What an executor applying a friend's changes (connected as the friend's role) calls; each
 -- checks that it runs in an executor for that friend.
 grant execute on function peer._copy_rows(peer.inbox), peer._applying_friend(text),

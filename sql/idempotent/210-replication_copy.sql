@@ -29,11 +29,42 @@ begin
         end if;
         request := request || jsonb_build_object('keys', keys, 'upto', upto);
     end if;
-    perform peer.send(s.friend, 'aquapeer.copy', request);
+    update peer.subscription x set copy_request = peer.send(s.friend, 'aquapeer.copy', request)
+    where x.relation = s.relation and x.friend = s.friend;
     return true;
 end
 $$;
 comment on function peer._ask_copy_chunk(peer.subscription) is 'ask the friend for the next chunk of a copy, from its checkpoint';
+
+-- Subscriber, run by the worker every few seconds (replication/resume.py): a copy whose last
+-- request the friend stored more than twice the handler timeout ago, with no chunk of it here,
+-- asks again from its checkpoint (the friend's handler failed on the request, say, as its
+-- server stopped).  Should both chunks come, the second moves no checkpoint.
+create or replace function peer._ask_stalled_copies() returns integer
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    s peer.subscription;
+    asked integer := 0;
+begin
+    for s in
+        select x.* from peer.subscription x
+        join peer.outbox_message m on m.id = x.copy_request
+        left join peer.outbox_stream st on st.peer_id = m.peer_id
+        where x.copy_started_at is not null and x.copy_finished_at is null
+          and (m.final_state = 'acked' or (m.final_state is null and m.epoch = st.epoch and m.seq <= st.acked_upto))
+          and m.created_at < now() - 2 * (select handler_timeout from peer.config)
+          and not exists (select from peer.inbox i
+                          where i.friend = x.friend and i.topic = 'aquapeer.changes'
+                            and i.payload ->> 'copy_id' = x.copy_id::text)
+        for update of x skip locked
+    loop
+        perform peer._ask_copy_chunk(s);
+        asked := asked + 1;
+    end loop;
+    return asked;
+end
+$$;
+comment on function peer._ask_stalled_copies() is 'ask again for the chunk a copy waits for when the friend has not answered its request';
 
 -- Subscriber: a new copy from the first row (peer.subscribe).
 create or replace function peer._start_copy(relation regclass, friend text) returns void
@@ -150,6 +181,7 @@ begin
             marker := peer._queue_copy_chunk(p, f, jsonb_build_object('after', marker->'upto'));
         end loop;
     end if;
+    delete from peer.inbox i where i.id = m.id;  -- served: one request a chunk would pile up
     perform peer._wake_at_commit();
 end
 $$;

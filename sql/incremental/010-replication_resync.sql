@@ -7,7 +7,9 @@ alter table peer.config
 
 -- What a copy is for: a new subscription's rows, or the rows that differ after changes were dropped.
 alter table peer.subscription
-    add column copy_kind text not null default 'initial' check (copy_kind in ('initial', 'resync'));
+    add column copy_kind text not null default 'initial' check (copy_kind in ('initial', 'resync')),
+    -- the copy's last request (peer.outbox_message), asked again if no chunk answers it
+    add column copy_request uuid;
 
 -- The keys a re-sync still has to copy, asked for in chunks in id order.
 create table peer.resync_key (

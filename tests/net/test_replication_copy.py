@@ -222,3 +222,31 @@ def test_a_friend_away_past_change_retention_resyncs_only_the_rows_that_differ(p
     assert bob.sql("select state, rows_done, rows_total from peer.transfers where relation = %s::regclass",
                    name) == [("done", 131, 131)]
     assert bob.scalar("select count(*) from peer.resync_key") == 0
+
+
+def test_a_copy_asks_again_when_the_publisher_failed_on_its_request(peers):
+    alice, bob = peers
+    name = "public.copied_after_a_failure"
+    make_table((alice, bob), name, 5000)
+    alice.sql("update peer.config set copy_chunk_rows = 1000, handler_timeout = '1 s'")
+    bob.sql("update peer.config set handler_timeout = '2 s'")  # asks again after 4 s without an answer
+    alice.sql(f"select peer.publish('{name}', 'bob')")
+    try:
+        with alice.connect(autocommit=False) as conn:
+            # the publisher's handler times out waiting for the table: its request is left failed
+            conn.execute(f"lock table {name} in access exclusive mode")
+            bob.sql(f"select peer.subscribe('{name}', 'alice')")
+            tb.wait_for(lambda: alice.scalar("select handler_error from peer.inbox where topic = 'aquapeer.copy' "
+                                             "and payload ->> 'r' = %s", name), 30,
+                        message="the publisher's handler to fail")
+            conn.rollback()
+        wait_copied(bob, name, timeout=60)
+    finally:
+        alice.sql("update peer.config set handler_timeout = default")
+        bob.sql("update peer.config set handler_timeout = default")
+    assert table_rows(bob, name) == table_rows(alice, name)
+    assert copy_status(bob, name) == ("streaming", 5000, 5)
+    assert bob.scalar("select count(*) from peer.outbox where topic = 'aquapeer.copy' and payload ->> 'r' = %s "
+                      "and payload -> 'after' = 'null'", name) == 2  # the first chunk, asked for twice
+    assert chunks_served(alice, name)[0] is None and len(chunks_served(alice, name)) == 5
+    assert alice.scalar("select count(*) from peer.inbox where topic = 'aquapeer.copy' and handler_error is null") == 0

@@ -1,6 +1,7 @@
 """Trying pending changes again: those of a paused subscription, so that fixing what paused it
 (adding the missing column, granting the privilege) is all a user has to do, and those a
-deadlock with a local writer sent back."""
+deadlock with a local writer sent back.  And asking again for the chunk of a copy the friend
+did not answer (peer._ask_stalled_copies)."""
 
 import asyncio
 import logging
@@ -28,8 +29,11 @@ where exists (select from peer.subscription s where s.friend = f.name)
 async def run(db, messaging):
     while True:
         await asyncio.sleep(RETRY_S)
+        asked = db.scalar("select peer._ask_stalled_copies()")
         rows = db.query(PENDING)
         db.commit()
+        if asked:
+            log.info("asked again for %d chunks of copies friends did not answer", asked)
         for message in rows:
             group = (message["friend"], "aquapeer.changes")
             if group in messaging.handling:
