@@ -250,3 +250,35 @@ def test_a_copy_asks_again_when_the_publisher_failed_on_its_request(peers):
                       "and payload -> 'after' = 'null'", name) == 2  # the first chunk, asked for twice
     assert chunks_served(alice, name)[0] is None and len(chunks_served(alice, name)) == 5
     assert alice.scalar("select count(*) from peer.inbox where topic = 'aquapeer.copy' and handler_error is null") == 0
+
+
+def test_friends_of_0_20_0_copy_the_old_way(peers):
+    """0.20.0 asked for every row at once and sent them so: a request without "after", and
+    copy messages without copy_id.  Both are made here by hand."""
+    alice, bob = peers
+    name = "public.copied_the_old_way"
+    make_table((alice, bob), name, 2500)
+    alice.sql("update peer.config set copy_chunk_rows = 1000")
+    alice.sql(f"select peer.publish('{name}', 'bob')")
+    # a subscriber of 0.20.0: one request, every row in one transaction (in chunks, one after the other)
+    bob.sql(f"select peer.subscribe('{name}', 'alice', initial => false)")
+    alice.sql("insert into peer.inbox (id, friend, topic, payload, sent_at, handler) "
+              "values (gen_random_uuid(), 'bob', 'aquapeer.copy', %s::jsonb, now(), "
+              "'peer._copy_rows(peer.inbox)'::regprocedure)", json.dumps({"r": name}))
+    tb.wait_for(lambda: table_rows(bob, name) == table_rows(alice, name), 30, interval=0.2,
+                message="every row at once")
+    assert alice.scalar("select count(distinct xact) from peer.outbox_message "
+                        "where topic = 'aquapeer.changes' and payload ->> 'r' = %s", name) == 1
+    # a publisher of 0.20.0: its copy ends the subscription's initializing when it is applied
+    other = "public.copied_from_the_old_way"
+    make_table((alice, bob), other, 0)
+    bob.sql(f"select peer.subscribe('{other}', 'alice')")  # alice does not publish it: no chunk comes
+    origin = alice.scalar("select peer_id from peer.identity")
+    bob.sql("insert into peer.inbox (id, friend, topic, payload, sent_at, handler) "
+            "values (gen_random_uuid(), 'alice', 'aquapeer.changes', %s::jsonb, now(), "
+            "'peer._apply_changes(peer.inbox)'::regprocedure)",
+            json.dumps({"r": other, "copy": True, "c": 0, "o": origin, "end": True,
+                        "rows": [{"op": "I", "k": {"id": 1}, "v": {"id": 1, "a": "old", "b": 1, "note": None}}]}))
+    wait_copied(bob, other, timeout=30)
+    assert table_rows(bob, other) == [(1, "old", 1, None)]
+    assert copy_status(bob, other) == ("streaming", 1, 1)
