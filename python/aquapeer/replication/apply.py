@@ -81,8 +81,8 @@ def apply_pending(db, friend, upto):
 
 
 def _copy_kind(payload):
-    """None for changes; "chunk" for a chunk of a copy; "whole" for a friend of 0.20.0's copy, all at once
-    ("resync": a re-sync's deletes of rows the friend no longer has)."""
+    """What a message's rows are: None for changes, "chunk" for a chunk of a copy, "whole" for the copy
+    of a friend of 0.20.0, all at once.  (_start_resync's deletes are of a kind of their own, "resync".)"""
     if not payload.get("copy"):
         return None
     return "chunk" if "copy_id" in payload else "whole"
