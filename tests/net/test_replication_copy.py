@@ -45,6 +45,14 @@ def make_table(clusters, name, rows):
     clusters[0].sql(f"insert into {name} select g, 'a' || g, g, 'note ' || g from generate_series(1, {rows}) g")
 
 
+def copy_in_chunks(alice, bob, name, rows, chunk_rows):
+    """A table of rows rows published by alice and subscribed by bob, copied chunk_rows at a time."""
+    make_table((alice, bob), name, rows)
+    alice.sql("update peer.config set copy_chunk_rows = %s", chunk_rows)
+    alice.sql(f"select peer.publish('{name}', 'bob')")
+    bob.sql(f"select peer.subscribe('{name}', 'alice')")
+
+
 def table_rows(cluster, name):
     return cluster.sql(f"select * from {name} order by id")
 
@@ -130,10 +138,7 @@ def test_an_update_that_arrives_before_its_row_waits_for_the_copy(peers):
     capture does not see, and the change it would have sent delivered to bob at once."""
     alice, bob = peers
     name = "public.copied_late"
-    make_table((alice, bob), name, 20000)
-    alice.sql("update peer.config set copy_chunk_rows = 1000")
-    alice.sql(f"select peer.publish('{name}', 'bob')")
-    bob.sql(f"select peer.subscribe('{name}', 'alice')")
+    copy_in_chunks(alice, bob, name, 20000, chunk_rows=1000)
     stamp, origin = alice.sql("select peer._clock_tick(), peer_id from peer.identity")[0]
     bob.sql("insert into peer.inbox (id, friend, topic, payload, sent_at, handler) "
             "values (gen_random_uuid(), 'alice', 'aquapeer.changes', %s::jsonb, now(), "
@@ -155,10 +160,7 @@ def test_an_update_that_arrives_before_its_row_waits_for_the_copy(peers):
 def test_a_copy_resumes_from_its_checkpoint_after_either_server_restarts(peers):
     alice, bob = peers
     name = "public.copied_twice_stopped"
-    make_table((alice, bob), name, 30000)
-    alice.sql("update peer.config set copy_chunk_rows = 1000")
-    alice.sql(f"select peer.publish('{name}', 'bob')")
-    bob.sql(f"select peer.subscribe('{name}', 'alice')")
+    copy_in_chunks(alice, bob, name, 30000, chunk_rows=1000)
 
     def copied_at_least(rows):
         tb.wait_for(lambda: copy_status(bob, name)[1] >= rows, 60, interval=0.02,
