@@ -47,7 +47,7 @@
 PG_FUNCTION_INFO_V1(aquapeer_capture_changes);
 PG_FUNCTION_INFO_V1(aquapeer_recipients_changed);
 
-/* Changes per call of peer._queue_changes, and so per message. */
+/* Changes per message. */
 #define CHANGES_PER_CHUNK 1000
 
 static SPIPlanPtr nonce_plan = NULL;
@@ -124,17 +124,6 @@ saved_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types)
 	return *plan;
 }
 
-/* The first column of the first row of a saved plan run without arguments. */
-static Datum
-run_for_value(SPIPlanPtr *plan, const char *query, bool *isnull)
-{
-	int			ret = SPI_execute_plan(saved_plan(plan, query, 0, NULL), NULL, NULL, false, 1);
-
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "\"%s\" failed: %s", query, SPI_result_code_string(ret));
-	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, isnull);
-}
-
 /*
  * Each published table's recipients, per backend: reading them cost a
  * single-row write a fifth of its time.  Kept until a relcache invalidation
@@ -154,17 +143,15 @@ typedef struct CachedRecipients
 static HTAB *recipients_cache = NULL;
 static MemoryContext recipients_context = NULL;
 static Oid	publication_relid = InvalidOid;
-static bool recipients_stale = false;
+/* Invalidations seen, and how many the cache had seen when it was emptied last. */
 static uint64 recipients_invalidations = 0;
+static uint64 recipients_cache_invalidations = 0;
 
 static void
 forget_recipients(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == publication_relid)
-	{
-		recipients_stale = true;
 		recipients_invalidations++;
-	}
 }
 
 static Oid
@@ -179,7 +166,6 @@ read_recipients(Oid relid)
 {
 	Oid			types[1] = {OIDOID};
 	Datum		values[1] = {ObjectIdGetDatum(relid)};
-	uint64		invalidations = recipients_invalidations;
 	MemoryContext old_context;
 	CachedRecipients *entry;
 	bool		found;
@@ -195,12 +181,6 @@ read_recipients(Oid relid)
 						   values, NULL, true, 0);
 	if (ret != SPI_OK_SELECT || SPI_processed < 1)
 		elog(ERROR, "reading the publications of relation %u failed: %s", relid, SPI_result_code_string(ret));
-	if (recipients_stale)
-	{
-		MemoryContextReset(recipients_context);
-		recipients_cache = NULL;
-		recipients_stale = false;
-	}
 	if (recipients_cache == NULL)
 	{
 		HASHCTL		info = {.keysize = sizeof(Oid), .entrysize = sizeof(CachedRecipients), .hcxt = recipients_context};
@@ -244,9 +224,6 @@ read_recipients(Oid relid)
 	}
 	MemoryContextSwitchTo(old_context);
 	SPI_freetuptable(SPI_tuptable);
-	/* What changed while it was read is read again next time. */
-	if (invalidations != recipients_invalidations)
-		recipients_stale = true;
 	return entry;
 }
 
@@ -266,9 +243,15 @@ load_recipients(Capture *capture)
 												   ALLOCSET_SMALL_SIZES);
 		CacheRegisterRelcacheCallback(forget_recipients, (Datum) 0);
 	}
-	if (!OidIsValid(publication_relid) || recipients_stale)
+	/* Emptied when anything changed since; what changes while it is read empties it next time. */
+	if (recipients_cache_invalidations != recipients_invalidations || !OidIsValid(publication_relid))
+	{
+		MemoryContextReset(recipients_context);
+		recipients_cache = NULL;
+		recipients_cache_invalidations = recipients_invalidations;
 		publication_relid = peer_publication_relid();
-	if (recipients_cache != NULL && !recipients_stale)
+	}
+	if (recipients_cache != NULL)
 		entry = hash_search(recipients_cache, &capture->relid, HASH_FIND, NULL);
 	if (entry == NULL)
 		entry = read_recipients(capture->relid);
@@ -355,15 +338,11 @@ capture_begin(Capture *capture, TriggerData *trigdata)
 	/* A friend's changes being applied keep their own stamps; a local write takes a new one. */
 	capture->applying_null = applying == NULL || applying[0] == '\0';
 	capture->applying = capture->applying_null ? (Datum) 0 : CStringGetTextDatum(applying);
-	capture->stamp_null = true;
-	capture->stamp = (Datum) 0;
-	if (capture->applying_null)
-	{
-		capture->stamp = DirectFunctionCall1(aquapeer_clock_tick, Int64GetDatum(0));
-		capture->stamp_null = false;
-	}
-	else
-		(void) run_for_value(&nonce_plan, "select peer._executor_nonce()", &capture->stamp_null);
+	capture->stamp_null = !capture->applying_null;
+	capture->stamp = capture->applying_null ? DirectFunctionCall1(aquapeer_clock_tick, Int64GetDatum(0)) : (Datum) 0;
+	if (!capture->applying_null &&
+		SPI_execute_plan(saved_plan(&nonce_plan, "select peer._executor_nonce()", 0, NULL), NULL, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "peer._executor_nonce() failed");
 
 	capture->name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											  RelationGetRelationName(rel));
@@ -615,6 +594,44 @@ flush_chunk(Capture *capture)
 	capture->chunk_changes = 0;
 }
 
+/* Which of a row's columns push_columns takes. */
+typedef enum ColumnsTaken
+{
+	COLUMNS_KEY,
+	COLUMNS_CHANGED,
+	COLUMNS_ALL
+} ColumnsTaken;
+
+/* "name": {column: value} of the row's columns taken. */
+static void
+push_columns(Capture *capture, const char *name, Jsonb *row, ColumnsTaken taken)
+{
+	JsonbParseState **state = &capture->chunk;
+	JsonbIterator *it = JsonbIteratorInit(&row->root);
+	JsonbValue	v;
+	JsonbIteratorToken token;
+	int			column = 0;		/* the row's keys come in capture->columns' order, jsonb's */
+
+	push_key(state, name);
+	pushJsonbValue(state, WJB_BEGIN_OBJECT, NULL);
+	while ((token = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		CaptureColumn *c;
+
+		if (token != WJB_KEY)
+			continue;
+		c = &capture->columns[column++];
+		if (taken == COLUMNS_ALL || (taken == COLUMNS_KEY && c->is_key) ||
+			(taken == COLUMNS_CHANGED && capture->changed[c->attno]))
+		{
+			pushJsonbValue(state, WJB_KEY, &v);
+			(void) JsonbIteratorNext(&it, &v, true);
+			pushJsonbValue(state, WJB_VALUE, &v);
+		}
+	}
+	pushJsonbValue(state, WJB_END_OBJECT, NULL);
+}
+
 /*
  * Add one change: row is the row as jsonb, with_values whether "v" goes along
  * (only_changed: just the columns capture->changed marks).
@@ -623,10 +640,6 @@ static void
 add_change(Capture *capture, const char *op, Jsonb *row, bool with_values, bool only_changed)
 {
 	JsonbParseState **state = &capture->chunk;
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken token;
-	int			column = 0;
 
 	if (capture->chunk_changes == 0)
 		pushJsonbValue(state, WJB_BEGIN_ARRAY, NULL);
@@ -634,44 +647,9 @@ add_change(Capture *capture, const char *op, Jsonb *row, bool with_values, bool 
 	push_string(state, "op", op);
 	push_container(state, "r", row);
 
-	/* The row's keys come in jsonb's key order, which is capture->columns' order. */
-	push_key(state, "k");
-	pushJsonbValue(state, WJB_BEGIN_OBJECT, NULL);
-	it = JsonbIteratorInit(&row->root);
-	while ((token = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-	{
-		if (token != WJB_KEY)
-			continue;
-		if (capture->columns[column].is_key)
-		{
-			pushJsonbValue(state, WJB_KEY, &v);
-			token = JsonbIteratorNext(&it, &v, true);
-			pushJsonbValue(state, WJB_VALUE, &v);
-		}
-		column++;
-	}
-	pushJsonbValue(state, WJB_END_OBJECT, NULL);
-
+	push_columns(capture, "k", row, COLUMNS_KEY);
 	if (with_values)
-	{
-		push_key(state, "v");
-		pushJsonbValue(state, WJB_BEGIN_OBJECT, NULL);
-		column = 0;
-		it = JsonbIteratorInit(&row->root);
-		while ((token = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-		{
-			if (token != WJB_KEY)
-				continue;
-			if (!only_changed || capture->changed[capture->columns[column].attno])
-			{
-				pushJsonbValue(state, WJB_KEY, &v);
-				token = JsonbIteratorNext(&it, &v, true);
-				pushJsonbValue(state, WJB_VALUE, &v);
-			}
-			column++;
-		}
-		pushJsonbValue(state, WJB_END_OBJECT, NULL);
-	}
+		push_columns(capture, "v", row, only_changed ? COLUMNS_CHANGED : COLUMNS_ALL);
 	pushJsonbValue(state, WJB_END_OBJECT, NULL);
 	if (++capture->chunk_changes == CHANGES_PER_CHUNK)
 		flush_chunk(capture);
@@ -708,42 +686,62 @@ same_value(Form_pg_attribute attr, Datum a, bool a_null, Datum b, bool b_null)
 	return datumIsEqual(a, b, attr->attbyval, attr->attlen);
 }
 
-/*
- * Updated rows, old and new images side by side: the columns that changed.
- * False, with nothing captured, when an update changed a key.
- */
+/* Whether an update changed a key: its old and new images, side by side, differ in one. */
 static bool
-capture_updates(Capture *capture, Tuplestorestate *old_rows, Tuplestorestate *new_rows, bool capture_them)
+update_changes_a_key(Capture *capture, Tuplestorestate *old_rows, Tuplestorestate *new_rows)
 {
 	TupleTableSlot *old_slot = MakeSingleTupleTableSlot(capture->desc, &TTSOpsMinimalTuple);
 	TupleTableSlot *new_slot = MakeSingleTupleTableSlot(capture->desc, &TTSOpsMinimalTuple);
-	bool		keys_kept = true;
+	bool		changed = false;
 
 	tuplestore_rescan(old_rows);
 	tuplestore_rescan(new_rows);
-	while (tuplestore_gettupleslot(old_rows, true, false, old_slot))
+	while (!changed && tuplestore_gettupleslot(old_rows, true, false, old_slot))
+	{
+		if (!tuplestore_gettupleslot(new_rows, true, false, new_slot))
+			elog(ERROR, "an update's transition tables differ in length");
+		for (int i = 0; i < capture->nkeys && !changed; i++)
+		{
+			int			attno = capture->key_attnos[i];
+			bool		old_null;
+			bool		new_null;
+			Datum		old_value = slot_getattr(old_slot, attno + 1, &old_null);
+			Datum		new_value = slot_getattr(new_slot, attno + 1, &new_null);
+
+			changed = !same_value(TupleDescAttr(capture->desc, attno), old_value, old_null, new_value, new_null);
+		}
+	}
+	ExecDropSingleTupleTableSlot(old_slot);
+	ExecDropSingleTupleTableSlot(new_slot);
+	return changed;
+}
+
+/* Updated rows that kept their keys, old and new images side by side: the columns that changed. */
+static void
+capture_updates(Capture *capture, Tuplestorestate *old_rows, Tuplestorestate *new_rows)
+{
+	TupleTableSlot *old_slot = MakeSingleTupleTableSlot(capture->desc, &TTSOpsMinimalTuple);
+	TupleTableSlot *new_slot = MakeSingleTupleTableSlot(capture->desc, &TTSOpsMinimalTuple);
+
+	tuplestore_rescan(old_rows);
+	tuplestore_rescan(new_rows);
+	while (tuplestore_gettupleslot(old_rows, true, false, old_slot) &&
+		   tuplestore_gettupleslot(new_rows, true, false, new_slot))
 	{
 		bool		any_changed = false;
 
-		if (!tuplestore_gettupleslot(new_rows, true, false, new_slot))
-			elog(ERROR, "an update's transition tables differ in length");
 		slot_getallattrs(old_slot);
 		slot_getallattrs(new_slot);
 		for (int i = 0; i < capture->ncolumns; i++)
 		{
 			int			attno = capture->columns[i].attno;
-			bool		same = same_value(TupleDescAttr(capture->desc, attno),
-										  old_slot->tts_values[attno], old_slot->tts_isnull[attno],
-										  new_slot->tts_values[attno], new_slot->tts_isnull[attno]);
 
-			if (!same && capture->columns[i].is_key)
-				keys_kept = false;
-			capture->changed[attno] = !same;
-			any_changed |= !same;
+			capture->changed[attno] = !same_value(TupleDescAttr(capture->desc, attno),
+												  old_slot->tts_values[attno], old_slot->tts_isnull[attno],
+												  new_slot->tts_values[attno], new_slot->tts_isnull[attno]);
+			any_changed |= capture->changed[attno];
 		}
-		if (!keys_kept)
-			break;
-		if (capture_them && any_changed)
+		if (any_changed)
 		{
 			MemoryContext old_context = MemoryContextSwitchTo(capture->chunk_context);
 
@@ -753,7 +751,6 @@ capture_updates(Capture *capture, Tuplestorestate *old_rows, Tuplestorestate *ne
 	}
 	ExecDropSingleTupleTableSlot(old_slot);
 	ExecDropSingleTupleTableSlot(new_slot);
-	return keys_kept;
 }
 
 /*
@@ -829,10 +826,10 @@ aquapeer_capture_changes(PG_FUNCTION_ARGS)
 	else if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
 		/* Keys checked before anything is queued: a statement goes one way or the other. */
-		if (capture_updates(&capture, trigdata->tg_oldtable, trigdata->tg_newtable, false))
-			capture_updates(&capture, trigdata->tg_oldtable, trigdata->tg_newtable, true);
-		else
+		if (update_changes_a_key(&capture, trigdata->tg_oldtable, trigdata->tg_newtable))
 			capture_key_changes(&capture, trigdata);
+		else
+			capture_updates(&capture, trigdata->tg_oldtable, trigdata->tg_newtable);
 	}
 	flush_chunk(&capture);
 	if (capture.queued)
