@@ -202,3 +202,25 @@ grant select on peer.bundle_follow, peer.followed_bundles to aquapeer_admin;
 revoke all on function peer.follow_bundle(text, text), peer.unfollow_bundle(text, text),
     peer._follow_pull(jsonb) from public;
 grant execute on function peer.follow_bundle(text, text), peer.unfollow_bundle(text, text) to aquapeer_admin;
+
+-- live rows
+revoke all on peer.live_share, peer.live_text, peer.live_replication, peer.live_requests, peer.live_shares
+    from public;
+grant select on peer.live_share, peer.live_text, peer.live_replication, peer.live_requests, peer.live_shares
+    to aquapeer_admin;
+revoke all on function peer._live_key(regclass, jsonb), peer._live_text_columns(regclass),
+    peer._live_key_match(regclass), peer._live_cells_query(regclass, text), peer._live_edits(jsonb),
+    peer._live_documents(uuid, jsonb), peer._live_sync(uuid), peer._live_capture(),
+    peer._live_check_publication(regclass, text), peer._live_replicate(regclass, text),
+    peer._live_end(uuid, text, boolean), peer.share_live(regclass, jsonb, text, interval),
+    peer.accept_live(uuid), peer.end_live(uuid), peer._live_take(text, bigint),
+    peer._live_requested(text, jsonb), peer._live_accepted(text, uuid), peer._live_ended(text, uuid, text),
+    peer._live_target(text, uuid), peer._live_merge(text, uuid, name, text), peer._live_message(peer.inbox),
+    peer._expire_live(text[]) from public;
+-- What an executor handling a friend's live messages (connected as the friend's role) calls; each
+-- checks that it runs in an executor for that friend.
+grant execute on function peer._live_take(text, bigint), peer._live_requested(text, jsonb),
+    peer._live_accepted(text, uuid), peer._live_ended(text, uuid, text), peer._live_target(text, uuid),
+    peer._live_merge(text, uuid, name, text), peer._live_message(peer.inbox) to public;
+grant execute on function peer.share_live(regclass, jsonb, text, interval), peer.accept_live(uuid),
+    peer.end_live(uuid) to aquapeer_admin;

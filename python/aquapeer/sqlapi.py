@@ -20,6 +20,7 @@ from .bundles import integrate
 from .bundles import store as bundle_store
 from .db import PlpyDatabase, current_database
 from .errors import AquapeerError, WorkerUnavailable
+from .live import apply as live_apply
 from .replication import apply as replication_apply
 
 _db = PlpyDatabase(plpy)
@@ -311,3 +312,26 @@ def push_bundle(friend, name):
 @sql_errors
 def bundle_integrate(name, theirs, checkout):
     return json.dumps(integrate.integrate(_db, name, theirs, checkout))
+
+
+# --- live rows -----------------------------------------------------------------------
+
+@sql_errors
+def live_edits(cells):
+    live_apply.edit_cells(_db, json.loads(cells))
+
+
+@sql_errors
+def live_documents(share, row):
+    return json.dumps(live_apply.new_documents(_db, share, row))
+
+
+@sql_errors
+def live_merge(friend, share, column, update):
+    return live_apply.merge(_db, friend, share, column, update)
+
+
+@sql_errors
+def live_message(friend, position):
+    """The handler of topic aquapeer.live (in an executor connected as the friend's role)."""
+    live_apply.handle(_db, friend, position)

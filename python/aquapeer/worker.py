@@ -25,6 +25,7 @@ from .calls import Calls
 from .db import current_database
 from .errors import UNDEFINED_OBJECT_STATES, AquapeerError, DatabaseError
 from .executor import ExecutorPool
+from .live import expiry as live_expiry
 from .messaging import Messaging
 from .net import transport
 from .net.node import PeerNode
@@ -368,6 +369,7 @@ class Worker:
             self.watch_stop(), self.lag.run(), self.reap(), self.watch_identity(), self.messaging.run_pickup(),
             self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role),
             replication_resume.run(self.db, self.messaging),
+            live_expiry.run(self.db, self.messaging, lambda: self.node),
             bundle_follow.run(self.transfers))]
         try:
             await self.start_node()
