@@ -203,6 +203,21 @@ revoke all on function peer.follow_bundle(text, text), peer.unfollow_bundle(text
     peer._follow_pull(jsonb) from public;
 grant execute on function peer.follow_bundle(text, text), peer.unfollow_bundle(text, text) to aquapeer_admin;
 
+-- presence
+revoke all on peer.soft_lock, peer.lock_watch, peer.friend_presence, peer.soft_locks, peer.presence from public;
+grant select on peer.lock_watch, peer.friend_presence, peer.soft_locks, peer.presence to aquapeer_admin;
+revoke all on function peer._lock_key(regclass, jsonb), peer._take_locks(oid, jsonb, text, double precision, boolean),
+    peer.soft_lock(regclass, jsonb, text, interval, boolean), peer.release_lock(uuid),
+    peer._lock_audience(regclass), peer.watch(regclass, text), peer.unwatch(regclass, text),
+    peer._take_auto_locks(oid, jsonb), peer._auto_soft_lock(), peer.auto_soft_lock(regclass),
+    peer.no_auto_soft_lock(regclass), peer.set_status(text), peer._online_links(),
+    peer._lock_overlaps(regclass, jsonb),
+    peer._notify_soft_locks(peer.soft_lock[], text) from public;
+grant execute on function peer._lock_key(regclass, jsonb), peer._take_locks(oid, jsonb, text, double precision, boolean),
+    peer.soft_lock(regclass, jsonb, text, interval, boolean), peer.release_lock(uuid), peer.watch(regclass, text),
+    peer.unwatch(regclass, text), peer.auto_soft_lock(regclass), peer.no_auto_soft_lock(regclass),
+    peer.set_status(text), peer._online_links() to aquapeer_admin;
+
 -- live rows
 revoke all on peer.live_share, peer.live_text, peer.live_replication, peer.live_requests, peer.live_shares
     from public;

@@ -8,6 +8,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -238,6 +239,67 @@ def connections():
             row["connected_since"] = datetime.datetime.fromtimestamp(
                 row["connected_since"], datetime.UTC).isoformat()
     return [{c: row.get(c) for c in CONNECTION_COLUMNS} for row in rows]
+
+
+def online_links():
+    """Friends connected now and the round trip: none while the worker does not answer."""
+    try:
+        with _client() as client:
+            rows = client.request("connections", timeout=2.0)
+    except WorkerUnavailable:
+        return []
+    return [{"friend": row["friend"], "rtt_ms": row.get("rtt_ms")} for row in rows if row["state"] == "connected"]
+
+
+# --- soft locks --------------------------------------------------------------------
+
+_session = {}  # this backend's start, and the (relation, key) it auto-locked
+
+
+def _backend_start():
+    if "backend_start" not in _session:
+        _session["backend_start"] = _db.scalar(
+            "select backend_start::text from pg_catalog.pg_stat_activity where pid = pg_catalog.pg_backend_pid()")
+    return _session["backend_start"]
+
+
+def _take_locks(relation_oid, keys, note, ttl_s, session, timeout):
+    with _client() as client:
+        return client.request("take_locks", {"relation": relation_oid, "keys": keys, "note": note, "ttl_s": ttl_s,
+                                             "session": session, "pid": os.getpid(),
+                                             "backend_start": _backend_start()}, timeout=timeout)
+
+
+@sql_errors
+def take_locks(relation_oid, keys_json, note, ttl_s, session):
+    return _take_locks(relation_oid, json.loads(keys_json), note, ttl_s, session, timeout=10.0)
+
+
+AUTO_LOCK_TIMEOUT_S = 1.0
+
+
+def take_auto_locks(relation_oid, keys_json):
+    """Session locks on the keys this session has not locked yet.  Never fails the writer's
+    statement: without a worker, the locks are not taken."""
+    taken = _session.setdefault("auto_locked", set())
+    if (relation_oid, None) in taken:
+        return
+    keys = [None if k is None else tuple(k) for k in json.loads(keys_json)]
+    new = [k for k in dict.fromkeys(keys) if (relation_oid, k) not in taken]
+    if not new:
+        return
+    try:
+        _take_locks(relation_oid, [None if k is None else list(k) for k in new], None, None, True,
+                    timeout=AUTO_LOCK_TIMEOUT_S)
+    except AquapeerError:
+        return
+    taken.update((relation_oid, k) for k in new)
+
+
+@sql_errors
+def release_lock(lock_id):
+    with _client() as client:
+        return client.request("release_lock", {"id": lock_id}, timeout=10.0)
 
 
 # --- messages and calls ----------------------------------------------------------

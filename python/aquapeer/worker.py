@@ -29,6 +29,7 @@ from .live import expiry as live_expiry
 from .messaging import Messaging
 from .net import transport
 from .net.node import PeerNode
+from .presence import Presence
 from .replication import resume as replication_resume
 
 STOP_POLL_S = 0.25
@@ -102,12 +103,14 @@ class Worker:
         self.messaging = Messaging(db, self.executors, lambda: self.node)
         self.calls = Calls(db, self.executors, lambda: self.node)
         self.transfers = Transfers(db, self.executors, lambda: self.node, self.retention_role)
+        self.presence = Presence(db, lambda: self.node)
         self.ops = {"ping": self.op_ping, "status": self.op_status, "exec": self.op_exec,
                     "connect": self.op_connect, "disconnect": self.op_disconnect,
                     "connections": self.op_connections, "reload": self.op_reload,
                     "call": self.op_call, "retry": self.op_retry,
                     "bundle_head": self.op_bundle_head, "bundle_forget_new": self.op_bundle_forget_new,
-                    "pull": self.op_pull, "push": self.op_push}
+                    "pull": self.op_pull, "push": self.op_push,
+                    "take_locks": self.presence.take_locks, "release_lock": self.presence.release_lock}
 
     # --- the peer node ------------------------------------------------------
 
@@ -136,7 +139,8 @@ class Worker:
         if not urls:
             return
         self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:],
-                             on_frame=self.on_frame, on_connected=self.messaging.on_link_up,
+                             on_frame=self.on_frame, on_connected=self.on_link_up,
+                             on_disconnected=self.presence.on_link_down,
                              message_limit=self._message_limit)
         await self.node.start()
 
@@ -150,11 +154,15 @@ class Worker:
         self.db.commit()
         return limit
 
+    def on_link_up(self, link):
+        self.messaging.on_link_up(link)
+        self.presence.on_link_up(link)
+
     def on_frame(self, link, frame):
-        """Frames for messaging and calls; anything else a friend sends is refused."""
+        """Frames for messaging, calls, transfers and presence; anything else a friend sends is refused."""
         try:
             handled = (self.messaging.on_frame(link, frame) or self.calls.on_frame(link, frame)
-                       or self.transfers.on_frame(link, frame))
+                       or self.transfers.on_frame(link, frame) or self.presence.on_frame(link, frame))
         except AquapeerError as e:  # a well-formed frame whose content the database refuses
             self.db.rollback()
             link.refuse(f"{frame['t']} frame refused: {e.message}")
@@ -370,7 +378,7 @@ class Worker:
             self.messaging.run_handlers(), self.messaging.run_retention(self.retention_role),
             replication_resume.run(self.db, self.messaging),
             live_expiry.run(self.db, self.messaging, lambda: self.node),
-            bundle_follow.run(self.transfers))]
+            bundle_follow.run(self.transfers), self.presence.run())]
         try:
             await self.start_node()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -90,13 +90,15 @@ def _envelope_chain(data):
 
 class PeerNode:
     def __init__(self, me, friends, signal_url, ice=None, *, name=None, ssl_context=None, on_frame=None,
-                 on_connected=None, fallback_signal_urls=(), message_limit=lambda: 16 * 1024 * 1024):
+                 on_connected=None, on_disconnected=None, fallback_signal_urls=(),
+                 message_limit=lambda: 16 * 1024 * 1024):
         self.me = me
         self.friends = friends
         self.ice = ice or transport.IceServers()
         self.name = name
         self.on_frame = on_frame          # (link, frame) -> None, for frames the link does not handle itself
         self.on_connected = on_connected  # (link) -> None, once a link is verified
+        self.on_disconnected = on_disconnected  # (link) -> None, when a link that was verified closes
         self.message_limit = message_limit  # () -> the largest message we accept, told each new link
         self._refusals_logged = {}        # peer id -> when a refusal was last logged
         self.links = {}         # peer id -> Link being made or connected
@@ -276,6 +278,8 @@ class PeerNode:
         if self.links.get(link.peer_id) is link:
             del self.links[link.peer_id]
             self.last_closed[link.peer_id] = link
+        if link.connected_since is not None and self.on_disconnected is not None:
+            self.on_disconnected(link)
 
     async def _offer(self, friend, attempt=0):
         link = self._new_link(friend, os.urandom(16), offerer=True, signal=await self._signal_for(friend))

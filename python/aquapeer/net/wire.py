@@ -65,6 +65,18 @@ seventh fewer bytes on the wire, compressed in a fifth of zlib's CPU time and
 inflated in a third.  A friend on an earlier version still gets zlib.  A
 receiver tells the two apart by the zstd frame's magic number, which no zlib
 stream starts with.
+
+Version 8 adds presence and soft locks (docs/presence.md):
+
+=========  ================================================================
+presence   status (str or nil): what the sender says it is doing
+locks      sync (bool), done (bool), set [[id (16 bytes), relation (str),
+           key ([str, ...] or nil), note (str or nil), ttl_s (float),
+           remaining_s (float or nil)], ...], drop [ids]: soft locks the
+           sender took or changed, and those it released.  A sync replaces
+           what the receiver had of the sender's locks with those sent from
+           the frame with sync to the frame with done.
+=========  ================================================================
 """
 
 import functools
@@ -77,13 +89,14 @@ import zstandard
 
 from ..errors import AquapeerError
 
-PROTOCOL_MIN, PROTOCOL_MAX = 1, 7
+PROTOCOL_MIN, PROTOCOL_MAX = 1, 8
 BUNDLES_PROTOCOL = 2
 BARE_OBJECTS_PROTOCOL = 3  # objects answered by position, without their ids
 LARGE_TRANSFERS_PROTOCOL = 4  # objects larger than an answer in slices, commits in pages
 BUCKET_BLOBS_PROTOCOL = 5  # a bucket's blobs with the bucket
 ZSTD_BODIES_PROTOCOL = 6  # bundle_data bodies in zstd, not zlib
 FORMAT2_PROTOCOL = 7  # bundles of object format aquapeer-bundle/2 (rows inside their buckets)
+PRESENCE_PROTOCOL = 8  # presence and soft locks
 # The largest object a transfer carries in slices: it is put together in the network worker's
 # memory and handed to an executor in one control frame.
 LARGEST_OBJECT = 100 * 1024 * 1024
@@ -96,6 +109,10 @@ MAX_NAME = 255
 MAX_REASON = 1000
 MAX_ITEMS = 10000
 BUNDLE_WANTS = ("head", "commits", "objects", "slice")
+MAX_LOCK_ITEMS = 1000  # soft locks a locks frame takes or drops
+MAX_STATUS = 200
+MAX_NOTE = 1000
+MAX_KEY_COLUMNS = 32  # PostgreSQL's INDEX_MAX_KEYS
 
 
 class WireError(AquapeerError):
@@ -162,6 +179,12 @@ def _error(v):
             and _text(5)(v.get("sqlstate")))
 
 
+def _lock_item(v):
+    return (isinstance(v, list) and len(v) == 6 and _uid(v[0]) and _text(2 * MAX_NAME + 5)(v[1]) and v[1] != ""
+            and _opt(_list_of(_text(MAX_REASON), MAX_KEY_COLUMNS))(v[2]) and _opt(_text(MAX_NOTE))(v[3])
+            and _number(v[4]) and 0 < v[4] <= 366 * 86400 and _opt(lambda r: _number(r) and r >= 0)(v[5]))
+
+
 # type -> {field: check}; every field is required (nil where _opt allows).
 SCHEMAS = {
     "hello": {"sig": lambda v: isinstance(v, bytes) and len(v) <= 1024, "proto": _proto_range,
@@ -184,6 +207,9 @@ SCHEMAS = {
     "bundle_push": {"id": _uid, "bundle": _bundle_name, "head": _object_id},
     "bundle_data": {"id": _uid, "ok": lambda v: isinstance(v, bool), "data": _opt(lambda v: isinstance(v, bytes)),
                     "error": _opt(_error)},
+    "presence": {"status": _opt(_text(MAX_STATUS))},
+    "locks": {"sync": lambda v: isinstance(v, bool), "done": lambda v: isinstance(v, bool),
+              "set": _list_of(_lock_item, MAX_LOCK_ITEMS), "drop": _list_of(_uid, MAX_LOCK_ITEMS)},
 }
 
 # Fields later versions added to a type, which earlier versions do not send.
@@ -274,11 +300,15 @@ class RateLimit:
         self.rate, self.burst, self.clock = rate, burst, clock
         self.tokens, self.at = float(burst), clock()
 
-    def allow(self, cost=1.0):
+    def available(self):
+        """What may be spent now."""
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens < cost:
+        return self.tokens
+
+    def allow(self, cost=1.0):
+        if self.available() < cost:
             return False
         self.tokens -= cost
         return True
