@@ -17,6 +17,7 @@ PURE = {
     "aquapeer.bundles.rowtext": "a row's canonical text, the reference of the C row codec",
     "aquapeer.bundles.bucket": "a bucket of format 2, the reference of the C bucket codec",
     "aquapeer.net.wire": "the data channel's frame format",
+    "aquapeer.live.text": "a text column's value as Y.Text edits, and friends' edits merged",
 }
 # The network layer runs outside PostgreSQL too (the signaling server, light peers).
 OUTSIDE_THE_DATABASE = "aquapeer.net"

@@ -32,6 +32,12 @@ GOOD = [
     {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)]},
     {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "slice", "ids": [bytes(32)], "offset": 4 << 20},
     {"t": "bundle_get", "id": UID, "bundle": "shop", "want": "objects", "ids": [bytes(32)], "blobs": True},
+    {"t": "presence", "status": "reviewing widget"},
+    {"t": "presence", "status": None},
+    {"t": "locks", "sync": True, "done": True, "set": [], "drop": []},
+    {"t": "locks", "sync": False, "done": False, "drop": [UID],
+     "set": [[UID, "public.widget", ["42"], "fixing a typo", 30.0, None],
+             [UID, '"My Schema"."t"', None, None, 30, 12.5]]},
 ]
 
 
@@ -142,6 +148,23 @@ def test_rate_limit_allows_a_burst_then_the_rate():
     assert limit.allow() and not limit.allow()
     now[0] += 100
     assert sum(limit.allow() for _ in range(20)) == 5
+
+
+def test_lock_frames_are_bounded_and_checked():
+    item = [UID, "public.widget", ["42"], None, 30.0, None]
+    frame = {"t": "locks", "sync": False, "done": False, "set": [item], "drop": []}
+    assert wire.validate(frame) == frame
+    for bad in ([b"short", *item[1:]], [UID, "", *item[2:]], [*item[:2], [42], *item[3:]],
+                [*item[:2], ["1"] * (wire.MAX_KEY_COLUMNS + 1), *item[3:]], [*item[:3], "n" * 1001, *item[4:]],
+                [*item[:4], 0, None], [*item[:4], 30.0, -1.0], [*item[:4], float("inf"), None], item[:5]):
+        with pytest.raises(wire.WireError, match="locks frame with a missing or invalid 'set'"):
+            wire.validate({**frame, "set": [bad]})
+    with pytest.raises(wire.WireError, match="invalid 'set'"):
+        wire.validate({**frame, "set": [item] * (wire.MAX_LOCK_ITEMS + 1)})
+    with pytest.raises(wire.WireError, match="invalid 'drop'"):
+        wire.validate({**frame, "drop": [UID] * (wire.MAX_LOCK_ITEMS + 1)})
+    with pytest.raises(wire.WireError, match="invalid 'status'"):
+        wire.validate({"t": "presence", "status": "x" * (wire.MAX_STATUS + 1)})
 
 
 def test_bundle_frames_are_checked_like_every_other():
