@@ -1282,6 +1282,20 @@ def befriend(a, a_name: str, b, b_name: str) -> None:
     b.sql("select peer.add_friend(%s, %s)", a_name, a.scalar("select peer.invite()"))
 
 
+def connected_friends(a, b, signal_url: str, friend_role: str | None = None) -> None:
+    """a and b on one signaling server, friends under their cluster names, connected; each
+    acting as friend_role (a login role made on both) for the other when one is given."""
+    for cluster in (a, b):
+        join_signaling(cluster, signal_url)
+        if friend_role is not None:
+            cluster.sql(f"create role {friend_role} login")
+    befriend(a, a.name, b, b.name)
+    if friend_role is not None:
+        a.sql("select peer.set_friend_role(%s, %s)", b.name, friend_role)
+        b.sql("select peer.set_friend_role(%s, %s)", a.name, friend_role)
+    assert a.scalar("select peer.connect(%s)", b.name) == "connected"
+
+
 def connection_state(cluster, friend: str) -> str | None:
     """The state peer.connections shows for a friend, or None."""
     rows = cluster.sql("select state from peer.connections where friend = %s", friend)

@@ -550,6 +550,21 @@ class Messaging:
             raise AquapeerError.from_dict(reply.get("error") or {})
         return True
 
+    async def retry_newest(self, messages, topic, what):
+        """Run the handler again for each friend's newest pending message on topic ([{id, friend}]),
+        unless it runs now: a handler that takes all before it handles the rest too."""
+        for message in messages:
+            group = (message["friend"], topic)
+            if group in self.handling:
+                continue
+            self.handling.add(group)
+            try:
+                await self.retry(message["id"])
+            except AquapeerError as e:
+                log.info("%s from %s are still pending: %s", what, message["friend"], e.message)
+            finally:
+                self.handling.discard(group)
+
     # --- retention ---------------------------------------------------------------------
 
     async def run_retention(self, owner_oid):

@@ -109,6 +109,15 @@ insert into peer.replication_conflicts (relation, key, "column", local_value, lo
     values ('app.widget', '{"id": 3}', 'name', '"a"', 1, 'me', '"b"', 2, 'bob-id', 'remote');
 select peer.follow_bundle('bob', 'widgets');
 """,
+    "0.21.0": """
+update peer.config set copy_chunk_rows = 500, change_retention = '3 days';
+update peer.subscription set state = 'initializing', copy_kind = 'resync', copy_id = gen_random_uuid(),
+    copy_after = '{"id": 7}', copy_rows = 7, copy_chunks = 1, copy_started_at = now()
+    where relation = 'app.widget'::regclass;
+insert into peer.change_ahead_of_copy (relation, friend, key, change)
+    values ('app.widget', 'bob', '{"id": 20}', '{"op": "U", "k": {"id": 20}, "v": {"name": "early"}}');
+insert into peer.resync_key (relation, friend, key) values ('app.widget', 'bob', '{"id": 21}');
+""",
 }
 
 

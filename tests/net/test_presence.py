@@ -20,10 +20,7 @@ MODULE_TESTBED = {"n": 2, "names": ["alice", "bob"]}
 @pytest.fixture(scope="module")
 def pair(module_testbed, module_signal_server):
     alice, bob = module_testbed.alice, module_testbed.bob
-    for cluster in (alice, bob):
-        tb.join_signaling(cluster, module_signal_server.url)
-    tb.befriend(alice, "alice", bob, "bob")
-    assert alice.scalar("select peer.connect('bob')") == "connected"
+    tb.connected_friends(alice, bob, module_signal_server.url)
     return alice, bob
 
 

@@ -21,13 +21,7 @@ FRIEND_ROLE = "aq_replica"
 @pytest.fixture(scope="module")
 def pair(module_testbed, module_signal_server):
     alice, bob = module_testbed.alice, module_testbed.bob
-    for cluster in (alice, bob):
-        tb.join_signaling(cluster, module_signal_server.url)
-        cluster.sql(f"create role {FRIEND_ROLE} login")
-    tb.befriend(alice, "alice", bob, "bob")
-    alice.sql("select peer.set_friend_role('bob', %s)", FRIEND_ROLE)
-    bob.sql("select peer.set_friend_role('alice', %s)", FRIEND_ROLE)
-    assert alice.scalar("select peer.connect('bob')") == "connected"
+    tb.connected_friends(alice, bob, module_signal_server.url, FRIEND_ROLE)
     return alice, bob
 
 

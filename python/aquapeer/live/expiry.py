@@ -7,8 +7,6 @@ import asyncio
 import logging
 import time
 
-from ..errors import AquapeerError
-
 log = logging.getLogger("aquapeer.live")
 
 CHECK_S = 1.0
@@ -53,14 +51,4 @@ async def run(db, messaging, node_getter):
 async def _retry_failed(db, messaging):
     rows = db.query(FAILED)
     db.commit()
-    for message in rows:
-        group = (message["friend"], "aquapeer.live")
-        if group in messaging.handling:
-            continue
-        messaging.handling.add(group)
-        try:
-            await messaging.retry(message["id"])
-        except AquapeerError as e:
-            log.info("live messages from %s are still pending: %s", message["friend"], e.message)
-        finally:
-            messaging.handling.discard(group)
+    await messaging.retry_newest(rows, "aquapeer.live", "live edits")

@@ -6,8 +6,6 @@ did not answer (peer._ask_stalled_copies)."""
 import asyncio
 import logging
 
-from ..errors import AquapeerError
-
 log = logging.getLogger("aquapeer.replication")
 
 RETRY_S = 5.0
@@ -34,14 +32,4 @@ async def run(db, messaging):
         db.commit()
         if asked:
             log.info("asked again for %d chunks of copies friends did not answer", asked)
-        for message in rows:
-            group = (message["friend"], "aquapeer.changes")
-            if group in messaging.handling:
-                continue  # its handler runs now, and applies what it can
-            messaging.handling.add(group)
-            try:
-                await messaging.retry(message["id"])
-            except AquapeerError as e:
-                log.info("changes from %s are still pending: %s", message["friend"], e.message)
-            finally:
-                messaging.handling.discard(group)
+        await messaging.retry_newest(rows, "aquapeer.changes", "changes")
