@@ -253,21 +253,21 @@ def online_links():
 
 # --- soft locks --------------------------------------------------------------------
 
-_session = {}  # this backend's start, and the (relation, key) it auto-locked
+_session = {}  # this backend's start and type, and the (relation, key) it auto-locked
 
 
-def _backend_start():
-    if "backend_start" not in _session:
-        _session["backend_start"] = _db.scalar(
-            "select backend_start::text from pg_catalog.pg_stat_activity where pid = pg_catalog.pg_backend_pid()")
-    return _session["backend_start"]
+def _backend(field):
+    if not _session:
+        _session.update(_db.query("select backend_start::text, backend_type from pg_catalog.pg_stat_activity "
+                                  "where pid = pg_catalog.pg_backend_pid()")[0])
+    return _session[field]
 
 
 def _take_locks(relation_oid, keys, note, ttl_s, session, timeout):
     with _client() as client:
         return client.request("take_locks", {"relation": relation_oid, "keys": keys, "note": note, "ttl_s": ttl_s,
                                              "session": session, "pid": os.getpid(),
-                                             "backend_start": _backend_start()}, timeout=timeout)
+                                             "backend_start": _backend("backend_start")}, timeout=timeout)
 
 
 @sql_errors
@@ -280,7 +280,10 @@ AUTO_LOCK_TIMEOUT_S = 1.0
 
 def take_auto_locks(relation_oid, keys_json):
     """Session locks on the keys this session has not locked yet.  Never fails the writer's
-    statement: without a worker, the locks are not taken."""
+    statement: without a worker, the locks are not taken.  Only a client's edits are ours to
+    announce: an executor writes what a friend sent or asked for."""
+    if _backend("backend_type") != "client backend":
+        return
     taken = _session.setdefault("auto_locked", set())
     if (relation_oid, None) in taken:
         return

@@ -208,6 +208,13 @@ def test_auto_soft_lock_locks_each_row_once_and_a_big_statement_the_table(peers)
         assert len(locks(bob, "public.doc_f")) == 5
     # The editor's session ended: its locks go.
     wait_locks(bob, "public.doc_f", [], timeout=5.0)
+    # A friend's change applied here is not this database's edit: no lock.
+    bob.sql("select peer.publish('public.doc_f', 'alice')")
+    alice.sql("select peer.subscribe('public.doc_f', 'bob', initial => false)")
+    bob.sql("update public.doc_f set body = 'bob was here' where id = 9")
+    tb.wait_for(lambda: alice.scalar("select body from public.doc_f where id = 9") == "bob was here", 10,
+                message="bob's change applied at alice")
+    assert locks(alice, "public.doc_f") == []
     # With no worker, the write still succeeds; no lock is taken.
     alice.sql("select peer.stop_worker()")
     try:
