@@ -263,3 +263,4 @@ bench: prepare
 	'$(VENV)/bin/python' bench/messaging.py $(MESSAGING_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/bundles.py $(BUNDLES_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/replication.py $(REPLICATION_BENCH_ARGS)
+	'$(VENV)/bin/python' bench/presence.py $(PRESENCE_BENCH_ARGS)

@@ -20,9 +20,10 @@ import collections
 import json
 import logging
 import os
+import uuid
 
 from .. import identity
-from . import transport
+from . import transport, wire
 from .node import MemoryFriendBook, PeerNode
 
 log = logging.getLogger("aquapeer.lightpeer")
@@ -67,6 +68,25 @@ def describe(nodes):
                        channel=channel.readyState if channel else None)
         out.append(row)
     return out
+
+
+def send_locks(node, relation, keys, *, ttl_s=30.0, note=None):
+    """Tell the database, as one sync, that this light peer holds soft locks on rows of relation
+    (a table name; keys: each a list of the key columns' texts, or None for the whole table),
+    in ``locks`` frames of at most wire.MAX_LOCK_ITEMS items; the locks' ids (16 bytes each).
+    The sync replaces what the database had of this light peer's locks; they are held while
+    the link lasts, then ttl_s.  Call it on the light peers' event loop."""
+    link = next(iter(node.links.values()), None)
+    if link is None or link.state != "connected" or link.protocol < wire.PRESENCE_PROTOCOL:
+        raise RuntimeError(f"{node.name} has no connected link that speaks presence")
+    keys = list(keys)
+    ids = [uuid.uuid4().bytes for _ in keys]
+    items = [[lock_id, relation, key, note, float(ttl_s), None] for lock_id, key in zip(ids, keys, strict=True)]
+    batches = [items[i:i + wire.MAX_LOCK_ITEMS] for i in range(0, len(items), wire.MAX_LOCK_ITEMS)] or [[]]
+    for n, batch in enumerate(batches):
+        link.send({"t": "locks", "sync": n == 0, "done": n == len(batches) - 1, "set": batch, "drop": []},
+                  transport.CONTROL)
+    return ids
 
 
 async def _report(nodes, interval):
