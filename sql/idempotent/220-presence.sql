@@ -200,18 +200,17 @@ comment on view peer.presence is 'each friend: online now, last seen, round trip
 -- Overlaps ----------------------------------------------------------------------
 -- A friend's lock on a row of relation (key null: on every row) overlaps when this database holds a
 -- lock covering that row or changed it since the last commit of a bundle tracking the table
--- (bundle.changed_key; its JSON null key: every row).  Each test an index lookup: a flood of a
--- friend's locks asks it for each.
+-- (bundle.changed_key; its JSON null key: every row).  A flood of a friend's locks asks it for each,
+-- so each test is one index probe, and those for a whole-table lock run only for one.
 create or replace function peer._lock_overlaps(relation regclass, key jsonb) returns boolean
 language sql stable set search_path = pg_catalog, pg_temp as $$
-    select exists (select from peer.soft_lock o where o.relation = _lock_overlaps.relation
-                   and o.key = _lock_overlaps.key and o.holder is null)
-        or exists (select from peer.soft_lock o where o.relation = _lock_overlaps.relation
-                   and (o.key is null or _lock_overlaps.key is null) and o.holder is null)
-        or exists (select from bundle.tracked t join bundle.changed_key c
-                   on c.bundle = t.bundle and c.relation = t.relation
-                   and (c.key = _lock_overlaps.key or c.key = 'null' or _lock_overlaps.key is null)
-                   where t.relation = _lock_overlaps.relation)
+    select exists (select from peer.soft_lock o where o.holder is null and o.relation = $1 and o.key = $2)
+        or exists (select from peer.soft_lock o where o.holder is null and o.relation = $1 and o.key is null)
+        or ($2 is null and exists (select from peer.soft_lock o where o.holder is null and o.relation = $1))
+        or exists (select from bundle.tracked t join bundle.changed_key c using (bundle, relation)
+                   where t.relation = $1 and c.key in ($2, 'null'::jsonb))
+        or ($2 is null and exists (select from bundle.tracked t join bundle.changed_key c using (bundle, relation)
+                                   where t.relation = $1))
 $$;
 comment on function peer._lock_overlaps(regclass, jsonb) is
     'whether a friend''s soft lock on a row covers one this database holds a lock on or changed since its bundle''s last commit';

@@ -19,6 +19,8 @@ create unlogged table peer.soft_lock (
     backend_start timestamptz
 );
 create index soft_lock_row on peer.soft_lock (relation, key);
+-- Ours, which each friend's lock is checked against (peer._lock_overlaps).
+create index soft_lock_own on peer.soft_lock (relation, key) where holder is null;
 create index soft_lock_holder on peer.soft_lock (holder);
 create index soft_lock_expiry on peer.soft_lock (expires_at) where expires_at is not null;
 
