@@ -298,6 +298,8 @@ def test_a_killed_holders_locks_expire_after_their_ttl(peers):
     tb.wait_for(lambda: locks(bob, "public.doc_z") == [(["1"], "alice", None, False)], 10, interval=0.1,
                 message="the lease of alice's lock to start running out")
     expiring = time.monotonic()
+    assert bob.scalar("select online from peer.presence where friend = 'alice'") is False
+    assert expiring - killed < 10
     wait_locks(bob, "public.doc_z", [], timeout=8.0)
     gone = time.monotonic()
     print(f"link dead after {expiring - killed:.1f} s, lock gone {gone - expiring:.1f} s later")
