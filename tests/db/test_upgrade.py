@@ -228,9 +228,11 @@ def table_columns(cluster, dbname: str) -> dict[str, list[str]]:
 def table_contents(cluster, dbname: str, columns: dict[str, list[str]] | None = None) -> dict[str, tuple]:
     """Each table's row count and the md5 of its rows in order: of the given columns of the given
     tables (those a release had: a later one may add columns and tables), else of all.  Rows the
-    extension inserts itself (the handlers of its own topics) are left out."""
+    extension inserts itself (the handlers of its own topics, and its topics every friend may use) are
+    left out."""
     columns = columns or table_columns(cluster, dbname)
-    own = {"peer.message_handler": "where topic not like 'aquapeer.%%'"}
+    own = {"peer.message_handler": "where topic not like 'aquapeer.%%'",
+           "peer.topic_grant": "where topic not like 'aquapeer.%%' or friend is not null"}
     return {table: cluster.sql(f"select count(*), md5(string_agg(t::text, '|' order by t::text)) "
                                f"from (select {', '.join(cols)} from {table} {own.get(table, '')}) t",
                                dbname=dbname)[0]
