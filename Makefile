@@ -12,6 +12,8 @@
 #   make lint-sql        pgspot over the built install and upgrade scripts
 #   make docs/sql-reference.md   the SQL reference, from a fresh install's catalog
 #   make demo            setup-debian, build, install, .venv, scripts/demo.py
+#   make lab             the network lab (docs/netlab.md) with two databases, kept up
+#   make lab-down        take it down again
 #
 # Variables: PG_CONFIG, AQUAPEER_LIBDIR, AQUAPEER_BINDIR, PYTHON, VENV,
 # PYTEST_ARGS, DESTDIR (staged installs; the CLI keeps the final paths).
@@ -255,6 +257,16 @@ test-db test-net: test-%: prepare
 
 demo: prepare
 	$(TEST_ENV) '$(VENV)/bin/python' scripts/demo.py
+
+# The network lab (tests/netlab.py, docs/netlab.md), as root: namespaces, two NAT routers,
+# coturn and the signaling server, alice in home1 and bob in home2; a background process
+# keeps it until lab-down.
+.PHONY: lab lab-down
+lab: prepare
+	$(TEST_ENV) '$(VENV)/bin/python' tests/netlab.py up
+
+lab-down:
+	$(TEST_ENV) '$(VENV)/bin/python' tests/netlab.py down
 
 # Benchmarks: aquapeer beside PostgreSQL's own paths, in one run.
 bench: prepare

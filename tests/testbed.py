@@ -586,8 +586,13 @@ class Cluster(_Client):
     backend = "local"
 
     def __init__(self, name: str, base_dir: str, extra_conf: dict | None = None,
-                 preload: bool = True, env: Mapping[str, str] | None = None):
+                 preload: bool = True, env: Mapping[str, str] | None = None,
+                 netns: str | None = None):
         self.name = name
+        # A named network namespace (``ip netns add``) the server starts in (root only):
+        # it listens on that namespace's 127.0.0.1, and clients still reach it through its
+        # Unix socket, which is not namespaced (tests/netlab.py).
+        self.netns = netns
         self.base_dir = str(base_dir)
         self.dir = os.path.join(self.base_dir, name)
         self.data_dir = os.path.join(self.dir, "data")
@@ -607,9 +612,14 @@ class Cluster(_Client):
 
     # ---- running server commands ----
 
-    def _run(self, argv: list[str], timeout: float = 120, check: bool = True
-             ) -> subprocess.CompletedProcess:
-        proc = subprocess.run(_as_server_user(argv), cwd=self.dir, env=_server_env(self.env),
+    def _run(self, argv: list[str], timeout: float = 120, check: bool = True,
+             netns: str | None = None) -> subprocess.CompletedProcess:
+        cmd = _as_server_user(argv)
+        if netns is not None:
+            if os.geteuid() != 0:
+                raise TestbedError(f"{self.name}: starting in network namespace {netns} needs root")
+            cmd = ["nsenter", f"--net=/run/netns/{netns}", *cmd]
+        proc = subprocess.run(cmd, cwd=self.dir, env=_server_env(self.env),
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout)
         if check and proc.returncode != 0:
@@ -733,7 +743,7 @@ class Cluster(_Client):
             offset = self.log_size()
             argv = [self._bin("pg_ctl"), "start", "-D", self.data_dir, "-l", self.log_path,
                     "-w" if wait else "-W", "-t", str(START_TIMEOUT)]
-            proc = self._run(argv, timeout=START_TIMEOUT + 30, check=False)
+            proc = self._run(argv, timeout=START_TIMEOUT + 30, check=False, netns=self.netns)
             if proc.returncode == 0:
                 self._pm_pid = None
                 if wait:
