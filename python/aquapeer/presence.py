@@ -59,7 +59,7 @@ class Presence:
         self.rates = {}       # peer id -> wire.RateLimit of the locks it may take
         self.syncing = {}     # peer id -> ids of its locks seen since its sync began
         self.sent_status = None
-        self.audience = None  # {(relation, friend)} our locks went to, to notice when that changes
+        self.audience = set()  # {(relation, friend)} our locks went to, to notice when that changes
         self._refusals_logged = {}
         # A friend's locks from before this worker last ran: their lease runs from now.
         db.query("update peer.soft_lock set expires_at = now() + ttl where holder is not null and expires_at is null")
@@ -112,8 +112,7 @@ class Presence:
     def _tell_audience(self, relation, set_ids, drop_ids):
         names = [r["friend"] for r in self.db.query("select peer._lock_audience($1::oid::regclass) as friend",
                                                      [int(relation)])]
-        if self.audience is not None:
-            self.audience.update((int(relation), name) for name in names)
+        self.audience.update((int(relation), name) for name in names)
         items = [_item(r) for r in self.db.query(ITEMS + f"l.id = any({_ids(1)})", [set_ids])] if set_ids else []
         self.db.commit()
         drops = [uuid.UUID(i).bytes for i in drop_ids]
@@ -276,16 +275,15 @@ class Presence:
             for link in links:
                 link.send({"t": "presence", "status": status}, CONTROL)
         audience = {(r["relation"], r["friend"]) for r in told if r["friend"] is not None}
-        if self.audience is not None:
-            # Friends who now have a locked table (peer.watch, a new share) or no longer have one
-            # that still has locks learn our locks anew.
-            locked = {r["relation"] for r in told}
-            changed = {friend for relation, friend in (audience - self.audience)
-                       | {pair for pair in self.audience - audience if pair[0] in locked}}
-            names = {link.friend_name: link for link in links}
-            for friend in changed:
-                if friend in names:
-                    self._sync(names[friend])
+        # Friends who now have a locked table (peer.watch, a new share) or no longer have one that
+        # still has locks learn our locks anew.
+        locked = {r["relation"] for r in told}
+        changed = {friend for relation, friend in (audience - self.audience)
+                   | {pair for pair in self.audience - audience if pair[0] in locked}}
+        names = {link.friend_name: link for link in links}
+        for friend in changed:
+            if friend in names:
+                self._sync(names[friend])
         self.audience = audience
 
     async def run(self):
