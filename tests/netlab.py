@@ -233,8 +233,11 @@ class Lab:
         self.turn_user, self.turn_password = TURN_USER, TURN_PASSWORD
         self.dir: str | None = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self.public_ips = {1: nat_wan_ip(1), 2: nat_wan_ip(2)}  # changed by readdress()
+        self.impairment = (0.0, 0.0)  # (delay_ms each way, loss each way) between nat1 and pub
         self.up_seconds = self.down_seconds = None
         self._lock_fd: int | None = None
+        self._forwarders = 0  # forwarders started (each logs one "forwarding" line)
         self._made: list[str] = []
         self._state = "new"
 
@@ -391,19 +394,17 @@ class Lab:
         ])
 
     def _nat_rules(self, i: int) -> str:
-        random_ports = " fully-random" if self.nat_kinds[i] == "symmetric" else ""
         lab, homes = ", ".join(LAB_NETS), ", ".join((home_net(1), home_net(2)))
-        return f"""
-table ip aqlab {{
-    chain post {{ type nat hook postrouting priority srcnat; oifname "wan" masquerade{random_ports}; }}
-    chain input {{ type filter hook input priority filter; iifname "wan" ct state new drop; }}
-    chain forward {{ type filter hook forward priority filter; iifname "wan" ct state new drop; }}
-}}
+        return self._nat_table(i) + f"""
 table inet aqcount {{
     counter outside {{ }}
     counter homes {{ }}
+    counter wan_out {{ }}
+    counter wan_in {{ }}
     chain forward {{
         type filter hook forward priority -10;
+        oifname "wan" counter name wan_out
+        iifname "wan" counter name wan_in
         oifname "wan" meta nfproto ipv6 counter name outside
         oifname "wan" ip daddr != {{ {lab} }} counter name outside
         oifname "wan" ip daddr {{ {homes} }} counter name homes
@@ -413,6 +414,17 @@ table inet aqcount {{
         oifname "wan" meta nfproto ipv6 counter name outside
         oifname "wan" ip daddr != {{ {lab} }} counter name outside
     }}
+}}
+"""
+
+    def _nat_table(self, i: int) -> str:
+        """nat i's NAT table alone: masquerade (plain or symmetric) and the drop of new WAN packets."""
+        random_ports = " fully-random" if self.nat_kinds[i] == "symmetric" else ""
+        return f"""
+table ip aqlab {{
+    chain post {{ type nat hook postrouting priority srcnat; oifname "wan" masquerade{random_ports}; }}
+    chain input {{ type filter hook input priority filter; iifname "wan" ct state new drop; }}
+    chain forward {{ type filter hook forward priority filter; iifname "wan" ct state new drop; }}
 }}
 """
 
@@ -502,6 +514,7 @@ table bridge aqlab {{
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"the forwarder did not start:\n{self.log('forwarder.log')[-2000:]}")
             time.sleep(0.01)
+        self._forwarders += 1
         return proc
 
     def splice_delay(self, delay_ms: float, loss: float = 0.0) -> subprocess.Popen:
@@ -509,7 +522,70 @@ table bridge aqlab {{
         return self.splice([sys.executable, os.path.abspath(__file__), "forward",
                             "--delay-ms", str(delay_ms), "--loss", str(loss)])
 
+    def impair(self, delay_ms: float = 0.0, loss: float = 0.0) -> None:
+        """Set the link between nat1 and pub (needs mid=True): delay_ms each way and a `loss`
+        share (0..1) dropped each way, through this file's forwarder; (0, 0) puts the kernel
+        bridge back (no user-space hop at all).  May be called any number of times; frames in
+        flight in a forwarder that is replaced are lost, as on a wire being re-plugged."""
+        if not self.mid:
+            raise LabError("impair() needs Lab(mid=True)")
+        spliced = "forwarder" in self.procs
+        if spliced:
+            self.kill("forwarder")
+        if delay_ms or loss:
+            if not spliced:
+                self.splice_delay(delay_ms, loss)
+                self.impairment = (float(delay_ms), float(loss))
+                return
+            proc = self.popen("forwarder", "mid1", [sys.executable, os.path.abspath(__file__), "forward",
+                                                    "--delay-ms", str(delay_ms), "--loss", str(loss),
+                                                    "tonat", "topub"], "forwarder.log")
+            deadline = time.monotonic() + 10
+            while self.log("forwarder.log").count("forwarding") < self._forwarders + 1:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"the forwarder did not start:\n{self.log('forwarder.log')[-2000:]}")
+                time.sleep(0.01)
+            self._forwarders += 1
+        elif spliced:
+            self._ip_batch("mid1", ["link add mb type bridge forward_delay 0",
+                                    "link set tonat master mb", "link set topub master mb", "link set mb up"])
+            self._wait_carrier()
+        self.impairment = (float(delay_ms), float(loss))
+
+    def set_nat(self, i: int, kind: str) -> None:
+        """Make nat i plain or symmetric from now on (its mappings are forgotten: conntrack flushed)."""
+        if kind not in NAT_KINDS:
+            raise ValueError(f"NAT kind {kind!r}: one of {NAT_KINDS}")
+        self.nat_kinds[i] = kind
+        self.run(f"nat{i}", ["nft", "-f", "-"], input="delete table ip aqlab\n" + self._nat_table(i))
+        self.run(f"nat{i}", ["conntrack", "-F"], check=False)
+
+    def readdress(self, i: int, new_ip: str | None = None) -> str:
+        """Give nat i a new public address, as an ISP does: the WAN gets new_ip (default: the next
+        free 172.31.0.x), the old address goes, the masquerade uses the new one and every mapping
+        the NAT kept is forgotten (conntrack flushed): packets to the old address die at pub's
+        bridge, flows from the home leave from the new address.  Returns the new address."""
+        old = self.public_ips[i]
+        if new_ip is None:
+            new_ip = f"172.31.0.{int(old.rsplit('.', 1)[1]) + 10}"
+        ns = f"nat{i}"
+        self.run(ns, ["sysctl", "-qw", "net.ipv4.conf.wan.promote_secondaries=1"])
+        self._ip_batch(ns, [f"addr add {new_ip}/24 dev wan", f"addr del {old}/24 dev wan",
+                            f"route replace default via {PUB_IP} dev wan src {new_ip}"])
+        self.run(ns, ["conntrack", "-F"], check=False)
+        self.public_ips[i] = new_ip
+        return new_ip
+
     # ---- what went where ----
+
+    def wan_bytes(self, i: int) -> tuple[int, int]:
+        """(bytes out, bytes in) nat i forwarded through its WAN (IP packets, headers included)."""
+        out = self.run(f"nat{i}", ["nft", "-j", "list", "counters", "table", "inet", "aqcount"]).stdout
+        got = {}
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                got[item["counter"]["name"]] = int(item["counter"]["bytes"])
+        return got["wan_out"], got["wan_in"]
 
     def counter(self, ns: str, family_table: str, name: str) -> int:
         """Packets an nft counter counted, e.g. counter("nat1", "inet aqcount", "outside")."""
