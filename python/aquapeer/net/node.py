@@ -9,7 +9,9 @@ key chain so a stranger's request can be verified too), the answerer
 replies with ``answer``, ICE and DTLS run, and both sides prove their key
 over the open channel (transport.Link).  A stranger's offer is recorded as a
 friend request and answered with ``refused``.  When both sides offer at
-once, the side with the smaller peer id keeps its offer.
+once, the side with the smaller peer id keeps its offer.  An answerer that
+gathered no candidate at all (its STUN and TURN servers failed) hangs up
+saying so, and the offerer's link fails at once with that reason.
 """
 
 import asyncio
@@ -162,7 +164,7 @@ class PeerNode:
         if not friend.stun_url:
             return self.ice
         return transport.IceServers([friend.stun_url] + [u for u in self.ice.stun_urls if u != friend.stun_url],
-                                    self.ice.turn_servers, self.ice.relay_only)
+                                    self.ice.turn_servers, self.ice.relay_only, failed=self.ice.failed)
 
     # --- envelopes ------------------------------------------------------------
 
@@ -224,8 +226,11 @@ class PeerNode:
         signal = await self._signal_for(friend)
         existing = self.links.get(friend.peer_id)
         if existing is not None and existing.session != envelope.session:
+            # Fresh from when it was sent: gathering may have taken seconds (a slow STUN or TURN
+            # server), and both sides giving up their offers would leave two answerers.
+            sent_at = existing.offered_at or time.monotonic()  # None: still gathering, not sent yet
             if (existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id
-                    and time.monotonic() - existing.created_at < OFFER_FRESH_S):
+                    and time.monotonic() - sent_at < OFFER_FRESH_S):
                 return  # both offered just now: ours wins, the friend answers it
             existing.close("replaced by a new connection from the friend")
         link = self._new_link(friend, envelope.session, offerer=False, signal=signal)
@@ -235,6 +240,13 @@ class PeerNode:
         except (AquapeerError, ValueError, KeyError) as e:
             log.warning("could not answer %s's offer: %s", friend.name, e)
             link.close(f"could not answer the friend's offer: {e}", failed=True)
+            if isinstance(e, transport.NoCandidates):  # say so: the friend need not wait out its timeout
+                try:
+                    await self._send("hangup", friend.peer_id, envelope.session, {
+                        "error": "it has no ICE candidates (its STUN or TURN servers failed, or no host address)"},
+                        friend)
+                except AquapeerError:
+                    pass
 
     async def _on_answer(self, friend, envelope):
         link = self.links.get(friend.peer_id)
@@ -248,7 +260,11 @@ class PeerNode:
     async def _on_hangup(self, friend, envelope):
         link = self.links.get(friend.peer_id)
         if link is not None and link.session == envelope.session:
-            link.close("the friend hung up")
+            error = envelope.body.get("error")
+            if isinstance(error, str):
+                link.close(f"the friend could not answer: {error[:200]}", failed=True)
+            else:
+                link.close("the friend hung up")
 
     async def _on_refused(self, friend, envelope):
         link = self.links.get(friend.peer_id)
@@ -264,6 +280,7 @@ class PeerNode:
                               max_message_bytes=self.message_limit())
         link.friend_name = friend.name
         link.signal = signal  # the signaling client its offer and answer go through
+        link.offered_at = None  # when our offer went out (monotonic)
         self.links[friend.peer_id] = link
         return link
 
@@ -285,6 +302,7 @@ class PeerNode:
         link = self._new_link(friend, os.urandom(16), offerer=True, signal=await self._signal_for(friend))
         try:
             sdp = await link.make_offer(attempt)
+            link.offered_at = time.monotonic()
             await self._send("offer", friend.peer_id, link.session,
                              {"sdp": sdp, "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX], "name": self.name}, friend)
         except PeerOffline:

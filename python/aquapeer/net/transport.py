@@ -12,7 +12,10 @@ What aiortc does not do, this module does:
   priorities keeps what it hands to aiortc under a small bound: control
   frames (pings) never wait behind bulk data;
 - aiortc notices a dead peer only after ~30 s: application pings do it in
-  a few seconds.
+  a few seconds;
+- aioice waits up to 5 s for a STUN or TURN server and drops the reason it
+  failed: each query is bounded to 2 s and its failure recorded, and a link
+  that lost a server to a failure gathers again at once with the next row.
 
 Frames are validated by wire.decode before use; what fails, or comes faster
 than a friend may send, is refused and counted, never acted on.
@@ -20,10 +23,13 @@ than a friend may send, is refused and counted, never acted on.
 
 import asyncio
 import collections
+import contextvars
+import logging
 import socket
 import time
 
 import aioice.ice
+import aioice.stun
 import aioice.turn
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
@@ -41,8 +47,21 @@ CONTROL, BULK = 0, 1
 # Frames a friend may send: a 5,000 messages a second stream needs ~100.
 FRAMES_PER_SECOND = 2000
 FRAME_BURST = 4000
+# A STUN or TURN server answers within a round trip or two (aioice retransmits
+# at 0.5 s and 1.5 s): one that has not within this is taken as unreachable.
+SERVER_QUERY_TIMEOUT_S = 2.0
+# A server that failed is passed over for this long while another row is left (then the
+# preferred row is tried again); a STUN server, even when none is left: it is optional.
+FAILED_SERVER_SKIP_S = 60.0
+
+log = logging.getLogger("aquapeer.transport")
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
+_original_relayed_candidate = aioice.ice.relayed_candidate
+_original_server_reflexive_candidate = aioice.ice.server_reflexive_candidate
+# The failures of STUN and TURN queries made while gathering, [(kind, reason)]: set
+# by the gathering link; the tasks aioice starts for the queries inherit it.
+_server_failures = contextvars.ContextVar("aquapeer_server_failures", default=None)
 
 
 def configure_ice(host_addresses=None):
@@ -59,24 +78,107 @@ def configure_ice(host_addresses=None):
     aioice.ice.get_host_addresses = get_host_addresses
 
 
+def server_failure_reason(exc):
+    """Why a STUN or TURN query failed, in words; never with the credential."""
+    if isinstance(exc, TimeoutError | aioice.stun.TransactionTimeout):
+        return f"did not answer within {SERVER_QUERY_TIMEOUT_S:g} s"
+    if isinstance(exc, aioice.stun.TransactionFailed):
+        code, reason = exc.response.attributes.get("ERROR-CODE", (None, "no error code"))
+        text = f"refused: {code} {reason}" if code else f"refused: {reason}"
+        # aioice answers the first 401 (realm and nonce) itself: a second one refuses the credentials.
+        return text + " (wrong username or credential)" if code == 401 else text
+    if isinstance(exc, OSError) and exc.errno is not None:  # refused, no route, unknown host
+        return f"could not be reached: {exc.strerror or exc}"
+    return f"failed: {type(exc).__name__}: {exc}" if str(exc) else f"failed: {type(exc).__name__}"
+
+
+async def _bounded_query(kind, query):
+    failures = _server_failures.get()
+    try:
+        return await asyncio.wait_for(query, SERVER_QUERY_TIMEOUT_S)
+    except Exception as e:
+        if failures is not None:
+            failures.append((kind, server_failure_reason(e)))
+        raise
+
+
+async def _relayed_candidate(**kwargs):
+    return await _bounded_query("turn", _original_relayed_candidate(**kwargs))
+
+
+async def _server_reflexive_candidate(protocol, stun_server):
+    return await _bounded_query("stun", _original_server_reflexive_candidate(protocol, stun_server))
+
+
+# aioice gathers with a 5 s bound and drops why a query failed (get_component_candidates
+# keeps only the results without an exception); it calls these two module functions for
+# its queries, so wrapping them is the one place to bound each query and learn the reason.
+aioice.ice.relayed_candidate = _relayed_candidate
+aioice.ice.server_reflexive_candidate = _server_reflexive_candidate
+
+
 class IceServers:
     """STUN and TURN servers in order of preference.
 
     aiortc uses only the first STUN and the first TURN server it is given, so
-    attempt n uses the n-th of each (wrapping), and a failed attempt moves on.
+    attempt n uses the n-th of each (wrapping), and a failed attempt moves on;
+    a server that failed to answer or refused us is passed over for
+    FAILED_SERVER_SKIP_S while another row is left (copies made with ``failed``
+    share what failed).  When every TURN row failed lately, attempts go round
+    them; when every STUN row did, none is used (host and relayed candidates
+    do without, and a dead server would cost each link its query timeout).
     """
 
-    def __init__(self, stun_urls=(), turn_servers=(), relay_only=False):
+    def __init__(self, stun_urls=(), turn_servers=(), relay_only=False, failed=None):
         self.stun_urls = list(stun_urls)
-        self.turn_servers = list(turn_servers)  # (url, username, credential)
+        self.turn_servers = [tuple(t) for t in turn_servers]  # (url, username, credential)
         self.relay_only = relay_only
+        # A STUN URL or a TURN row -> (when it last failed (monotonic), what happened).
+        # Rows, not URLs: a corrected credential is often a second row for the same URL.
+        self.failed = {} if failed is None else failed
+
+    def _recent_failure(self, row, now):
+        failure = self.failed.get(row)
+        return failure[1] if failure and now - failure[0] < FAILED_SERVER_SKIP_S else None
+
+    def _pick(self, rows, attempt, go_round):
+        now = time.monotonic()
+        for i in range(len(rows)):
+            row = rows[(attempt + i) % len(rows)]
+            if self._recent_failure(row, now) is None:
+                return row
+        return rows[attempt % len(rows)] if go_round and rows else None
+
+    def servers(self, attempt=0):
+        """(STUN URL, TURN row) that attempt uses; None where there is none to use."""
+        return self._pick(self.stun_urls, attempt, False), self._pick(self.turn_servers, attempt, True)
+
+    def passed_over(self, attempt=0):
+        """What happened to the servers attempt passes over, for they failed lately."""
+        now = time.monotonic()
+        notes = []
+        for rows, chosen in zip((self.stun_urls, self.turn_servers), self.servers(attempt), strict=True):
+            for i in range(len(rows)):
+                row = rows[(attempt + i) % len(rows)]
+                if row == chosen:
+                    break
+                notes.append(f"{self._recent_failure(row, now)} {now - self.failed[row][0]:.0f} s ago")
+        return notes
+
+    def server_failed(self, row, what):
+        """row failed: what says which server and how (never with the credential)."""
+        self.failed[row] = (time.monotonic(), what)
+
+    def server_worked(self, row):
+        self.failed.pop(row, None)
 
     def configuration(self, attempt=0):
+        stun_url, turn = self.servers(attempt)
         servers = []
-        if self.stun_urls:
-            servers.append(RTCIceServer(urls=self.stun_urls[attempt % len(self.stun_urls)]))
-        if self.turn_servers:
-            url, username, credential = self.turn_servers[attempt % len(self.turn_servers)]
+        if stun_url:
+            servers.append(RTCIceServer(urls=stun_url))
+        if turn:
+            url, username, credential = turn
             servers.append(RTCIceServer(urls=url, username=username, credential=credential))
         policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
         # An empty list, not None: aiortc would otherwise ask Google's STUN server.
@@ -112,6 +214,10 @@ class LinkClosed(AquapeerError):
     sqlstate = "08006"  # connection_failure
 
 
+class NoCandidates(LinkClosed):
+    """Gathering found no candidate at all: nothing to offer or answer with."""
+
+
 class Link:
     """One authenticated data-channel connection to a friend."""
 
@@ -135,6 +241,7 @@ class Link:
         self._reassembler = wire.Reassembler(max_message_bytes + wire.FRAGMENT_BYTES)
         self._rate = wire.RateLimit(FRAMES_PER_SECOND, FRAME_BURST)
         self.pc = None
+        self._gathering = False
         self.channel = None
         self.state = "connecting"
         self.last_error = None
@@ -165,18 +272,71 @@ class Link:
         self.channel.on("bufferedamountlow", self._writable.set)
         self.pc.on("connectionstatechange", self._on_state)
 
+    async def _describe(self, attempt, describe):
+        """A peer connection and its local description (candidates gathered); while a
+        STUN or TURN server fails and another row is left, again at once with that row.
+
+        A server's failure is logged and kept in last_error (the link may still
+        connect without it); with no candidate at all, LinkClosed says why.
+        """
+        tried = set()
+        errors = self.ice.passed_over(attempt)
+        while True:
+            if self.state in ("closed", "failed"):
+                break
+            stun_url, turn = servers = self.ice.servers(attempt)
+            tried.add(servers)
+            self._new_pc(attempt)
+            failures = []
+            token = _server_failures.set(failures)
+            self._gathering = True
+            try:
+                await describe()
+            finally:
+                self._gathering = False
+                _server_failures.reset(token)
+                if self.state in ("closed", "failed"):  # closed meanwhile: close() left the pc to us
+                    await self.pc.close()
+            failed = dict.fromkeys(failures)  # one query per host address may fail alike
+            for kind, reason in failed:
+                row, url = (stun_url, stun_url) if kind == "stun" else (turn, turn[0])
+                what = f"{kind.upper()} server {url} {reason}"
+                self.ice.server_failed(row, what)
+                errors.append(what)
+                log.warning("%s (connecting to %s)", what, getattr(self, "friend_name", self.peer_id))
+            for kind, row in (("stun", stun_url), ("turn", turn)):
+                if row is not None and kind not in {k for k, _ in failed}:
+                    self.ice.server_worked(row)
+            if not failed or self.state in ("closed", "failed") or self.ice.servers(attempt) in tried:
+                break
+            # Another row is left: drop this connection, quietly, and gather again.
+            self.channel.remove_all_listeners()
+            self.pc.remove_all_listeners()
+            await self.pc.close()
+        if errors:
+            self.last_error = "; ".join(errors)
+        if self.state in ("closed", "failed"):
+            raise LinkClosed(self.last_error or "closed while gathering candidates")
+        if "a=candidate:" not in self.pc.localDescription.sdp:
+            raise NoCandidates("no ICE candidates: " + (self.last_error or "no host address, "
+                                                                  "and no STUN or TURN server"))
+
     async def make_offer(self, attempt=0):
-        self._new_pc(attempt)
-        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async def describe():
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+
+        await self._describe(attempt, describe)
         _grow_send_buffers(self.pc)
         self._offer_fingerprints = identity.sdp_fingerprints(self.pc.localDescription.sdp)
         return self.pc.localDescription.sdp
 
     async def accept_offer(self, sdp, attempt=0):
-        self._new_pc(attempt)
+        async def describe():
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+
         self._offer_fingerprints = identity.sdp_fingerprints(sdp)
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        await self._describe(attempt, describe)
         _grow_send_buffers(self.pc)
         self._answer_fingerprints = identity.sdp_fingerprints(self.pc.localDescription.sdp)
         return self.pc.localDescription.sdp
@@ -335,7 +495,9 @@ class Link:
             self.verified.exception()  # retrieved: nobody may be waiting
         for task in self._tasks:
             task.cancel()
-        if self.pc is not None:
+        # aioice does not stop the STUN queries of a connection closed while it gathers
+        # (their retransmissions then fail on a closed socket): _describe closes it after.
+        if self.pc is not None and not self._gathering:
             asyncio.ensure_future(self.pc.close())
         if self.on_close is not None:
             self.on_close(self)
