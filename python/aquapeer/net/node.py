@@ -333,7 +333,7 @@ class PeerNode:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConnectError(f"could not connect to {friend.name} within {timeout:g} s: "
-                                   + (last_error or "no answer to our offer"))
+                                   + (last_error or link.stalled_reason()))
             try:
                 await asyncio.wait_for(asyncio.shield(link.verified), remaining)
             except TimeoutError:
@@ -368,7 +368,7 @@ class PeerNode:
                 if peer_id not in accepted:
                     link.close("no longer an accepted friend")
                 elif link.state == "connecting" and now - link.created_at > NEGOTIATION_TIMEOUT_S:
-                    link.close(f"no answer to the offer within {NEGOTIATION_TIMEOUT_S:.0f} s", failed=True)
+                    link.close(f"{link.stalled_reason()} within {NEGOTIATION_TIMEOUT_S:.0f} s", failed=True)
             offers = 0
             for friend in accepted.values():
                 link = self.links.get(friend.peer_id)

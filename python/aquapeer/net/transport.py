@@ -345,6 +345,13 @@ class Link:
         self._answer_fingerprints = identity.sdp_fingerprints(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
+    def stalled_reason(self):
+        """Why a link is still connecting: no answer yet, or no network path between the candidates."""
+        if self._answer_fingerprints is None:
+            return "no answer to the offer"
+        return ("the offer was answered, but no network path between the two sides worked (behind NATs, "
+                "add a STUN or TURN server: peer.stun_server, peer.turn_server)")
+
     def _transcript(self):
         return identity.fingerprint_transcript(self._offer_fingerprints, self._answer_fingerprints, self.session)
 
