@@ -225,13 +225,24 @@ class PeerNode:
     async def _on_offer(self, friend, envelope):
         signal = await self._signal_for(friend)
         existing = self.links.get(friend.peer_id)
-        if existing is not None and existing.session != envelope.session:
+        if existing is not None and existing.session == envelope.session:
+            return  # a copy of an offer we answer already
+        if existing is not None:
             # Fresh from when it was sent: gathering may have taken seconds (a slow STUN or TURN
             # server), and both sides giving up their offers would leave two answerers.
             sent_at = existing.offered_at or time.monotonic()  # None: still gathering, not sent yet
             if (existing.state == "connecting" and existing.offerer and self.me.peer_id < friend.peer_id
                     and time.monotonic() - sent_at < OFFER_FRESH_S):
-                return  # both offered just now: ours wins, the friend answers it
+                # Both offered just now: ours wins, and the friend answers it.  It may never have
+                # had it (a signaling connection that died unnoticed, as after a NAT's address
+                # change, loses what it was given), so it gets it again: it answers the one that
+                # comes first and ignores the other.
+                if existing.offered_at is not None:
+                    try:
+                        await self._send_offer(friend, existing)
+                    except AquapeerError:
+                        pass
+                return
             existing.close("replaced by a new connection from the friend")
         link = self._new_link(friend, envelope.session, offerer=False, signal=signal)
         try:
@@ -298,13 +309,17 @@ class PeerNode:
         if link.connected_since is not None and self.on_disconnected is not None:
             self.on_disconnected(link)
 
+    async def _send_offer(self, friend, link):
+        await self._send("offer", friend.peer_id, link.session,
+                         {"sdp": link.pc.localDescription.sdp, "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX],
+                          "name": self.name}, friend)
+
     async def _offer(self, friend, attempt=0):
         link = self._new_link(friend, os.urandom(16), offerer=True, signal=await self._signal_for(friend))
         try:
-            sdp = await link.make_offer(attempt)
+            await link.make_offer(attempt)
             link.offered_at = time.monotonic()
-            await self._send("offer", friend.peer_id, link.session,
-                             {"sdp": sdp, "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX], "name": self.name}, friend)
+            await self._send_offer(friend, link)
         except PeerOffline:
             link.close(OFFLINE, failed=True)
         except AquapeerError as e:
