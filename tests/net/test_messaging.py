@@ -783,7 +783,7 @@ class HostileSender:
             await asyncio.sleep(0.05)
         return "silent", None
 
-    async def msgs(self, items, epoch=None):
+    async def msgs(self, items, epoch=None, timeout=20):
         """items: (topic, sent_at, payload text, id or None); waits for the ack, or the link to close."""
         link = await self.peer.link(self.peer_id)
         rows = []
@@ -796,7 +796,7 @@ class HostileSender:
         upto = rows[-1][0]
         return await self._wait(link, lambda: next(
             (f for f in self.peer.frames if f.get("t") == "ack" and f.get("epoch") == epoch
-             and f.get("upto", 0) >= upto), None))
+             and f.get("upto", 0) >= upto), None), timeout)
 
     async def frame(self, frame, answered=lambda f: False, timeout=5):
         link = await self.peer.link(self.peer_id)
@@ -825,9 +825,10 @@ def test_hostile_but_well_formed_frames_from_a_friend(messaging_pair, mallory):
     step("not json", hostile.msgs([(topic, time.time(), "{", None)]))
     step("NUL in json", hostile.msgs([(topic, time.time(), '"\\u0000"', None)]))
     step("deep json", hostile.msgs([(topic, time.time(), "[" * 100_000 + "]" * 100_000, None)]))
-    step("NaN sent_at", hostile.msgs([(topic, float("nan"), "{}", None)]))
-    step("huge sent_at", hostile.msgs([(topic, 1e300, "{}", None)]))
-    step("NUL in topic", hostile.msgs([("from-\x00mallory", time.time(), "{}", None)]))
+    # Frames the wire format refuses get no answer: a short wait is enough to see that.
+    step("NaN sent_at", hostile.msgs([(topic, float("nan"), "{}", None)], timeout=3))
+    step("huge sent_at", hostile.msgs([(topic, 1e300, "{}", None)], timeout=3))
+    step("NUL in topic", hostile.msgs([("from-\x00mallory", time.time(), "{}", None)], timeout=3))
     step("not allowed", hostile.msgs([("not-for-mallory", time.time(), "{}", None)]))
     same_id = uuid.uuid4().bytes
     step("repeated id", hostile.msgs([(topic, time.time(), '{"copy": 1}', same_id),
