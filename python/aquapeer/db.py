@@ -32,6 +32,11 @@ def _binary_list(value):
     return isinstance(value, list) and bool(value) and all(isinstance(v, bytes) for v in value)
 
 
+def quote_ident(name):
+    """An SQL identifier, quoted (as quote_ident() does, always)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def current_database(db):
     """(oid, name) of the database db is connected to."""
     row = db.query("select oid, datname::text as name from pg_catalog.pg_database "

@@ -10,14 +10,12 @@ security decide); the trigger finds the column equal to the document's text and 
 import base64
 import json
 
+from ..db import quote_ident
 from ..errors import AquapeerError
 from . import text
 
 TOPIC = "aquapeer.live"
 
-
-def _ident(name):
-    return '"' + name.replace('"', '""') + '"'
 
 
 def edit_cells(db, cells):
@@ -89,12 +87,12 @@ def _apply_edit(db, friend, message):
     if not target:
         return  # ended here meanwhile
     relation, key = target[0]["relation"], target[0]["key"]
-    match = " and ".join(f"t.{_ident(k)} = k.{_ident(k)}" for k in json.loads(key))
+    match = " and ".join(f"t.{quote_ident(k)} = k.{quote_ident(k)}" for k in json.loads(key))
     source = f"pg_catalog.jsonb_populate_record(null::{relation}, $1::jsonb) k"
     db.query(f"select from only {relation} t join {source} on {match} for update of t", [key])
     value = db.scalar("select peer._live_merge($1, $2::uuid, $3, $4)",
                       [friend, message["id"], message["column"], message["update"]])
     if value is not None:
-        column = _ident(message["column"])
+        column = quote_ident(message["column"])
         db.query(f"update only {relation} t set {column} = $2 from {source} "
                  f"where {match} and t.{column} is distinct from $2", [key, value])

@@ -26,6 +26,7 @@ differ are copied, the same way (peer._start_resync).
 
 import json
 
+from ..db import quote_ident
 from ..errors import AquapeerError, DatabaseError
 from . import resolve
 
@@ -290,7 +291,7 @@ class Table:
     def __init__(self, name, key_columns):
         self.name = name
         self.key_columns = key_columns
-        self.key_match = " and ".join(f"t.{_ident(k)} = s.{_ident(k)}" for k in key_columns)
+        self.key_match = " and ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in key_columns)
 
     def exists(self, db, key):
         return db.scalar(f"select exists (select from only {self.name} t join pg_catalog.jsonb_populate_record("
@@ -308,18 +309,15 @@ class Table:
                 if d.action == action:
                     groups.setdefault(tuple(sorted(d.values)), []).append({**change["k"], **d.values})
             for columns, rows in groups.items():
-                names = ", ".join(_ident(c) for c in columns)
+                names = ", ".join(quote_ident(c) for c in columns)
                 if action == "update":
-                    sets = ", ".join(f"{_ident(c)} = s.{_ident(c)}" for c in columns)
+                    sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
                     yield (f"update only {self.name} t set {sets} from pg_catalog.jsonb_populate_recordset("
                            f"null::{self.name}, $1::jsonb) s where {self.key_match}", rows)
                 else:
                     yield (f"insert into {self.name} ({names}) select {names} from "
                            f"pg_catalog.jsonb_populate_recordset(null::{self.name}, $1::jsonb)", rows)
 
-
-def _ident(name):
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _write(db, friend, oid, table, decisions):
