@@ -1,3 +1,3 @@
 """aquapeer: PostgreSQL databases talking peer to peer over WebRTC."""
 
-__version__ = "0.22.0"
+__version__ = "0.23.0"
