@@ -60,11 +60,14 @@ revoke all on function peer._identity_single_row(), peer._new_identity(), peer.w
 grant execute on function peer._identity_single_row(), peer.whoami() to public;
 grant execute on function peer.invite(), peer.rotate_identity() to aquapeer_admin;
 
--- friends
+-- friends and introductions (the handler checks that it runs in an executor for the introducer)
 revoke all on function peer.add_friend(text, text), peer.accept_friend(text, text), peer.block(text),
-    peer.set_friend_role(text, regrole), peer.remove_friend(text, text) from public;
+    peer.set_friend_role(text, regrole), peer.remove_friend(text, text), peer.set_introducer(text, boolean),
+    peer.introduce(text, text, text), peer._introduction_message(peer.inbox) from public;
 grant execute on function peer.add_friend(text, text), peer.accept_friend(text, text), peer.block(text),
-    peer.set_friend_role(text, regrole), peer.remove_friend(text, text) to aquapeer_admin;
+    peer.set_friend_role(text, regrole), peer.remove_friend(text, text), peer.set_introducer(text, boolean),
+    peer.introduce(text, text, text) to aquapeer_admin;
+grant execute on function peer._introduction_message(peer.inbox) to public;
 
 -- connections
 revoke all on function peer.connect(text, interval), peer.reload_worker(), peer.disconnect(text),

@@ -7,10 +7,11 @@ so the worker never sits on a transaction.
 """
 
 import dataclasses
+import json
 import re
 import time
 
-from . import identity
+from . import identity, introductions
 from .errors import AquapeerError
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,63}")
@@ -87,12 +88,96 @@ def add_friend(db, name, invite_text):
 
 def accept_friend(db, peer_id, name):
     peer_id = identity.parse_peer_id(peer_id)
-    row = db.query("select chain from peer.friend_request where peer_id = $1", [peer_id])
+    row = db.query("select chain, signal_urls, introduced_by from peer.friend_request where peer_id = $1", [peer_id])
     if not row:
         raise AquapeerError(f"no friend request from {peer_id}", sqlstate="42704",
                             hint="See select * from peer.friend_requests, or add it with peer.add_friend().")
     chain = identity.KeyChain.from_bytes(row[0]["chain"], expected_peer_id=peer_id)
-    return _insert_friend(db, name, chain, [])
+    _insert_friend(db, name, chain, row[0]["signal_urls"] or [])
+    db.query("update peer.friend set introduced_by = $2 where peer_id = $1", [peer_id, row[0]["introduced_by"]])
+    return peer_id
+
+
+def display_name(db):
+    """The name this database gives itself to others: peer.config.display_name, else the database's."""
+    return db.scalar("select coalesce(display_name, pg_catalog.current_database()::text) from peer.config")
+
+
+# --- introductions ---------------------------------------------------------
+
+def introduce(db, me, friend_a, friend_b, note):
+    """Queue to each of two friends a signed introduction of the other (in the caller's transaction)."""
+    a, b = (_friend_to_introduce(db, name) for name in (friend_a, friend_b))
+    if a["peer_id"] == b["peer_id"]:
+        raise AquapeerError("a friend cannot be introduced to itself", sqlstate="22023",
+                            hint="Name two different friends.")
+    own_urls = signal_urls(db)
+    mine = display_name(db)
+    for to, other in ((a, b), (b, a)):
+        chain = identity.KeyChain.from_bytes(other["chain"], expected_peer_id=other["peer_id"])
+        payload = introductions.make(me, to["peer_id"], chain, other["signal_urls"] or own_urls,
+                                     other["name"], mine, note)
+        db.query("select peer.send($1, $2, $3::jsonb)", [to["name"], introductions.TOPIC, json.dumps(payload)])
+
+
+def _friend_to_introduce(db, name):
+    rows = db.query("select f.name, f.peer_id, f.chain, f.state, "
+                    "coalesce(nullif(f.signal_urls, '{}'), array(select s.url from peer.signal_server s "
+                    "where s.id = f.signal_server_id)) as signal_urls from peer.friend f where f.name = $1", [name])
+    if not rows:
+        raise unknown_friend(name)
+    if rows[0]["state"] != "accepted":
+        raise AquapeerError(f'friend "{name}" is blocked', sqlstate="42501",
+                            hint="Only accepted friends are introduced.")
+    return rows[0]
+
+
+def receive_introduction(db, friend, message_id):
+    """The handler of topic aquapeer.introduce, in an executor connected as the introducer's role:
+    a checked introduction becomes a friend when the introducer is trusted to introduce
+    (peer.set_introducer), otherwise a friend request.  What it did, as text."""
+    introducer = db.query("select f.peer_id, f.chain, f.introducer from peer._applying_friend($1) f", [friend])[0]
+    payload = db.scalar("select payload::text from peer.inbox where id = $1::uuid and friend = $2 and topic = $3",
+                        [message_id, friend, introductions.TOPIC])
+    me = db.scalar("select peer_id from peer.identity")
+    intro = introductions.open_(json.loads(payload), identity.KeyChain.from_bytes(introducer["chain"]), me)
+    if intro.peer_id == me:
+        return "ignored: it introduces this database"
+    known = db.query("select name, state from peer.friend where peer_id = $1", [intro.peer_id])
+    if known:
+        return f'ignored: already {"blocked" if known[0]["state"] == "blocked" else "friend"} "{known[0]["name"]}"'
+    if introducer["introducer"]:
+        name = _free_name(db, intro.introduced_as or intro.peer_id[:7].lower())
+        _insert_friend(db, name, intro.chain, intro.signal_urls)
+        db.query("update peer.friend set introduced_by = $2 where peer_id = $1", [intro.peer_id, introducer["peer_id"]])
+        return f'accepted as friend "{name}"'
+    db.query(
+        "insert into peer.friend_request as r (peer_id, chain, introduced_by, introduced_as, note, signal_urls) "
+        "values ($1, $2, $3, $4, $5, array(select pg_catalog.jsonb_array_elements_text($6::jsonb))) "
+        "on conflict (peer_id) do update set introduced_by = excluded.introduced_by, "
+        "introduced_as = excluded.introduced_as, note = excluded.note, signal_urls = excluded.signal_urls, "
+        "last_seen = pg_catalog.now(), "
+        # the longer of two valid chains of one peer is the newer
+        "chain = case when length(excluded.chain) > length(r.chain) then excluded.chain else r.chain end",
+        [intro.peer_id, intro.chain.to_bytes(), introducer["peer_id"], intro.introduced_as, intro.note,
+         json.dumps(intro.signal_urls)])
+    _prune_requests(db)
+    return "kept as a friend request"
+
+
+def _prune_requests(db):
+    """Keep the friend_request_limit requests seen last."""
+    db.query("delete from peer.friend_request where peer_id in (select peer_id from peer.friend_request "
+             "order by last_seen desc offset (select friend_request_limit from peer.config))")
+
+
+def _free_name(db, wanted):
+    """wanted as a valid friend name not in use here: lower-cased, other characters as '-', and
+    a number appended when taken."""
+    base = re.sub(r"[^a-z0-9_-]", "-", wanted.lower())[:56] or "friend"
+    taken = {r["name"] for r in db.query("select name from peer.friend where name like $1 || '%'", [base])}
+    return next(name for name in (base if n == 0 else f"{base}-{n}" for n in range(len(taken) + 1))
+                if name not in taken)
 
 
 def unknown_friend(name):
@@ -176,9 +261,7 @@ class DbFriendBook:
             "on conflict (peer_id) do update set attempts = r.attempts + 1, last_seen = pg_catalog.now(), "
             "claimed_name = excluded.claimed_name",
             [peer_id, claimed_name, chain.to_bytes()])
-        self.db.query(
-            "delete from peer.friend_request where peer_id in (select peer_id from peer.friend_request "
-            "order by last_seen desc offset (select friend_request_limit from peer.config))")
+        _prune_requests(self.db)
         self.db.commit()
 
     def seen(self, peer_id):

@@ -66,7 +66,7 @@ def ping_worker():
 
 
 STATUS_COLUMNS = ("pid", "state", "started_at", "database", "python_version", "aiortc_version",
-                  "aquapeer_version", "loop_lag_max_ms", "executors", "requests", "wakeups")
+                  "aquapeer_version", "loop_lag_max_ms", "executors", "requests", "wakeups", "problem")
 
 
 @sql_errors
@@ -162,8 +162,7 @@ def new_identity():
 
 @sql_errors
 def invite():
-    return identity.make_invite(friends.load_identity(_db), friends.signal_urls(_db),
-                                _db.scalar("select pg_catalog.current_database()::text"))
+    return identity.make_invite(friends.load_identity(_db), friends.signal_urls(_db), friends.display_name(_db))
 
 
 @sql_errors
@@ -186,6 +185,17 @@ def add_friend(name, invite_text):
 @sql_errors
 def accept_friend(peer_id, name):
     return friends.accept_friend(_db, peer_id, name)
+
+
+@sql_errors
+def introduce(friend_a, friend_b, note):
+    friends.introduce(_db, friends.load_identity(_db), friend_a, friend_b, note)
+
+
+@sql_errors
+def introduction_message(friend, message_id):
+    """The handler of topic aquapeer.introduce (in an executor connected as the friend's role)."""
+    return friends.receive_introduction(_db, friend, message_id)
 
 
 def _end_friendship(name, statement):

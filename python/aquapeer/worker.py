@@ -14,6 +14,7 @@ import asyncio
 import collections
 import datetime
 import importlib.metadata
+import logging
 import os
 import platform
 import time
@@ -37,6 +38,15 @@ LAG_TICK_S = 0.1
 LAG_WINDOW_S = 60
 REAP_INTERVAL_S = 5.0
 IDENTITY_POLL_S = 1.0
+
+log = logging.getLogger(__name__)
+
+
+def restored_copy_problem(peer_id):
+    """Why a copy restored from a dump stays offline, and the two ways on (docs/moving.md)."""
+    return (f"this database was restored from a dump of peer {peer_id}; run `select peer.keep_identity()` "
+            "if it replaces the original (the original must stop), or `select peer.reset_identity()` "
+            "to become a new peer (friends must add it again)")
 
 
 async def cancel_and_wait(tasks):
@@ -100,6 +110,7 @@ class Worker:
         self.wakeups = 0
         self.requests = 0
         self.node = None
+        self.problem = None  # why this worker does not reach friends, when it does not
         self.messaging = Messaging(db, self.executors, lambda: self.node)
         self.calls = Calls(db, self.executors, lambda: self.node)
         self.transfers = Transfers(db, self.executors, lambda: self.node, self.retention_role)
@@ -131,6 +142,13 @@ class Worker:
 
     async def start_node(self):
         """Register at the signaling server and keep friends connected; a no-op without one."""
+        restored_from = self.db.scalar("select peer_id from peer.identity_restored")
+        self.db.commit()
+        if restored_from is not None:
+            # Two live copies of one peer would take each other's registration and links.
+            self.problem = restored_copy_problem(restored_from)
+            log.warning("%s", self.problem)
+            return
         urls = friends.signal_urls(self.db)
         me = friends.load_identity(self.db)
         ice = self._ice_servers()
@@ -138,7 +156,7 @@ class Worker:
         self.db.commit()
         if not urls:
             return
-        self.node = PeerNode(me, book, urls[0], ice, name=self.database_name, fallback_signal_urls=urls[1:],
+        self.node = PeerNode(me, book, urls[0], ice, name=self._display_name, fallback_signal_urls=urls[1:],
                              on_frame=self.on_frame, on_connected=self.on_link_up,
                              on_disconnected=self.presence.on_link_down,
                              message_limit=self._message_limit)
@@ -148,6 +166,11 @@ class Worker:
         if self.node is not None:
             node, self.node = self.node, None
             await node.stop()
+
+    def _display_name(self):
+        name = friends.display_name(self.db)
+        self.db.commit()
+        return name
 
     def _message_limit(self):
         limit = self.db.scalar("select max_message_bytes from peer.config")
@@ -171,6 +194,8 @@ class Worker:
             link.refuse(f"unexpected {frame['t']} frame")
 
     def _node(self):
+        if self.problem is not None:
+            raise AquapeerError(self.problem, sqlstate="55000")
         if self.node is None:
             raise AquapeerError("no signaling server is configured, so this database cannot reach friends",
                                 hint="INSERT INTO peer.signal_server (url) VALUES ('wss://…'); "
@@ -278,6 +303,7 @@ class Worker:
             "executors": self.executors.stats(),
             "requests": self.requests,
             "wakeups": self.wakeups,
+            "problem": self.problem,
         }
 
     def _accepted_friend(self, name):
@@ -338,16 +364,22 @@ class Worker:
 
     async def watch_identity(self):
         """Take up peer.rotate_identity() and peer.reset_identity() once they commit; leave
-        after ALTER EXTENSION aquapeer UPDATE, so that a new process loads the new code."""
+        after ALTER EXTENSION aquapeer UPDATE, so that a new process loads the new code; end,
+        for the loop to start again, when a restore marks the identity or the mark goes."""
         seen = None
         while True:
             await asyncio.sleep(IDENTITY_POLL_S)
             row = self.db.query("select peer_id, rotated_at::text as rotated, (select extversion from "
-                                "pg_catalog.pg_extension where extname = 'aquapeer') as version from peer.identity")
+                                "pg_catalog.pg_extension where extname = 'aquapeer') as version, "
+                                "exists (select from peer.identity_restored) as restored from peer.identity")
             self.db.commit()
             if row and row[0]["version"] != __version__:
                 raise AquapeerError(f"the extension is now version {row[0]['version']}, this worker runs "
                                     f"{__version__}: leaving, to be restarted with the new version")
+            if row and row[0]["restored"] != (self.problem is not None):
+                # Started afresh, the loop draws the stream epoch and goes online (or stays offline) anew.
+                log.info("the identity was marked restored, kept or reset: starting the loop again")
+                return "the identity was marked restored, kept or reset"
             current = (row[0]["peer_id"], row[0]["rotated"]) if row else None
             if None not in (seen, current) and current != seen and self.node is not None:
                 if current[0] != seen[0]:
@@ -382,8 +414,9 @@ class Worker:
         try:
             await self.start_node()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[0] in done:
-                return tasks[0].result()
+            for ending in (tasks[0], tasks[3]):  # a stop, or a restored identity's mark that changed
+                if ending in done:
+                    return ending.result()
             # Any other task ends only by failing: fail loudly, and be restarted.
             failed = done.pop()
             failed.result()

@@ -97,7 +97,7 @@ class PeerNode:
         self.me = me
         self.friends = friends
         self.ice = ice or transport.IceServers()
-        self.name = name
+        self.name = name  # what we call ourselves in offers: text, or a function giving it
         self.on_frame = on_frame          # (link, frame) -> None, for frames the link does not handle itself
         self.on_connected = on_connected  # (link) -> None, once a link is verified
         self.on_disconnected = on_disconnected  # (link) -> None, when a link that was verified closes
@@ -312,7 +312,7 @@ class PeerNode:
     async def _send_offer(self, friend, link):
         await self._send("offer", friend.peer_id, link.session,
                          {"sdp": link.pc.localDescription.sdp, "proto": [wire.PROTOCOL_MIN, wire.PROTOCOL_MAX],
-                          "name": self.name}, friend)
+                          "name": self.name() if callable(self.name) else self.name}, friend)
 
     async def _offer(self, friend, attempt=0):
         link = self._new_link(friend, os.urandom(16), offerer=True, signal=await self._signal_for(friend))
