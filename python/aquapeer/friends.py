@@ -139,6 +139,8 @@ def receive_introduction(db, friend, message_id):
     introducer = db.query("select f.peer_id, f.chain, f.introducer from peer._applying_friend($1) f", [friend])[0]
     payload = db.scalar("select payload::text from peer.inbox where id = $1::uuid and friend = $2 and topic = $3",
                         [message_id, friend, introductions.TOPIC])
+    if payload is None:
+        raise AquapeerError(f'no introduction {message_id} from "{friend}" in peer.inbox', sqlstate="42704")
     me = db.scalar("select peer_id from peer.identity")
     intro = introductions.open_(json.loads(payload), identity.KeyChain.from_bytes(introducer["chain"]), me)
     if intro.peer_id == me:
