@@ -126,7 +126,7 @@ def _log_to_stderr(err: Console, level: str):
 def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
     import logging
 
-    from aquapeer.net import signaling
+    from aquapeer.net import signal_cluster, signaling
 
     err = Console(stderr=True)
     if (args.cert is None) != (args.key is None):
@@ -140,9 +140,15 @@ def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
         logging.getLogger("aquapeer.signaling.ws").setLevel(logging.WARNING)
     limits = signaling.Limits(max_connections=args.max_connections)
     try:
-        signaling.run_server(args.host, args.port, cert=args.cert, key=args.key, limits=limits)
+        signaling.run_server(args.host, args.port, cert=args.cert, key=args.key, limits=limits,
+                             redis_url=args.redis)
     except OSError as exc:  # the port is taken, the address is not ours, a PEM file is unusable
         err.print(f"[bold red]aquapeer signal:[/] {exc}")
+        return EXIT_ERROR
+    except signal_cluster.ClusterError as exc:  # Redis is not there, or the URL is wrong
+        err.print(f"[bold red]aquapeer signal:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err.print(f"hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
         return EXIT_ERROR
     finally:
         logger.removeHandler(handler)
@@ -167,6 +173,10 @@ def _add_signal(subparsers: argparse._SubParsersAction) -> None:
                    help="PEM private key file for --cert")
     p.add_argument("--max-connections", type=int, default=10000, metavar="N",
                    help="most connections at once (default: 10000)")
+    p.add_argument("--redis", metavar="URL", default=None,
+                   help="share registrations with the other instances using this Redis, "
+                   "e.g. redis://127.0.0.1:6379/0, to run several behind a load balancer "
+                   "(docs/signaling.md); default: run alone")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log level on stderr (default: info)")

@@ -29,6 +29,11 @@ with a type ``t``::
     S->C  {"t": "error", "code": "replaced", ...} then close 4000: another
           connection registered the same peer id (the newest one wins).
 
+Several instances behind a load balancer share registrations through Redis
+(``serve(..., redis_url=...)``, ``aquapeer signal --redis``; see
+:mod:`aquapeer.net.signal_cluster` and docs/signaling.md): the protocol and
+the verdicts stay the same.
+
 Close codes: 4000 replaced, 4001 authentication refused, 4002 no hello in
 time, 4008 kept flooding over the rate limit, 1008 malformed frame, 1003 text
 frame, 1009 frame over the size limit, 1013 server full, 1001 server going
@@ -59,6 +64,7 @@ from websockets.uri import parse_uri
 
 from .. import identity as idmod
 from ..errors import AquapeerError
+from .signal_cluster import Cluster
 
 log = logging.getLogger("aquapeer.signaling")
 _ws_log = logging.getLogger("aquapeer.signaling.ws")
@@ -199,11 +205,12 @@ class Limits:
 class _Conn:
     """One WebSocket connection at the server, with a bounded send buffer."""
 
-    __slots__ = ("ws", "peer_id", "out", "out_bytes", "wake", "limit", "bucket", "strikes",
+    __slots__ = ("ws", "serial", "peer_id", "out", "out_bytes", "wake", "limit", "bucket", "strikes",
                  "peer_bucket", "writer", "closing", "addr")
 
-    def __init__(self, ws, limits: Limits, now: float):
+    def __init__(self, ws, serial: int, limits: Limits, now: float):
         self.ws = ws
+        self.serial = serial  # tells this connection from a later one of the same peer id
         self.peer_id: str | None = None
         self.out: collections.deque = collections.deque()
         self.out_bytes = 0
@@ -248,10 +255,14 @@ class _Conn:
 class SignalServer:
     """A running signaling server: the registry of connected peers and the
     relay between them.  Made by :func:`serve`; stop it with ``close()`` then
-    ``await wait_closed()`` (or ``await aclose()``, or ``async with``)."""
+    ``await wait_closed()`` (or ``await aclose()``, or ``async with``).
+    With ``redis_url`` it is one of several instances sharing registrations."""
 
-    def __init__(self, limits: Limits = Limits()):
+    def __init__(self, limits: Limits = Limits(), redis_url: str | None = None):
         self.limits = limits
+        self.cluster = (Cluster(redis_url, self, rate_per_peer=limits.rate_per_peer,
+                                burst_per_peer=limits.burst_per_peer) if redis_url else None)
+        self._serials = itertools.count(1)
         now = time.monotonic()
         self._ws_server = None
         self._peers: dict[str, _Conn] = {}
@@ -272,19 +283,26 @@ class SignalServer:
     async def _start(self, host, port, ssl_context) -> SignalServer:
         lim = self.limits
         self.secure = ssl_context is not None
-        self._ws_server = await ws_serve(
-            self._handler, host, port,
-            ssl=ssl_context,
-            process_request=self._process_request,
-            compression=None,           # zlib state per connection costs memory; SDP is small
-            open_timeout=lim.hello_timeout,
-            ping_interval=lim.ping_interval,
-            ping_timeout=lim.ping_timeout,
-            close_timeout=2,
-            max_size=lim.max_frame,
-            max_queue=lim.max_queue,
-            logger=_ws_log,
-        )
+        if self.cluster is not None:
+            await self.cluster.start()  # before listening: a peer must not register where Redis is not
+        try:
+            self._ws_server = await ws_serve(
+                self._handler, host, port,
+                ssl=ssl_context,
+                process_request=self._process_request,
+                compression=None,           # zlib state per connection costs memory; SDP is small
+                open_timeout=lim.hello_timeout,
+                ping_interval=lim.ping_interval,
+                ping_timeout=lim.ping_timeout,
+                close_timeout=2,
+                max_size=lim.max_frame,
+                max_queue=lim.max_queue,
+                logger=_ws_log,
+            )
+        except BaseException:
+            if self.cluster is not None:
+                await self.cluster.close()
+            raise
         self._sweeper = asyncio.ensure_future(self._sweep())
         log.info("signaling server listening on %s", ", ".join(self.urls))
         return self
@@ -321,6 +339,8 @@ class SignalServer:
             await self._ws_server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
+        if self.cluster is not None:
+            await self.cluster.close()
         log.info("signaling server stopped")
 
     async def aclose(self) -> None:
@@ -337,8 +357,15 @@ class SignalServer:
         await self._ws_server.serve_forever()
 
     def stats(self) -> dict:
-        return {"connections": self._connections, "pending": self._pending,
-                "peers": len(self._peers), **self.counters}
+        out = {"connections": self._connections, "pending": self._pending,
+               "peers": len(self._peers), **self.counters}
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.stats()
+        return out
+
+    def local_peers(self) -> list[str]:
+        """The peer ids registered at this instance."""
+        return list(self._peers)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -369,7 +396,7 @@ class SignalServer:
 
     async def _handler(self, ws) -> None:
         lim = self.limits
-        conn = _Conn(ws, lim, time.monotonic())
+        conn = _Conn(ws, next(self._serials), lim, time.monotonic())
         self._connections += 1
         self._pending += 1
         pending = True
@@ -384,6 +411,8 @@ class SignalServer:
             self._pending -= 1
             pending = False
             self._register(conn, peer_id)
+            if self.cluster is not None:  # reachable from every instance once welcomed
+                await self.cluster.register(peer_id)
             await ws.send(_pack({"t": "welcome", "id": peer_id}))
             conn.writer = asyncio.ensure_future(conn.write_loop())
             while True:
@@ -402,6 +431,8 @@ class SignalServer:
             if conn.peer_id is not None and self._peers.get(conn.peer_id) is conn:
                 del self._peers[conn.peer_id]
                 log.info("peer %s left", conn.name())
+                if self.cluster is not None:
+                    self._spawn(self.cluster.unregister(conn.peer_id))
 
     async def _authenticate(self, conn: _Conn) -> str | None:
         ws = conn.ws
@@ -461,9 +492,7 @@ class SignalServer:
         if old is not None:
             log.info("peer %s reconnected; closing its previous connection (%s)", conn.name(), old.addr)
             old.closing = True
-            self._spawn(self._kick(old, CLOSE_REPLACED, "replaced by a newer connection",
-                                   {"t": "error", "code": "replaced",
-                                    "message": "another connection registered this peer id"}))
+            self._spawn(self._kick(old, CLOSE_REPLACED, "replaced by a newer connection", REPLACED_ERROR))
         else:
             log.info("peer %s registered", conn.name())
 
@@ -518,15 +547,7 @@ class SignalServer:
         ref = ref if _is_ref(ref) else None
         now = time.monotonic()
         if not self._admit(conn, now):
-            self.counters["rate_limited"] += 1
-            conn.push(_pack({"t": "error", "code": "rate", "ref": ref,
-                             "message": "over the rate limit; the envelope was dropped"}))
-            if not conn.strikes.take(now):
-                self.counters["closed_flooding"] += 1
-                log.warning("closing %s: kept sending over the rate limit", conn.name())
-                await self._close_draining(conn, CLOSE_FLOOD, "flooding")
-                return False
-            return True
+            return await self._over_rate(conn, ref, now)
         kind = msg.get("t")
         if kind != "send":
             conn.push(_pack({"t": "error", "code": "unknown", "ref": ref,
@@ -538,25 +559,96 @@ class SignalServer:
             conn.push(_pack({"t": "error", "code": "bad", "ref": ref,
                              "message": "a send needs a peer id 'to', bytes 'env' and an integer 'ref'"}))
             return True
+        ack = msg.get("ack") is True
         target = self._peers.get(to)
+        if self.cluster is not None:
+            outcome = await self.cluster.route(conn.peer_id, conn.serial, to, env, ref, ack,
+                                               local=target is not None)
+            if outcome == "rate":  # the peer id's allowance, shared by every instance
+                return await self._over_rate(conn, ref, time.monotonic())
+            if outcome == "forwarded":  # its instance sends the verdict
+                return True
+            target = None if outcome == "offline" else self._peers.get(to)
+        verdict = self._deliver(conn.peer_id, to, env, target)
+        if verdict != "queued" or ack:
+            conn.push(_verdict_frame(verdict, to, ref))
+        return True
+
+    async def _over_rate(self, conn: _Conn, ref: int | None, now: float) -> bool:
+        """Refuse a frame over a rate limit; False once the connection is closed for flooding."""
+        self.counters["rate_limited"] += 1
+        conn.push(_pack({"t": "error", "code": "rate", "ref": ref,
+                         "message": "over the rate limit; the envelope was dropped"}))
+        if not conn.strikes.take(now):
+            self.counters["closed_flooding"] += 1
+            log.warning("closing %s: kept sending over the rate limit", conn.name())
+            await self._close_draining(conn, CLOSE_FLOOD, "flooding")
+            return False
+        return True
+
+    def _deliver(self, sender: str, to: str, env: bytes, target: _Conn | None) -> str:
+        """Queue an envelope for a connection here: "queued", "offline" or "busy"."""
         if target is None:
             self.counters["undeliverable"] += 1
-            conn.push(_pack({"t": "undeliverable", "to": to, "ref": ref, "reason": "offline"}))
-        elif not target.push(_pack({"t": "deliver", "from": conn.peer_id, "env": env})):
+            return "offline"
+        if not target.push(_pack({"t": "deliver", "from": sender, "env": env})):
             self.counters["undeliverable"] += 1
-            log.debug("dropped an envelope from %s to %s: its buffer is full", conn.peer_id, to)
-            conn.push(_pack({"t": "undeliverable", "to": to, "ref": ref, "reason": "busy"}))
-        else:
-            self.counters["delivered"] += 1
-            if msg.get("ack") is True:
-                conn.push(_pack({"t": "queued", "ref": ref}))
-        return True
+            log.debug("dropped an envelope from %s to %s: its buffer is full", sender, to)
+            return "busy"
+        self.counters["delivered"] += 1
+        return "queued"
+
+    # -- from other instances (signal_cluster) -----------------------------------
+
+    def deliver_forwarded(self, msg: dict) -> None:
+        """An envelope another instance passed on for a peer registered here."""
+        sender, to, env = msg.get("from"), msg.get("to"), msg.get("env")
+        if not (isinstance(sender, str) and isinstance(to, str) and isinstance(env, bytes)
+                and _is_ref(msg.get("ref"))):
+            log.warning("ignored a malformed envelope from instance %s", msg.get("origin"))
+            return
+        verdict = self._deliver(sender, to, env, self._peers.get(to))
+        if verdict != "queued" or msg.get("ack") is True:
+            self.cluster.send_verdict(msg, verdict)
+
+    def deliver_verdict(self, msg: dict) -> None:
+        """Another instance's verdict on an envelope a connection here sent."""
+        conn = self._peers.get(msg.get("peer"))
+        if conn is not None and conn.serial == msg.get("conn") and _is_ref(msg.get("ref")):
+            conn.push(_verdict_frame(msg.get("verdict"), msg.get("to"), msg["ref"]))
+
+    def drop_replaced(self, peer_id) -> None:
+        """Another instance says peer_id registered there since: close it here, as replaced."""
+        conn = self._peers.get(peer_id)
+        if conn is not None:
+            self._spawn(self._drop_replaced(conn))
+
+    async def _drop_replaced(self, conn: _Conn) -> None:
+        # The notice may be older than a registration here: Redis has the last word.
+        if await self.cluster.still_mine(conn.peer_id) or self._peers.get(conn.peer_id) is not conn:
+            return
+        del self._peers[conn.peer_id]
+        log.info("peer %s registered at another instance; closing its connection here", conn.name())
+        conn.closing = True
+        await self._kick(conn, CLOSE_REPLACED, "replaced by a newer connection", REPLACED_ERROR)
+
+
+def _verdict_frame(verdict: str, to, ref: int) -> bytes:
+    """What a sender is told of its envelope: queued, or undeliverable (offline, busy)."""
+    if verdict == "queued":
+        return _pack({"t": "queued", "ref": ref})
+    return _pack({"t": "undeliverable", "to": to, "ref": ref, "reason": verdict})
+
+
+REPLACED_ERROR = {"t": "error", "code": "replaced", "message": "another connection registered this peer id"}
 
 
 async def serve(host, port, *, ssl_context: ssl.SSLContext | None = None,
-                limits: Limits = Limits()) -> SignalServer:
-    """Start a signaling server on ``host``:``port`` (port 0: any free port)."""
-    return await SignalServer(limits)._start(host, port, ssl_context)
+                limits: Limits = Limits(), redis_url: str | None = None) -> SignalServer:
+    """Start a signaling server on ``host``:``port`` (port 0: any free port); with
+    ``redis_url``, one of several instances sharing registrations through Redis
+    (signal_cluster.ClusterError when Redis cannot be reached)."""
+    return await SignalServer(limits, redis_url)._start(host, port, ssl_context)
 
 
 def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
@@ -566,12 +658,17 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve_until_signalled(host, port, ssl_context, limits) -> None:
+async def _serve_until_signalled(host, port, ssl_context, limits, redis_url) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await serve(host, port, ssl_context=ssl_context, limits=limits)
+    try:
+        server = await serve(host, port, ssl_context=ssl_context, limits=limits, redis_url=redis_url)
+    except BaseException:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        raise
     try:
         await stop.wait()
         log.info("stopping")
@@ -582,13 +679,14 @@ async def _serve_until_signalled(host, port, ssl_context, limits) -> None:
 
 
 def run_server(host: str, port: int, cert: str | None = None, key: str | None = None,
-               limits: Limits = Limits()) -> None:
+               limits: Limits = Limits(), redis_url: str | None = None) -> None:
     """Run a signaling server until SIGINT or SIGTERM (blocking; for the CLI).
-    ``cert`` and ``key`` (PEM files) together make it serve wss://."""
+    ``cert`` and ``key`` (PEM files) together make it serve wss://; ``redis_url``
+    makes it one of several instances sharing registrations."""
     if (cert is None) != (key is None):
         raise ValueError("give both cert and key, or neither")
     ssl_context = server_ssl_context(cert, key) if cert else None
-    asyncio.run(_serve_until_signalled(host, port, ssl_context, limits))
+    asyncio.run(_serve_until_signalled(host, port, ssl_context, limits, redis_url))
 
 
 # --- client --------------------------------------------------------------------
@@ -821,6 +919,7 @@ class SignalClient:
     async def _run(self) -> None:
         delay = BACKOFF_FIRST_S
         failures = 0  # failed attempts in a row; the first one is logged as a warning
+        lost_here = False  # the registration at self.url was lost and not yet made again
         while not self._closing:
             self._set_state("connecting")
             registered = replaced = False
@@ -864,13 +963,17 @@ class SignalClient:
                 return
             self._set_state("disconnected")
             if registered:
-                delay, failures = BACKOFF_FIRST_S, 0
+                delay, failures, lost_here = BACKOFF_FIRST_S, 0, True
                 log.info("lost the signaling server %s (%s); reconnecting", self.url, self.last_error)
             else:
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "could not register at %s: %s; retrying with backoff", self.url, self.last_error)
-                if failures % FAILURES_BEFORE_FALLBACK == 0 and len(self.urls) > 1:
+                # A server that dropped us and does not take us back is down: move on at
+                # once (instances sharing a registry take its peers over); otherwise after
+                # a few tries, in case it was a passing failure.
+                if len(self.urls) > 1 and (lost_here or failures % FAILURES_BEFORE_FALLBACK == 0):
+                    lost_here = False
                     self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
                     log.warning("moving on to the signaling server %s", self.url)
             self.reconnects += 1
