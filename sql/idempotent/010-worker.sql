@@ -236,14 +236,16 @@ comment on function peer.nudge_worker() is 'wake the worker (background workers 
 create or replace function peer.worker_status(
     out pid integer, out state text, out started_at timestamptz, out database name,
     out python_version text, out aiortc_version text, out aquapeer_version text,
-    out loop_lag_max_ms double precision, out executors jsonb, out requests bigint, out wakeups bigint)
+    out loop_lag_max_ms double precision, out executors jsonb, out requests bigint, out wakeups bigint,
+    out problem text)
 returns setof record
 language plpython3u as $$
 if "aquapeer" not in GD:
     plpy.execute("select peer._bootstrap()")
 return GD["aquapeer"].worker_status()
 $$;
-comment on function peer.worker_status() is 'this database''s aquapeer worker: state, versions, loop lag';
+comment on function peer.worker_status() is
+    'this database''s aquapeer worker: state, versions, loop lag, and what keeps it from reaching friends';
 
 -- Executors ------------------------------------------------------------------
 create or replace function peer._run_in_executor(role oid, fn oid, arg jsonb, seconds double precision) returns jsonb
