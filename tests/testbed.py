@@ -402,7 +402,7 @@ def _kill_tree_and_dir(root_pid: int | None, path: str, timeout: float = 15.0) -
 _registry_lock = threading.Lock()
 _live_clusters: set[Cluster] = set()
 _live_base_dirs: set[str] = set()
-_live_signal_servers: set = set()  # Popen of `aquapeer signal` servers started here
+_live_signal_servers: set = set()  # Popen of `aquapeer signal` and redis-server started here
 _safety_net_installed = False
 
 
@@ -1234,11 +1234,13 @@ AQUAPEER_CLI = os.path.join(os.environ.get("AQUAPEER_BINDIR", "/usr/local/bin"),
 
 
 class SignalServer:
-    """`aquapeer signal` (the installed command) on a free loopback port."""
+    """`aquapeer signal` (the installed command) on a free loopback port; with redis_url,
+    one of several instances sharing registrations (`--redis`)."""
 
-    def __init__(self, cli: str | None = None, log_path: str | None = None):
+    def __init__(self, cli: str | None = None, log_path: str | None = None, redis_url: str | None = None):
         self.cli = cli or AQUAPEER_CLI
         self.log_path = log_path  # where its log goes (default: nowhere)
+        self.redis_url = redis_url
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -1246,9 +1248,11 @@ class SignalServer:
     def start(self) -> SignalServer:
         _install_safety_net()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        argv = [self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.redis_url:
+            argv += ["--redis", self.redis_url]
         try:
-            self.proc = subprocess.Popen([self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             if self.log_path:
                 log.close()
@@ -1272,6 +1276,80 @@ class SignalServer:
                 self.proc.kill()
                 self.proc.wait()
         _live_signal_servers.discard(self.proc)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        _live_signal_servers.discard(self.proc)
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_OS_USER = "redis"  # Debian's redis-server package makes it
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port: no persistence, its files in a
+    temporary directory, as the redis OS user when run as root (else as ourselves)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why no redis-server can be started here, or None."""
+        if not os.path.exists(REDIS_SERVER):
+            return f"{REDIS_SERVER} is not installed (apt-get install redis-server, or scripts/setup-debian)"
+        return None
+
+    def start(self) -> RedisServer:
+        _install_safety_net()
+        as_user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(REDIS_OS_USER)
+            as_user = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="aqp-redis-")
+            if as_user:
+                os.chown(self.dir, as_user["user"], as_user["group"])
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+             "--logfile", os.path.join(self.dir, "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            cwd=self.dir, **as_user)
+        _live_signal_servers.add(self.proc)
+        wait_for(self._answering, 10, message="redis-server to answer")
+        return self
+
+    def _answering(self) -> bool:
+        if self.proc.poll() is not None:
+            raise TestbedError(f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log")
+        return self.cli("ping").strip() == b"PONG"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cli(self, *args: str, stdin: bytes | None = None) -> bytes:
+        """redis-cli against this server (-x: the last argument from stdin)."""
+        argv = ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *(["-x"] if stdin is not None else []), *args]
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=10).stdout
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _live_signal_servers.discard(self.proc)
+
+    def close(self) -> None:
+        self.kill9()
+        if self.dir is not None:
+            _rmtree(self.dir)
+            self.dir = None
+        _release_port(self.port)
 
 
 def join_signaling(cluster, signal_url: str) -> None:

@@ -351,7 +351,7 @@ class Cluster:
                     peers = self.server.local_peers()
                     await self._claim(peers)
                     if was_lost:
-                        log.warning("Redis at %s is back: %d peers connected here registered again",
+                        log.warning("Redis at %s answers again: %d peers connected here registered again",
                                     redacted(self.url), len(peers))
                     self._subscribed.set()
                     await _first_to_fail(self._listen(pubsub), self._heartbeat())
