@@ -9,6 +9,9 @@ select pg_catalog.pg_extension_config_dump('peer.change_ahead_of_copy_id_seq', '
 select pg_catalog.pg_extension_config_dump('peer.replication_conflicts_id_seq', '');
 select pg_catalog.pg_extension_config_dump('peer.resync_key_id_seq', '');
 
+-- Requests and introductions waiting for peer.accept_friend move with the friends.
+select pg_catalog.pg_extension_config_dump('peer.friend_request', '');
+
 -- Set when pg_restore replaces this database's identity (peer._identity_single_row):
 -- the copy and the original now share one peer id, and two live copies would take
 -- each other's registration at the signaling server.  While it is set the worker
