@@ -37,25 +37,30 @@ def dump(cluster, path):
     run([f"{bindir}/pg_dump", "-Fc", "-f", path, "-d", cluster.dsn_for("postgres")])
 
 
-def restore(cluster, path, in_sections=False):
-    """docs/moving.md's second step, into the new cluster's database of aquapeer.database.
-    in_sections: the schema first, and the data only once the new worker runs (the harder
-    case: a worker that started while the restore went on)."""
+def restore(cluster, path, dbname):
+    """docs/moving.md's second step, as it says: the roles, a new database (the cluster's
+    aquapeer.database), the dump in one transaction."""
     bindir = tb.pg_bindir()
     # The roles that exist already (postgres) fail to be created again, harmlessly.
     run([f"{bindir}/psql", "-q", "-f", path + ".roles.sql", "-d", cluster.dsn_for("postgres")])
+    run([f"{bindir}/createdb", "-T", "template0", "--maintenance-db", cluster.dsn_for("postgres"), dbname])
+    run([f"{bindir}/pg_restore", "--single-transaction", "--exit-on-error", "-d", cluster.dsn_for(dbname), path])
+
+
+def restore_in_sections(cluster, path):
+    """The harder case: the schema first, and the data only once the new worker runs, as a
+    restore without --single-transaction may go (into the cluster's postgres database)."""
+    bindir = tb.pg_bindir()
+    run([f"{bindir}/psql", "-q", "-f", path + ".roles.sql", "-d", cluster.dsn_for("postgres")])
     restore = [f"{bindir}/pg_restore", "--exit-on-error", "-d", cluster.dsn_for("postgres")]
-    if not in_sections:
-        run([*restore, "--single-transaction", path])
-        return
     run([*restore, "--section=pre-data", path])
     tb.wait_for(lambda: cluster.scalar("select count(*) from peer.stream_epoch") == 1, 20,
                 message="the new worker to draw its stream epoch", ignore=(psycopg.Error,))
     run([*restore, "--section=data", "--section=post-data", path])
 
 
-def problem(cluster):
-    return cluster.scalar("select problem from peer.worker_status()")
+def problem(cluster, dbname="postgres"):
+    return cluster.scalar("select problem from peer.worker_status()", dbname=dbname)
 
 
 def restored_problem(peer_id):
@@ -140,7 +145,7 @@ def moved(module_testbed, module_signal_server):
 def test_a_restored_copy_waits_for_keep_identity_then_replaces_the_original(moved, module_testbed):
     bob, path, peer_id, old_epoch = moved
     copy = module_testbed.add("alice2")
-    restore(copy, path, in_sections=True)
+    restore_in_sections(copy, path)
     assert copy.scalar("select peer.whoami()") == peer_id
     # The worker stays offline and says why, in worker_status, in the log and to peer.connect.
     tb.wait_for(lambda: problem(copy) == restored_problem(peer_id), 20, message="the copy's worker to say why",
@@ -192,18 +197,18 @@ def test_a_restored_copy_waits_for_keep_identity_then_replaces_the_original(move
 
 def test_reset_identity_makes_a_restored_copy_a_new_peer(moved, module_testbed):
     bob, path, peer_id, _ = moved
-    copy = module_testbed.add("alice3")
-    restore(copy, path)
-    tb.wait_for(lambda: problem(copy) == restored_problem(peer_id), 20, message="the copy's worker to say why",
-                ignore=(psycopg.Error,))
-    new_id = copy.scalar("select peer.reset_identity()")
+    copy = module_testbed.add("alice3", extra_conf={"aquapeer.database": "app"})
+    restore(copy, path, "app")
+    tb.wait_for(lambda: problem(copy, "app") == restored_problem(peer_id), 20,
+                message="the copy's worker to say why", ignore=(psycopg.Error,))
+    new_id = copy.scalar("select peer.reset_identity()", dbname="app")
     assert new_id != peer_id
-    tb.wait_for(lambda: problem(copy) is None, 20, message="the copy's worker to go online as a new peer",
+    tb.wait_for(lambda: problem(copy, "app") is None, 20, message="the copy's worker to go online as a new peer",
                 ignore=(psycopg.Error,))
-    assert copy.scalar("select count(*) from peer.identity_restored") == 0
-    # bob does not know the new peer: the copy must be added again
+    assert copy.scalar("select count(*) from peer.identity_restored", dbname="app") == 0
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="not restored from a dump"):
-        copy.sql("select peer.keep_identity()")
+        copy.sql("select peer.keep_identity()", dbname="app")
+    # bob does not know the new peer: the copy must be added again
     assert bob.scalar("select count(*) from peer.friends where peer_id = %s", new_id) == 0
 
 
