@@ -276,3 +276,4 @@ bench: prepare
 	'$(VENV)/bin/python' bench/bundles.py $(BUNDLES_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/replication.py $(REPLICATION_BENCH_ARGS)
 	'$(VENV)/bin/python' bench/presence.py $(PRESENCE_BENCH_ARGS)
+	'$(VENV)/bin/python' bench/signaling.py $(SIGNALING_BENCH_ARGS)

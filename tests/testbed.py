@@ -1237,10 +1237,12 @@ class SignalServer:
     """`aquapeer signal` (the installed command) on a free loopback port; with redis_url,
     one of several instances sharing registrations (`--redis`)."""
 
-    def __init__(self, cli: str | None = None, log_path: str | None = None, redis_url: str | None = None):
+    def __init__(self, cli: str | None = None, log_path: str | None = None, redis_url: str | None = None,
+                 extra_args: Iterable[str] = ()):
         self.cli = cli or AQUAPEER_CLI
         self.log_path = log_path  # where its log goes (default: nowhere)
         self.redis_url = redis_url
+        self.extra_args = list(extra_args)  # more `aquapeer signal` options
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -1251,6 +1253,7 @@ class SignalServer:
         argv = [self.cli, "signal", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.redis_url:
             argv += ["--redis", self.redis_url]
+        argv += self.extra_args
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:

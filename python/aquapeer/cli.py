@@ -138,7 +138,13 @@ def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
     logger, handler = _log_to_stderr(err, args.log_level)
     if args.log_level != "debug":  # websockets' own "server listening/closing" repeat ours
         logging.getLogger("aquapeer.signaling.ws").setLevel(logging.WARNING)
-    limits = signaling.Limits(max_connections=args.max_connections)
+    default = signaling.Limits()
+    accept_rate = default.accept_rate if args.accept_rate is None else args.accept_rate
+    if accept_rate <= 0:
+        err.print(f"[bold red]aquapeer signal:[/] --accept-rate {accept_rate:g}: give more than 0")
+        return EXIT_USAGE
+    limits = signaling.Limits(max_connections=args.max_connections, accept_rate=accept_rate,
+                              accept_burst=accept_rate * default.accept_burst / default.accept_rate)
     try:
         signaling.run_server(args.host, args.port, cert=args.cert, key=args.key, limits=limits,
                              redis_url=args.redis)
@@ -173,6 +179,9 @@ def _add_signal(subparsers: argparse._SubParsersAction) -> None:
                    help="PEM private key file for --cert")
     p.add_argument("--max-connections", type=int, default=10000, metavar="N",
                    help="most connections at once (default: 10000)")
+    p.add_argument("--accept-rate", type=float, default=None, metavar="N",
+                   help="new connections a second, with a burst of 4 seconds' worth "
+                   "(default: signaling.Limits, 500)")
     p.add_argument("--redis", metavar="URL", default=None,
                    help="share registrations with the other instances using this Redis, "
                    "e.g. redis://127.0.0.1:6379/0, to run several behind a load balancer "
@@ -199,9 +208,15 @@ def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
     if args.offer_after < 0:
         err.print(f"[bold red]aquapeer lightpeers:[/] --offer-after {args.offer_after:g}: give 0 or more")
         return EXIT_USAGE
+    if not args.echo and (args.friend_invite is None or len(args.signal) != 1):
+        err.print("[bold red]aquapeer lightpeers:[/] give --friend-invite and one --signal "
+                  "(several --signal only with --echo)")
+        return EXIT_USAGE
     try:
-        identity.parse_invite(args.friend_invite)
-        identity.check_signal_url(args.signal)
+        if not args.echo:
+            identity.parse_invite(args.friend_invite)
+        for url in args.signal:
+            identity.check_signal_url(url)
     except identity.IdentityError as exc:
         err.print(f"[bold red]aquapeer lightpeers:[/] {exc.message}")
         return EXIT_USAGE
@@ -215,11 +230,15 @@ def _cmd_lightpeers(args: argparse.Namespace, console: Console) -> int:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(lightpeer.run_light_peers(
-            args.count, args.signal, args.friend_invite,
-            host_addresses=tuple(args.host_address or ["127.0.0.1"]), ready_file=args.invites_out,
-            offer_after=args.offer_after,
-            started=lambda started, _invites: nodes.extend(started)))
+        if args.echo:
+            peers = lightpeer.run_echo_peers(args.count, args.signal, ready_file=args.invites_out)
+        else:
+            peers = lightpeer.run_light_peers(
+                args.count, args.signal[0], args.friend_invite,
+                host_addresses=tuple(args.host_address or ["127.0.0.1"]), ready_file=args.invites_out,
+                offer_after=args.offer_after,
+                started=lambda started, _invites: nodes.extend(started))
+        task = asyncio.ensure_future(peers)
         handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
         for signum in handled[:2]:
             loop.add_signal_handler(signum, task.cancel)
@@ -251,14 +270,18 @@ def _add_lightpeers(subparsers: argparse._SubParsersAction) -> None:
         "invites (light0, light1, ...) go to --invites-out as a JSON list once they are "
         "started: add them with peer.add_friend() and they connect by themselves. For "
         "tests and benchmarks. SIGUSR1 prints each light peer's link state as JSON "
-        "lines on stderr. Stops on Ctrl-C or SIGTERM.",
+        "lines on stderr. Stops on Ctrl-C or SIGTERM. With --echo, they are only "
+        "registrations (round robin over the --signal servers) that send every envelope "
+        "back to its sender, for bench/signaling.py; --invites-out then gets their peer ids.",
     )
     p.add_argument("--count", type=int, default=50, metavar="N",
                    help="how many light peers (default: 50)")
-    p.add_argument("--signal", required=True, metavar="URL",
-                   help="signaling server URL, e.g. ws://127.0.0.1:8765")
-    p.add_argument("--friend-invite", required=True, metavar="INVITE",
-                   help="the database's invite, from select peer.invite()")
+    p.add_argument("--signal", required=True, action="append", metavar="URL",
+                   help="signaling server URL, e.g. ws://127.0.0.1:8765 (repeatable with --echo)")
+    p.add_argument("--friend-invite", metavar="INVITE",
+                   help="the database's invite, from select peer.invite() (not with --echo)")
+    p.add_argument("--echo", action="store_true",
+                   help="echo peers: registrations that send envelopes back, no database friend")
     p.add_argument("--invites-out", metavar="FILE", default=None,
                    help="write the light peers' invites here as a JSON list")
     p.add_argument("--offer-after", type=float, default=0.0, metavar="SECONDS",

@@ -13,6 +13,10 @@ friend requests there); each light peer's supervisor then backs off, at most
 10 s between attempts (node.RECONNECT_MAX_S).  With ``offer_after`` they
 make no offers at first, so a database that adds them in time connects to
 them itself and never hears from them as strangers.
+
+Echo peers (:func:`run_echo_peers`, ``aquapeer lightpeers --echo``) are only
+registrations at signaling servers that send every envelope back to its
+sender: the far end of bench/signaling.py's round trips.
 """
 
 import asyncio
@@ -20,16 +24,19 @@ import collections
 import json
 import logging
 import os
+import time
 import uuid
 
 from .. import identity
 from . import transport, wire
 from .node import MemoryFriendBook, PeerNode
+from .signaling import SignalClient, SignalingError
 
 log = logging.getLogger("aquapeer.lightpeer")
 
 FRIEND_NAME = "database"
 STATUS_INTERVAL_S = 10.0
+REGISTERING_AT_ONCE = 100  # registrations in flight: under a signaling server's 256 pending connections
 
 
 def _write_json_atomically(path, obj):
@@ -154,3 +161,58 @@ async def run_light_peers(count, signal_url, friend_invite: str, host_addresses=
             reporter.cancel()
         await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
         log.info("light peers stopped")
+
+
+
+async def register_signal_clients(identities, signal_urls, envelope_handler):
+    """A started SignalClient per identity, round robin over signal_urls, with at most
+    REGISTERING_AT_ONCE registering at a time; ``envelope_handler(i)`` makes the i-th
+    one's on_envelope.  All are registered on return (else SignalingError)."""
+    gate = asyncio.Semaphore(REGISTERING_AT_ONCE)
+    clients = [SignalClient(signal_urls[i % len(signal_urls)], me, envelope_handler(i))
+               for i, me in enumerate(identities)]
+
+    async def register(client):
+        async with gate:
+            if not await client.start(timeout=60):
+                raise SignalingError(f"could not register at {client.url}: {client.last_error}")
+
+    results = await asyncio.gather(*(register(c) for c in clients), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        raise SignalingError(f"{len(failed)} of {len(clients)} light peers did not register; first: {failed[0]}")
+    return clients
+
+
+async def run_echo_peers(count, signal_urls, ready_file=None):
+    """Register `count` echo peers round robin over signal_urls, each sending every
+    envelope back to its sender, until cancelled.  Once all are registered, their peer
+    ids (in order) and the seconds registering took go to `ready_file` as JSON."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    for url in signal_urls:
+        identity.check_signal_url(url)
+    clients = []
+
+    def echo_by(i):
+        async def echo(sender, env):  # a coroutine: the client runs it as a task it keeps
+            try:
+                await clients[i].send(sender, env)
+            except SignalingError:
+                pass  # not registered this moment: the sender counts it lost
+        return echo
+
+    started = time.monotonic()
+    clients.extend(await register_signal_clients(
+        [identity.Identity.generate() for _ in range(count)], signal_urls, echo_by))
+    took = time.monotonic() - started
+    log.info("%d echo peers registered at %s in %.1f s", count, ", ".join(signal_urls), took)
+    try:
+        if ready_file is not None:
+            _write_json_atomically(ready_file, {"peer_ids": [c.peer_id for c in clients], "register_s": took})
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        log.info("echo peers stopped")
+
