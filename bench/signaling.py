@@ -8,10 +8,11 @@ subprocess), half are senders in this process, each sender talking to one echo p
 registered at another instance (with several instances).  For each configuration:
 
 - registrations a second: the echo peers, then the senders, register (100 at a time per
-  process); all of them over the time both took.  The instances run with --accept-rate
-  100000, so what is measured is what they can do, not their default new-connection limit
-  (500 a second and a burst of 2,000 per instance);
-- memory per registered peer: the instances' VmRSS summed, before and after;
+  process); all of them over the time both took.  The instances run with --accept-rate and
+  --total-rate raised out of the way, so what is measured is what they can do, not their
+  default limits (500 new connections and 5,000 envelopes a second per instance);
+- memory per registered peer: the instances' VmRSS summed, and Redis's used_memory, before
+  and after;
 - envelope round trips a second: every sender sends a 1 KB envelope to its echo peer and
   waits for it to come back, at most --pace a second each (under the per-peer limit of 20
   envelopes a second), for --seconds; round trips completed a second and their latency, the
@@ -30,6 +31,7 @@ The figures are printed as rich tables, then as one line of JSON.
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -56,7 +58,7 @@ console = Console(width=160)
 PAYLOAD = os.urandom(1024)
 ROUND_TRIP_TIMEOUT_S = 5.0
 NATIVE_CONCURRENCY = 200
-ACCEPT_RATE = 100000
+UNLIMITED = 1000000  # --accept-rate and --total-rate: measure what the instances can do, not their limits
 
 
 def percentiles(samples_s):
@@ -98,6 +100,11 @@ class CpuWindow:
 
 def rss_mb(pids):
     return sum(proc_status(pid, ("VmRSS",))["VmRSS"] for pid in pids)
+
+
+def redis_used_bytes(redis_server):
+    info = redis_server.cli("info", "memory").decode()
+    return int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
 
 
 # --- aquapeer: one configuration ------------------------------------------------------------------
@@ -182,8 +189,8 @@ def bench_configuration(label, n_instances, redis_server, peers, seconds, pace, 
     if redis_server:
         redis_server.cli("flushall")
     servers = [tb.SignalServer(log_path=os.path.join(workdir, f"{label}-signal{i}.log"), redis_url=redis_url,
-                               extra_args=["--accept-rate", str(ACCEPT_RATE), "--max-connections", str(peers + 100),
-                                           "--log-level", "warning"])
+                               extra_args=["--accept-rate", str(UNLIMITED), "--total-rate", str(UNLIMITED),
+                                           "--max-connections", str(peers + 100), "--log-level", "warning"])
                for i in range(n_instances)]
     echo = None
     try:
@@ -193,6 +200,7 @@ def bench_configuration(label, n_instances, redis_server, peers, seconds, pace, 
         urls = [s.url for s in servers]
         time.sleep(1.0)
         rss_before = rss_mb(pids)
+        redis_before = redis_used_bytes(redis_server) if redis_server else None
         half = peers // 2
         started = time.monotonic()
         echo = EchoPeers(half, urls, workdir, label)
@@ -210,6 +218,8 @@ def bench_configuration(label, n_instances, redis_server, peers, seconds, pace, 
             await asyncio.sleep(2.0)  # let the instances settle after the registrations
             figures["rss_before_mb"], figures["rss_after_mb"] = rss_before, rss_mb(pids)
             figures["kb_per_peer"] = (figures["rss_after_mb"] - rss_before) * 1024 / figures["peers"]
+            if redis_server:
+                figures["redis_bytes_per_peer"] = (redis_used_bytes(redis_server) - redis_before) / figures["peers"]
             cpu_pids = {"instances": pids, "echo peers": echo.proc.pid, "senders": os.getpid()}
             if redis_server:
                 cpu_pids["redis"] = redis_server.pid
@@ -318,6 +328,7 @@ def main():
                         help="round trips a second each sender starts at most (default: 10)")
     args = parser.parse_args()
     counts = [int(n) for n in args.instances.split(",")]
+    logging.getLogger("aquapeer").setLevel(logging.ERROR)  # a lost round trip is counted, not logged
     missing = tb.RedisServer.missing()
     if missing:
         sys.exit(f"bench/signaling.py: {missing}")
@@ -339,7 +350,7 @@ def main():
     cores = os.cpu_count()
     table = Table(title=f"signaling with {args.peers:,} light peers on one machine ({cores} cores, shared by "
                         "instances, Redis and both load processes)")
-    for column in ("configuration", "registrations/s", "KB per peer", "round trips/s", "rtt p50 ms",
+    for column in ("configuration", "registrations/s", "KB per peer", "Redis B per peer", "round trips/s", "rtt p50 ms",
                    "rtt p99 ms", "lost", "instances CPU %", "Redis CPU %", "load CPU %", "machine busy %"):
         table.add_column(column)
     table.caption = ("CPU: % of one core over the round-trip window; load: senders + echo peers; "
@@ -348,7 +359,7 @@ def main():
     for label, f in configurations:
         cpu = f["cpu_pct"]
         name = "one server alone (no --redis)" if label == "alone" else f"{f['instances']} instance(s) + Redis"
-        table.add_row(name, fmt(f["registrations_per_s"]), fmt(f["kb_per_peer"], 1),
+        table.add_row(name, fmt(f["registrations_per_s"]), fmt(f["kb_per_peer"], 1), fmt(f.get("redis_bytes_per_peer")),
                       fmt(f["round_trips_per_s"]), fmt(f["rtt_p50_ms"], 1), fmt(f["rtt_p99_ms"], 1),
                       str(f["lost"]), fmt(cpu["instances"]), fmt(cpu.get("redis")),
                       fmt(cpu["senders"] + cpu["echo peers"]), fmt(cpu["machine"]))

@@ -140,11 +140,14 @@ def _cmd_signal(args: argparse.Namespace, console: Console) -> int:
         logging.getLogger("aquapeer.signaling.ws").setLevel(logging.WARNING)
     default = signaling.Limits()
     accept_rate = default.accept_rate if args.accept_rate is None else args.accept_rate
-    if accept_rate <= 0:
-        err.print(f"[bold red]aquapeer signal:[/] --accept-rate {accept_rate:g}: give more than 0")
-        return EXIT_USAGE
+    total_rate = default.rate_total if args.total_rate is None else args.total_rate
+    for option, value in (("--accept-rate", accept_rate), ("--total-rate", total_rate)):
+        if value <= 0:
+            err.print(f"[bold red]aquapeer signal:[/] {option} {value:g}: give more than 0")
+            return EXIT_USAGE
     limits = signaling.Limits(max_connections=args.max_connections, accept_rate=accept_rate,
-                              accept_burst=accept_rate * default.accept_burst / default.accept_rate)
+                              accept_burst=accept_rate * default.accept_burst / default.accept_rate,
+                              rate_total=total_rate, burst_total=total_rate * default.burst_total / default.rate_total)
     try:
         signaling.run_server(args.host, args.port, cert=args.cert, key=args.key, limits=limits,
                              redis_url=args.redis)
@@ -182,6 +185,9 @@ def _add_signal(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-rate", type=float, default=None, metavar="N",
                    help="new connections a second, with a burst of 4 seconds' worth "
                    "(default: signaling.Limits, 500)")
+    p.add_argument("--total-rate", type=float, default=None, metavar="N",
+                   help="envelopes a second through this server in all, with a burst of 2 seconds' "
+                   "worth (default: signaling.Limits, 5000)")
     p.add_argument("--redis", metavar="URL", default=None,
                    help="share registrations with the other instances using this Redis, "
                    "e.g. redis://127.0.0.1:6379/0, to run several behind a load balancer "
