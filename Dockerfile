@@ -1,21 +1,22 @@
-# PostgreSQL 15 with aquapeer preloaded (used by the tests' docker path).
+# PostgreSQL 15 with aquapeer preloaded; docker-compose.yml runs two peers, the
+# signaling server and coturn from it (docs/docker.md).
 #   docker build -t aquapeer .
-#   docker run -e POSTGRES_PASSWORD=secret -p 5432:5432 aquapeer
+#   docker run -e POSTGRES_PASSWORD=secret -e AQUAPEER_DATABASE=app -p 5432:5432 aquapeer
 FROM postgres:15-bookworm
 
-RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      postgresql-plpython3-15 postgresql-server-dev-15 python3-pip make gcc \
- && rm -rf /var/lib/apt/lists/*
-
-# Only what the build and install need (a local .venv or build outputs must
-# not end up in the image; `make clean` drops stale objects).
+# Only what the build and install need (.dockerignore keeps a local .venv and
+# build outputs out); scripts/docker-build is the same steps a test runs on a
+# developer's machine (tests/db/test_docker_steps.py).
 WORKDIR /usr/src/aquapeer
-COPY Makefile aquapeer.control META.json ./
+COPY Makefile aquapeer.control META.json releases.txt ./
 COPY src/ src/
 COPY sql/ sql/
 COPY python/ python/
 COPY scripts/ scripts/
-RUN make clean && make && make install && make clean
+RUN scripts/docker-build --image
+
+# Run once on an empty data directory: CREATE EXTENSION and the servers, from the
+# AQUAPEER_* variables (scripts/docker-init.sh lists them).
+COPY scripts/docker-init.sh /docker-entrypoint-initdb.d/50-aquapeer.sh
 
 CMD ["postgres", "-c", "shared_preload_libraries=aquapeer"]
