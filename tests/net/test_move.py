@@ -153,6 +153,8 @@ def test_a_restored_copy_waits_for_keep_identity_then_replaces_the_original(move
     copy.wait_for_log(r"WARNING:  aquapeer\.worker: this database was restored from a dump of peer " + peer_id)
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="restored from a dump of peer"):
         copy.sql("select peer.connect('bob')")
+    with pytest.raises(psycopg.Error, match="alice"):  # nobody answers as alice
+        bob.sql("select peer.connect('alice', '2 s')")
     # what the dump kept
     assert copy.sql("select name, state from peer.friends") == [("bob", "accepted")]
     assert copy.scalar("select url from peer.signal_server") == bob.scalar("select url from peer.signal_server")
