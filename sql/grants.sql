@@ -12,7 +12,7 @@ grant usage on schema peer to public;
 grant usage on schema bundle to aquapeer_admin;
 
 -- Tables, views and sequences: nothing for PUBLIC.
-revoke all on peer.migration, peer.config, peer.identity, peer.signal_server, peer.stun_server,
+revoke all on peer.migration, peer.config, peer.identity, peer.identity_restored, peer.signal_server, peer.stun_server,
     peer.turn_server, peer.signal_server_id_seq, peer.stun_server_id_seq, peer.turn_server_id_seq,
     peer.friend, peer.friends, peer.friend_request, peer.friend_requests, peer.connections,
     peer.stream_epoch, peer.outbox_stream, peer.outbox_position, peer.outbox_message,
@@ -56,7 +56,7 @@ grant execute on procedure peer.executor_main() to public;
 
 -- identity
 revoke all on function peer._identity_single_row(), peer._new_identity(), peer.whoami(), peer.invite(),
-    peer.rotate_identity(), peer.reset_identity() from public;
+    peer.rotate_identity(), peer.reset_identity(), peer.keep_identity() from public;
 grant execute on function peer._identity_single_row(), peer.whoami() to public;
 grant execute on function peer.invite(), peer.rotate_identity() to aquapeer_admin;
 
