@@ -13,11 +13,13 @@ registered at another instance (with several instances).  For each configuration
   default limits (500 new connections and 5,000 envelopes a second per instance);
 - memory per registered peer: the instances' VmRSS summed, and Redis's used_memory, before
   and after;
-- envelope round trips a second: every sender sends a 1 KB envelope to its echo peer and
-  waits for it to come back, at most --pace a second each (under the per-peer limit of 20
-  envelopes a second), for --seconds; round trips completed a second and their latency, the
-  CPU of the instances, of Redis (utime + stime from /proc/<pid>/stat) and of both load
-  processes, and how busy the whole machine was;
+- envelope round trips: every sender sends a 1 KB envelope to its echo peer and waits for it
+  to come back, for --seconds, twice: at a steady --steady-rate round trips a second in all
+  (latency where nothing queues), and at saturation, each sender starting at most --pace a
+  second (under the per-peer limit of 20 envelopes a second), far more than the machine
+  does; round trips completed a second and their latency, the CPU of the instances, of Redis
+  (utime + stime from /proc/<pid>/stat) and of both load processes, and how busy the whole
+  machine was;
 
 and, as the native reference in the same run, Redis's own pub/sub: redis-benchmark's PUBLISH
 rate (the C client, 50 connections, the same 1 KB payload) and a raw PUBLISH/SUBSCRIBE round
@@ -184,7 +186,8 @@ async def round_trips(senders, echo_ids, echoes, seconds, pace):
     return rtts, lost
 
 
-def bench_configuration(label, n_instances, redis_server, peers, seconds, pace, workdir):
+def bench_configuration(label, n_instances, redis_server, peers, seconds, loads, workdir):
+    """loads: {name: round trips a second each sender starts at most}."""
     redis_url = redis_server.url if redis_server else None
     if redis_server:
         redis_server.cli("flushall")
@@ -223,13 +226,13 @@ def bench_configuration(label, n_instances, redis_server, peers, seconds, pace, 
             cpu_pids = {"instances": pids, "echo peers": echo.proc.pid, "senders": os.getpid()}
             if redis_server:
                 cpu_pids["redis"] = redis_server.pid
-            await round_trips(senders, ready["peer_ids"], echoes, 2.0, pace)  # warm up
-            window = CpuWindow(cpu_pids)
-            rtts, lost = await round_trips(senders, ready["peer_ids"], echoes, seconds, pace)
-            figures["cpu_pct"] = window.percent()
-            figures["round_trips_per_s"] = len(rtts) / seconds
-            figures["rtt_p50_ms"], figures["rtt_p99_ms"] = percentiles(rtts)
-            figures["lost"] = lost
+            for load, pace in loads.items():
+                await round_trips(senders, ready["peer_ids"], echoes, 2.0, pace)  # warm up
+                window = CpuWindow(cpu_pids)
+                rtts, lost = await round_trips(senders, ready["peer_ids"], echoes, seconds, pace)
+                p50, p99 = percentiles(rtts)
+                figures[load] = {"round_trips_per_s": len(rtts) / seconds, "rtt_p50_ms": p50, "rtt_p99_ms": p99,
+                                 "lost": lost, "cpu_pct": window.percent()}
             await asyncio.gather(*(c.close() for c in senders), return_exceptions=True)
 
         asyncio.run(run())
@@ -318,54 +321,68 @@ def fmt(v, digits=0):
     return "" if v is None else f"{v:,.{digits}f}"
 
 
+def rounded(value):
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return round(value, 2) if isinstance(value, float) else value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=10000, help="light peers in all (default: 10000)")
     parser.add_argument("--instances", default="1,2,4",
                         help="instance counts sharing Redis, comma-separated (default: 1,2,4)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="round-trip window (default: 10)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each round-trip window (default: 10)")
+    parser.add_argument("--steady-rate", type=float, default=500.0,
+                        help="round trips a second in all for the latency figures (default: 500)")
     parser.add_argument("--pace", type=float, default=10.0,
-                        help="round trips a second each sender starts at most (default: 10)")
+                        help="at saturation, round trips a second each sender starts at most (default: 10)")
     args = parser.parse_args()
     counts = [int(n) for n in args.instances.split(",")]
     logging.getLogger("aquapeer").setLevel(logging.ERROR)  # a lost round trip is counted, not logged
     missing = tb.RedisServer.missing()
     if missing:
         sys.exit(f"bench/signaling.py: {missing}")
+    loads = {"steady": args.steady_rate / (args.peers // 2), "saturated": args.pace}
 
     configurations, native = [], None
     with tempfile.TemporaryDirectory(prefix="aqp-bench-") as workdir:
         redis_server = tb.RedisServer().start()
         try:
             native = bench_native(redis_server, args.seconds)
-            configurations.append(("alone", bench_configuration("alone", 1, None, args.peers, args.seconds,
-                                                                args.pace, workdir)))
-            for n in counts:
-                label = f"redis-{n}"
-                configurations.append((label, bench_configuration(label, n, redis_server, args.peers,
-                                                                  args.seconds, args.pace, workdir)))
+            for label, n, redis in [("alone", 1, None)] + [(f"redis-{n}", n, redis_server) for n in counts]:
+                configurations.append((label, bench_configuration(label, n, redis, args.peers, args.seconds,
+                                                                  loads, workdir)))
         finally:
             redis_server.close()
 
     cores = os.cpu_count()
-    table = Table(title=f"signaling with {args.peers:,} light peers on one machine ({cores} cores, shared by "
-                        "instances, Redis and both load processes)")
-    for column in ("configuration", "registrations/s", "KB per peer", "Redis B per peer", "round trips/s", "rtt p50 ms",
-                   "rtt p99 ms", "lost", "instances CPU %", "Redis CPU %", "load CPU %", "machine busy %"):
+    names = {label: "one server alone (no --redis)" if label == "alone" else f"{f['instances']} instance(s) + Redis"
+             for label, f in configurations}
+    table = Table(title=f"registrations and memory, {args.peers:,} light peers on one machine ({cores} cores, "
+                        "shared by instances, Redis and both load processes)")
+    for column in ("configuration", "registrations/s", "instances' RSS MB before → after", "KB per peer",
+                   "Redis bytes per peer"):
         table.add_column(column)
-    table.caption = ("CPU: % of one core over the round-trip window; load: senders + echo peers; "
-                     "machine: % of all cores")
-    summary = {"cores": cores, "peers": args.peers, "seconds": args.seconds, "pace": args.pace}
     for label, f in configurations:
-        cpu = f["cpu_pct"]
-        name = "one server alone (no --redis)" if label == "alone" else f"{f['instances']} instance(s) + Redis"
-        table.add_row(name, fmt(f["registrations_per_s"]), fmt(f["kb_per_peer"], 1), fmt(f.get("redis_bytes_per_peer")),
-                      fmt(f["round_trips_per_s"]), fmt(f["rtt_p50_ms"], 1), fmt(f["rtt_p99_ms"], 1),
-                      str(f["lost"]), fmt(cpu["instances"]), fmt(cpu.get("redis")),
-                      fmt(cpu["senders"] + cpu["echo peers"]), fmt(cpu["machine"]))
-        summary[label] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in f.items() if k != "cpu_pct"}
-        summary[label]["cpu_pct"] = {k: round(v, 1) for k, v in cpu.items()}
+        table.add_row(names[label], fmt(f["registrations_per_s"]),
+                      f"{fmt(f['rss_before_mb'])} → {fmt(f['rss_after_mb'])}", fmt(f["kb_per_peer"], 1),
+                      fmt(f.get("redis_bytes_per_peer")))
     console.print(table)
+    saturation = f"at saturation (each of {args.peers // 2:,} senders at most {args.pace:g} a second)"
+    for load, what in (("steady", f"at {args.steady_rate:,.0f} a second in all"), ("saturated", saturation)):
+        table = Table(title=f"envelope round trips {what}, {args.seconds:g} s")
+        for column in ("configuration", "round trips/s", "rtt p50 ms", "rtt p99 ms", "lost", "instances CPU %",
+                       "Redis CPU %", "load CPU %", "machine busy %"):
+            table.add_column(column)
+        table.caption = "CPU: % of one core; load: senders + echo peers; machine: % of all cores"
+        for label, f in configurations:
+            m = f[load]
+            cpu = m["cpu_pct"]
+            table.add_row(names[label], fmt(m["round_trips_per_s"]), fmt(m["rtt_p50_ms"], 1), fmt(m["rtt_p99_ms"], 1),
+                          str(m["lost"]), fmt(cpu["instances"]), fmt(cpu.get("redis")),
+                          fmt(cpu["senders"] + cpu["echo peers"]), fmt(cpu["machine"]))
+        console.print(table)
     ref = Table(title="native reference: Redis's own pub/sub, same machine, same run")
     for column in ("what", "per second", "p50 ms", "p99 ms", "Redis CPU %"):
         ref.add_column(column)
@@ -376,7 +393,8 @@ def main():
                 fmt(native["pubsub_rtt_p99_ms"], 1), fmt(native["cpu_pct"]["redis"]))
     ref.caption = "Redis CPU: over both measurements"
     console.print(ref)
-    summary["native"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in native.items()}
+    summary = {"cores": cores, "peers": args.peers, "seconds": args.seconds, "steady_rate": args.steady_rate,
+               "pace": args.pace, **{label: rounded(f) for label, f in configurations}, "native": rounded(native)}
     print(json.dumps(summary), flush=True)
 
 

@@ -45,7 +45,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import AquapeerError
 
@@ -267,16 +267,41 @@ class Cluster:
                 self._routes_wake.clear()
                 await self._routes_wake.wait()
             batch = [self._routes.popleft() for _ in range(min(len(self._routes), ROUTE_BATCH))]
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args, _ in batch:
-                await self._route(keys=keys, args=args, client=pipe)
             try:
-                outcomes = [o.decode() for o in await self._guarded(pipe.execute())]
+                outcomes = await self._run_routes([(keys, args) for keys, args, _ in batch])
             except ClusterError:
+                outcomes = ["lost"] * len(batch)
+            except Exception:  # the senders must hear back whatever happens
+                log.exception("routing envelopes through Redis failed")
                 outcomes = ["lost"] * len(batch)
             for (_, _, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
+
+    async def _run_routes(self, calls) -> list[str]:
+        """EVALSHA the route script once per call in one pipeline.  Not through redis-py's
+        Script, which asks SCRIPT EXISTS before every pipeline: the script is loaded when
+        Redis says it lacks it (a restarted Redis), and only the calls it refused run again."""
+        results = await self._evalsha_pipeline(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            await self._guarded(self.redis.script_load(ROUTE_SCRIPT))
+            for i, result in zip(missing, await self._evalsha_pipeline([calls[i] for i in missing]), strict=True):
+                results[i] = result
+        outcomes = []
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("the route script failed in Redis: %s", result)
+                outcomes.append("lost")
+            else:
+                outcomes.append(result.decode())
+        return outcomes
+
+    async def _evalsha_pipeline(self, calls) -> list:
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(self._route.sha, len(keys), *keys, *args)
+        return await self._guarded(pipe.execute(raise_on_error=False))
 
     def send_verdict(self, msg: dict, verdict: str) -> None:
         """Tell the instance a forwarded envelope came from what became of it."""

@@ -64,7 +64,6 @@ from websockets.uri import parse_uri
 
 from .. import identity as idmod
 from ..errors import AquapeerError
-from .signal_cluster import Cluster
 
 log = logging.getLogger("aquapeer.signaling")
 _ws_log = logging.getLogger("aquapeer.signaling.ws")
@@ -260,8 +259,12 @@ class SignalServer:
 
     def __init__(self, limits: Limits = Limits(), redis_url: str | None = None):
         self.limits = limits
-        self.cluster = (Cluster(redis_url, self, rate_per_peer=limits.rate_per_peer,
-                                burst_per_peer=limits.burst_per_peer) if redis_url else None)
+        self.cluster = None
+        if redis_url:
+            from .signal_cluster import Cluster  # redis only where it is used: not in the workers
+
+            self.cluster = Cluster(redis_url, self, rate_per_peer=limits.rate_per_peer,
+                                   burst_per_peer=limits.burst_per_peer)
         self._serials = itertools.count(1)
         now = time.monotonic()
         self._ws_server = None
