@@ -4,6 +4,7 @@ kill -9 is real), real WebSocket clients and, for peer.connect, real clusters
 and aiortc."""
 
 import asyncio
+import signal
 import subprocess
 import time
 
@@ -152,7 +153,9 @@ def test_kill_9_an_instance_its_peers_move_on_and_nothing_arrives_twice(instance
     async def go(clients):
         alice = Peer(clients, one.url, fallback_urls=[two.url])
         bob = Peer(clients, two.url)
-        assert await alice.client.start(timeout=10) and await bob.client.start(timeout=10)
+        carol = Peer(clients, one.url)  # no other server to go to
+        for peer in (alice, bob, carol):
+            assert await peer.client.start(timeout=10)
         queued = []  # the numbers the server said it queued for bob
 
         async def stream():  # alice numbers her envelopes to bob, 50 a second
@@ -170,6 +173,10 @@ def test_kill_9_an_instance_its_peers_move_on_and_nothing_arrives_twice(instance
         await until(lambda: len(queued) >= 20)
         one.kill9()
         killed = time.monotonic()
+        # Its registrations are gone with it: offline at once, not queued into the void.
+        with pytest.raises(PeerOffline):
+            await bob.client.send_and_check(carol.id, b"carol?", wait=2)
+        assert time.monotonic() - killed < 1
         await until(lambda: not alice.client.connected, timeout=5)
         await until(lambda: alice.client.connected, timeout=10)
         moved = time.monotonic() - killed
@@ -183,6 +190,44 @@ def test_kill_9_an_instance_its_peers_move_on_and_nothing_arrives_twice(instance
         assert numbers == sorted(numbers)
         assert set(queued[first_after:]) <= set(numbers)  # what the next instance queued arrived
         assert moved < 5, f"alice took {moved:.1f} s to register at the next instance"
+
+    run(go)
+
+
+def test_an_instance_cut_off_from_redis_counts_as_gone_within_5_s(instances, run):
+    one, two = instances(2)
+
+    async def go(clients):
+        bob, carol = Peer(clients, one.url), Peer(clients, two.url)
+        assert await bob.client.start(timeout=10) and await carol.client.start(timeout=10)
+        await carol.client.send_and_check(bob.id, b"before", wait=2)
+        # Stopped, not dead: its connection to Redis stays open, so a PUBLISH still
+        # reaches its subscription, but its heartbeat stops.
+        one.proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            while True:
+                try:
+                    await carol.client.send_and_check(bob.id, b"anyone?", wait=0.3)
+                except PeerOffline:
+                    break
+                assert time.monotonic() - stopped < signal_cluster.INSTANCE_TTL_MS / 1000 + 2
+                await asyncio.sleep(0.2)
+            assert time.monotonic() - stopped > 2  # its liveness key outlived the heartbeats it missed
+        finally:
+            one.proc.send_signal(signal.SIGCONT)
+        # Back: its next heartbeat makes its peers reachable again; nobody reconnected.
+        resumed = time.monotonic()
+        while True:
+            try:
+                await carol.client.send_and_check(bob.id, b"after", wait=2)
+                break
+            except PeerOffline:
+                assert time.monotonic() - resumed < 5
+                await asyncio.sleep(0.2)
+        await until(lambda: bob.got[-1:] == [(carol.id, b"after")])
+        assert bob.envs_from(carol).count(b"after") == 1
+        assert bob.client.reconnects == 0
 
     run(go)
 
