@@ -4,6 +4,7 @@ kill -9 is real), real WebSocket clients and, for peer.connect, real clusters
 and aiortc."""
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -287,6 +288,33 @@ def test_the_per_peer_rate_is_one_across_instances(instances, run):
         await ws_two.close()
 
     run(go)
+
+
+def test_echo_light_peers_register_round_robin_and_send_envelopes_back(instances, run, tmp_path):
+    one, two = instances(2)
+    ready = tmp_path / "echo.json"
+    proc = subprocess.Popen([tb.AQUAPEER_CLI, "lightpeers", "--echo", "--count", "4", "--signal", one.url,
+                             "--signal", two.url, "--invites-out", str(ready)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        tb.wait_for(lambda: ready.exists() or proc.poll() is not None, 20, message="the echo peers")
+        assert proc.poll() is None, proc.stderr.read().decode()
+        echo_ids = json.loads(ready.read_text())["peer_ids"]
+
+        async def go(clients):
+            alice = Peer(clients, one.url)
+            assert await alice.client.start(timeout=10)
+            for i, echo_id in enumerate(echo_ids):
+                await alice.client.send_and_check(echo_id, b"ping %d" % i, wait=2)
+            await until(lambda: len(alice.got) == len(echo_ids))
+            assert sorted(alice.got) == sorted((echo_id, b"ping %d" % i) for i, echo_id in enumerate(echo_ids))
+
+        run(go)
+        # Round robin: echo peers 0 and 2 (and alice) at the first instance, 1 and 3 at the second.
+        assert log_of(one).count(") registered") == 3 and log_of(two).count(") registered") == 2
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def test_redis_unreachable_at_start_is_a_clear_error():
