@@ -118,6 +118,18 @@ insert into peer.change_ahead_of_copy (relation, friend, key, change)
     values ('app.widget', 'bob', '{"id": 20}', '{"op": "U", "k": {"id": 20}, "v": {"name": "early"}}');
 insert into peer.resync_key (relation, friend, key) values ('app.widget', 'bob', '{"id": 21}');
 """,
+    "0.22.0": """
+update peer.config set status = 'in a meeting', soft_lock_ttl = '45 s';
+select peer.watch('app.widget', 'bob');
+insert into peer.friend_presence (friend, status, status_at, last_connected) values ('bob', 'away', now(), now());
+insert into peer.soft_lock (id, holder, relation, key, ttl)
+    values (gen_random_uuid(), 'bob', 'app.widget', '["4"]', '30 s');
+insert into peer.live_share (id, relation, key, friend, asked_here, ttl)
+    values ('00000000-0000-0000-0000-000000000022', 'app.widget', '["5"]', 'bob', true, '10 min');
+insert into peer.live_text (share, "column", value, state)
+    values ('00000000-0000-0000-0000-000000000022', 'name', 'widget 5', '\\x00');
+insert into peer.live_replication (relation, friend, made_subscription) values ('app.widget', 'bob', false);
+""",
 }
 
 
@@ -290,6 +302,8 @@ def test_update_from_the_previous_release_loses_nothing_and_matches_a_fresh_inst
     tb.wait_for(lambda: _worker_version(cluster) == VERSION, 30,
                 message=f"the worker to come back on {VERSION}")
     assert cluster.scalar("select peer.version()", dbname=DATA_DB) == VERSION
+    # an upgrade is no restore: the worker stays online as the same peer
+    assert cluster.scalar("select count(*) from peer.identity_restored", dbname=DATA_DB) == 0
     # (bundle.head_row goes with object format 2: the head's buckets hold its rows; peer.outbox_commit
     # with 0.20.0, whose senders commit without a stamp.)
     kept = {t: c for t, c in columns_before.items() if t in table_columns(cluster, DATA_DB)}
