@@ -205,6 +205,8 @@ select (select count(*) from notified) as stored,
                         '[]') from judged where not allowed)::text as rejected
 """
 
+SERVER_STOPPING = "57P01"  # admin_shutdown: what a handler cut off by the server's shutdown is told
+
 PENDING_HANDLERS = """
 select i.id::text as id, i.friend, i.topic, i.handler::oid as handler,
        (select r.oid from pg_catalog.pg_roles r where r.rolname = f.role) as role,
@@ -499,12 +501,17 @@ class Messaging:
     async def _handle_group(self, key, messages):
         if key[1] in TAKES_ALL_BEFORE:
             messages = messages[-1:]
+        stopping = False
         try:
             for message in messages:
-                await self.handle(message)
+                reply = await self.handle(message)
+                stopping = (reply.get("error") or {}).get("sqlstate") == SERVER_STOPPING
+                if stopping:
+                    break
         finally:
             self.handling.discard(key)
-            self.handler_event.set()  # more may have arrived meanwhile
+            if not stopping:
+                self.handler_event.set()  # more may have arrived meanwhile
 
     async def handle(self, message):
         """Run one message's handler in an executor; record its error; return the executor's reply."""
@@ -521,6 +528,12 @@ class Messaging:
                                                                "timeout_ms": int(timeout_s * 1000)}},
                     timeout_s)
             except (TimeoutError, AquapeerError, ConnectionError) as e:
+                stopping = self.db.scalar("select peer._should_stop()")
+                self.db.commit()
+                if stopping is not None:
+                    # The server is stopping and took the executor with it: no fault of the
+                    # handler's, so the message stays pending for the next worker.
+                    return {"ok": False, "error": {"message": f"not handled: {stopping}", "sqlstate": SERVER_STOPPING}}
                 reply = {"ok": False, "error": {"message": f"the executor failed: {e}", "sqlstate": "58000"}}
         if not reply.get("ok"):
             error = reply.get("error") or {}

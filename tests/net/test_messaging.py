@@ -371,6 +371,26 @@ def test_handlers_run_as_the_friend_role_and_a_raising_one_keeps_its_message(mes
         bob.sql("drop role aq_msg_handler")
 
 
+def test_a_handler_cut_off_by_the_servers_shutdown_runs_again_after_it(messaging_pair):
+    alice, bob = messaging_pair
+    bob.sql("create function public.slow_handler(m peer.inbox) returns void language sql as 'select pg_sleep(2)'")
+    try:
+        bob.sql("select peer.on_message('slow', 'public.slow_handler(peer.inbox)')")
+        allow(bob, "slow", "alice")
+        sent = send(alice, "bob", "slow", {"n": 1})
+        tb.wait_for(lambda: bob.scalar("select count(*) from pg_stat_activity where wait_event = 'PgSleep'") == 1,
+                    30, interval=0.05, message="bob's handler to be running")
+        bob.stop()  # fast: the executor is terminated mid-handler
+        bob.start()
+        tb.wait_for(lambda: bob.scalar("select handled_at is not null or handler_error is not null "
+                                       "from peer.inbox where id = %s", sent), 30, ignore=(psycopg.Error,),
+                    message="the message to be handled after the restart")
+        assert bob.sql("select handler_error from peer.inbox where id = %s", sent) == [(None,)]
+    finally:
+        bob.sql("select peer.on_message('slow', null)")
+        bob.sql("drop function public.slow_handler(peer.inbox)")
+
+
 def test_on_message_refuses_a_function_of_the_wrong_shape(messaging_pair):
     _, bob = messaging_pair
     with pytest.raises(psycopg.errors.InvalidFunctionDefinition, match="peer.inbox"):
