@@ -24,14 +24,9 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from measure import percentiles  # noqa: E402
 
 console = Console(width=120)
-
-
-def percentiles(samples_s):
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
 
 
 def timed(conn, query, n):

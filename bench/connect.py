@@ -38,6 +38,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from measure import percentiles, tail  # noqa: E402
 from procinfo import cpu_seconds, proc_status, worker_pid  # noqa: E402
 
 console = Console(width=120)
@@ -46,12 +47,6 @@ CONNECT_P50_TARGET_MS = 1000.0
 RSS_TARGET_MB = 300.0
 PARTS = ("connect", "friends", "storm")
 CPU_TARGET_PCT = 2.0
-
-
-def percentiles(samples_s):
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
 
 
 # --- processes ----------------------------------------------------------------
@@ -73,14 +68,6 @@ def stop_process(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-
-def tail(path, lines=25):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # --- /proc ----------------------------------------------------------------------

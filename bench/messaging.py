@@ -67,6 +67,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import testbed as tb  # noqa: E402
+from measure import percentiles  # noqa: E402
 from procinfo import cpu_seconds, proc_status, worker_pid  # noqa: E402
 
 console = Console(width=140)
@@ -94,12 +95,6 @@ NATIVE_INSERT_ONE = ("insert into public.bench_native (payload) "
                      "values (jsonb_build_object('n', 0, 'pad', %s::text)) returning id")
 AQUAPEER_ARRIVED = "select exists (select from peer.inbox where id = %s)"
 NATIVE_ARRIVED = "select exists (select from public.bench_native where id = %s)"
-
-
-def percentiles(samples_s):
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
 
 
 def pad_text():

@@ -38,6 +38,7 @@ from rich.table import Table
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import netlab  # noqa: E402
 import testbed as tb  # noqa: E402
+from measure import percentiles  # noqa: E402
 
 console = Console(width=160)
 
@@ -49,12 +50,6 @@ TABLES = """
     create table public.widget (id int primary key, name text, price numeric, tags text[], meta jsonb,
                                 updated timestamptz);
 """
-
-
-def percentiles(samples_s):
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
 
 
 def mathis(rtt_s, loss, mss=PACKET_BYTES):

@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import testbed as tb  # noqa: E402
 from aquapeer.net import lightpeer  # noqa: E402
+from measure import percentiles  # noqa: E402
 from procinfo import cpu_seconds, proc_status, worker_pid  # noqa: E402
 
 console = Console(width=150)
@@ -73,14 +74,6 @@ LIVE_CHANNEL = "bench_live"
 
 
 # --- small helpers -----------------------------------------------------------------------
-
-def percentiles(samples_s):
-    if not samples_s:
-        return None, None
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
-
 
 def short(e):
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""

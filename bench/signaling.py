@@ -53,6 +53,7 @@ import testbed as tb  # noqa: E402
 from aquapeer.identity import Identity  # noqa: E402
 from aquapeer.net import lightpeer  # noqa: E402
 from aquapeer.net.signaling import SignalingError  # noqa: E402
+from measure import percentiles, tail  # noqa: E402
 from procinfo import cpu_seconds, machine_busy_seconds, proc_status  # noqa: E402
 
 console = Console(width=160)
@@ -61,22 +62,6 @@ PAYLOAD = os.urandom(1024)
 ROUND_TRIP_TIMEOUT_S = 5.0
 NATIVE_CONCURRENCY = 200
 UNLIMITED = 1000000  # --accept-rate and --total-rate: measure what the instances can do, not their limits
-
-
-def percentiles(samples_s):
-    if not samples_s:
-        return None, None
-    ordered = sorted(samples_s)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0  # noqa: E731
-    return pick(0.5), pick(0.99)
-
-
-def tail(path, lines=25):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 class CpuWindow:

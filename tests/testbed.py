@@ -32,6 +32,7 @@ their directories.  :func:`reap_stale` removes what a killed earlier run left.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import pwd
@@ -208,6 +209,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
             extra = f" (last error: {last_exc!r})" if last_exc is not None else ""
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    """wait_for inside an event loop: await until ``predicate()`` is truthy, polling every 20 ms."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true within {timeout} s: {predicate}")
+        await asyncio.sleep(0.02)
 
 
 _port_lock = threading.Lock()

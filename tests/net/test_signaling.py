@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import testbed as tb
 from aquapeer.identity import Identity
 from aquapeer.net import signaling
 from aquapeer.net.signaling import Limits, NotConnected, PeerOffline, SignalClient, SignalingError
@@ -47,14 +48,6 @@ def client(*args, **kw):
     c = SignalClient(*args, **kw)
     _clients.append(c)
     return c
-
-
-async def until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true within {timeout} s: {predicate}")
-        await asyncio.sleep(0.02)
 
 
 class Peer:
@@ -126,7 +119,7 @@ def test_two_clients_exchange_envelopes_both_ways(run):
             await alice.client.send(bob.id, b"offer from alice")
             await bob.client.send_and_check(alice.id, b"answer from bob")
             await alice.client.send_and_check(bob.id, bytes(range(256)) * 100)  # binary, 25.6 kB
-            await until(lambda: len(bob.got) == 2 and len(alice.got) == 1)
+            await tb.until(lambda: len(bob.got) == 2 and len(alice.got) == 1)
             assert bob.envs_from(alice) == [b"offer from alice", bytes(range(256)) * 100]
             assert alice.got == [(bob.id, b"answer from bob")]
             await alice.client.close()
@@ -147,7 +140,7 @@ def test_undeliverable_notice_for_an_offline_peer(run):
                 await alice.client.send_and_check(bob.id, b"anyone there?", wait=2.0)
             assert info.value.to == bob.id and info.value.reason == "offline"
             ref = await alice.client.send(bob.id, b"fire and forget")
-            await until(lambda: alice.undeliverable)
+            await tb.until(lambda: alice.undeliverable)
             assert alice.undeliverable == [(bob.id, ref, "offline")]
             # Once bob is there, send_and_check returns on the server's "queued"
             # verdict, well before its wait runs out.
@@ -155,7 +148,7 @@ def test_undeliverable_notice_for_an_offline_peer(run):
             started = time.monotonic()
             await alice.client.send_and_check(bob.id, b"now?", wait=5.0)
             assert time.monotonic() - started < 2.5  # half the wait: room for a loaded machine
-            await until(lambda: bob.got)
+            await tb.until(lambda: bob.got)
             assert bob.got == [(alice.id, b"now?")]
             await alice.client.close()
             await bob.client.close()
@@ -208,7 +201,7 @@ def test_a_client_that_never_says_hello_is_dropped(run):
                 started = time.monotonic()
                 assert await close_code(ws, timeout=5) == signaling.CLOSE_HELLO_TIMEOUT
                 assert 0.4 <= time.monotonic() - started < 3
-            await until(lambda: server.stats()["pending"] == 0 and server.stats()["connections"] == 0)
+            await tb.until(lambda: server.stats()["pending"] == 0 and server.stats()["connections"] == 0)
             assert server.stats()["hello_timeout"] == 1
     run(go())
 
@@ -223,12 +216,12 @@ def test_a_second_connection_for_the_same_id_replaces_the_first(run):
             bob_again = client(url, bob.me, lambda s, e: got_again.append((s, e)))
             got_again = []
             assert await bob_again.start()
-            await until(lambda: bob.client.state == "replaced")
+            await tb.until(lambda: bob.client.state == "replaced")
             assert not bob.client.connected
             with pytest.raises(NotConnected, match="same peer id"):
                 await bob.client.send(alice.id, b"x")
             await alice.client.send_and_check(bob.id, b"to the newer bob", wait=2)
-            await until(lambda: got_again)
+            await tb.until(lambda: got_again)
             assert got_again == [(alice.id, b"to the newer bob")] and bob.got == []
             assert server.stats()["peers"] == 2
             await asyncio.sleep(1.0)  # the replaced client does not come back and fight
@@ -259,7 +252,7 @@ def test_an_oversized_frame_is_refused_and_the_server_keeps_serving(run):
             assert alice.client.connected
             await alice.client.send_and_check(bob.id, b"\0" * signaling.MAX_ENVELOPE, wait=2)
             await bob.client.send_and_check(alice.id, b"still here", wait=2)
-            await until(lambda: bob.got and alice.got)
+            await tb.until(lambda: bob.got and alice.got)
             assert bob.got == [(alice.id, b"\0" * signaling.MAX_ENVELOPE)]
             assert alice.got == [(bob.id, b"still here")]
             await alice.client.close()
@@ -300,7 +293,7 @@ def test_a_flood_is_rate_limited_and_others_still_get_through(run):
                 pass
             await asyncio.wait_for(reader, 5)
             elapsed = time.monotonic() - started
-            await until(lambda: len(bob.envs_from(carol)) >= 1)
+            await tb.until(lambda: len(bob.envs_from(carol)) >= 1)
             await asyncio.sleep(0.2)
             spam = [env for sender, env in bob.got if sender == mallory.peer_id]
             rate_errors = [r for r in replies if r.get("t") == "error" and r.get("code") == "rate"]
@@ -318,7 +311,7 @@ def test_a_flood_is_rate_limited_and_others_still_get_through(run):
             assert carols == [b"carol %d" % r for r in range(50, 50 * (len(carols) + 1), 50)]
             assert len(carols) >= 4
             await carol.client.send_and_check(bob.id, b"after the flood", wait=2)
-            await until(lambda: bob.envs_from(carol)[-1] == b"after the flood")
+            await tb.until(lambda: bob.envs_from(carol)[-1] == b"after the flood")
             await bob.client.close()
             await carol.client.close()
     run(go())
@@ -336,10 +329,10 @@ def test_connections_over_the_limit_are_refused(run):
             assert info.value.response.status_code == 503
             assert not await carol.client.start(timeout=0.5)
             await bob.client.close()
-            await until(lambda: server.stats()["connections"] == 1)
+            await tb.until(lambda: server.stats()["connections"] == 1)
             assert await carol.client.wait_connected(timeout=5)  # its backoff retries get in
             await alice.client.send_and_check(carol.id, b"hi carol", wait=2)
-            await until(lambda: carol.got)
+            await tb.until(lambda: carol.got)
             await alice.client.close()
             await carol.client.close()
     run(go())
@@ -356,21 +349,21 @@ def test_clients_reconnect_by_themselves_after_a_server_restart(run):
         await alice.client.start()
         await bob.client.start()
         await alice.client.send_and_check(bob.id, b"before", wait=2)
-        await until(lambda: bob.got)
+        await tb.until(lambda: bob.got)
         await server.aclose()
-        await until(lambda: not alice.client.connected and not bob.client.connected)
+        await tb.until(lambda: not alice.client.connected and not bob.client.connected)
         with pytest.raises(NotConnected):
             await alice.client.send(bob.id, b"while down")
         await asyncio.sleep(1.0)  # down for a while: the clients back off
         server = await signaling.serve("127.0.0.1", port)
         try:
             started = time.monotonic()
-            await until(lambda: alice.client.connected and bob.client.connected, timeout=5)
+            await tb.until(lambda: alice.client.connected and bob.client.connected, timeout=5)
             assert time.monotonic() - started < 5
             assert "disconnected" in alice.states and alice.states[-1] == "connected"
             await bob.client.send_and_check(alice.id, b"after", wait=2)
             await alice.client.send_and_check(bob.id, b"after too", wait=2)
-            await until(lambda: alice.got and len(bob.got) == 2)
+            await tb.until(lambda: alice.got and len(bob.got) == 2)
             assert alice.got == [(bob.id, b"after")]
             assert bob.envs_from(alice) == [b"before", b"after too"]
         finally:
@@ -419,7 +412,7 @@ def test_wss_with_a_self_signed_certificate(run, tmp_path):
             assert await alice.client.start() and await bob.client.start()
             await alice.client.send_and_check(bob.id, b"over tls", wait=2)
             await bob.client.send_and_check(alice.id, b"back over tls", wait=2)
-            await until(lambda: bob.got and alice.got)
+            await tb.until(lambda: bob.got and alice.got)
             assert bob.got == [(alice.id, b"over tls")] and alice.got == [(bob.id, b"back over tls")]
             # A client that does not trust the certificate does not get in.
             stranger = Peer(url)
@@ -449,10 +442,10 @@ def test_the_signal_cli_serves_and_stops_on_sigterm(run):
             assert await alice.client.start(timeout=15), alice.client.last_error
             assert await bob.client.start(timeout=5)
             await alice.client.send_and_check(bob.id, b"via the cli server", wait=2)
-            await until(lambda: bob.got)
+            await tb.until(lambda: bob.got)
             assert bob.got == [(alice.id, b"via the cli server")]
             proc.send_signal(signal.SIGTERM)
-            await until(lambda: not alice.client.connected, timeout=5)
+            await tb.until(lambda: not alice.client.connected, timeout=5)
             await alice.client.close()
             await bob.client.close()
         run(go())

@@ -61,14 +61,6 @@ def run():
     loop.close()
 
 
-async def until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true within {timeout} s: {predicate}")
-        await asyncio.sleep(0.02)
-
-
 class Peer:
     """A SignalClient with its own identity, recording what it receives."""
 
@@ -99,7 +91,7 @@ def test_peers_on_two_instances_exchange_envelopes_with_the_verdicts_of_one(inst
         assert time.monotonic() - started < 1
         await bob.client.send_and_check(alice.id, b"answer across", wait=2)
         await carol.client.send_and_check(alice.id, b"next door", wait=2)
-        await until(lambda: bob.got and len(alice.got) == 2)
+        await tb.until(lambda: bob.got and len(alice.got) == 2)
         assert bob.got == [(alice.id, b"offer across")]
         assert sorted(alice.got) == sorted([(bob.id, b"answer across"), (carol.id, b"next door")])
         with pytest.raises(PeerOffline):  # registered nowhere
@@ -108,14 +100,14 @@ def test_peers_on_two_instances_exchange_envelopes_with_the_verdicts_of_one(inst
         # there too, and the older connection is closed as replaced.
         bob_again = Peer(clients, one.url, me=bob.me)
         assert await bob_again.client.start(timeout=10)
-        await until(lambda: bob.client.state == "replaced")
+        await tb.until(lambda: bob.client.state == "replaced")
         await alice.client.send_and_check(bob.id, b"to the newer bob", wait=2)
-        await until(lambda: bob_again.got)
+        await tb.until(lambda: bob_again.got)
         assert bob_again.got == [(alice.id, b"to the newer bob")] and len(bob.got) == 1
         # The replaced connection's end at its instance did not unregister the newer one.
         await asyncio.sleep(0.3)
         await carol.client.send_and_check(bob.id, b"still there", wait=2)
-        await until(lambda: len(bob_again.got) == 2)
+        await tb.until(lambda: len(bob_again.got) == 2)
 
     run(go)
 
@@ -141,7 +133,7 @@ def test_an_envelope_published_twice_is_delivered_once(instances, redis_server, 
                 .strip() == b"1"
         assert redis_server.cli("publish", channel, stdin=forwarded("elsewhere", 8, sender, bob.id, b"next")) \
             .strip() == b"1"
-        await until(lambda: len(bob.got) >= 2)
+        await tb.until(lambda: len(bob.got) >= 2)
         await asyncio.sleep(0.3)
         assert bob.got == [(sender, b"once"), (sender, b"next")]
 
@@ -171,19 +163,19 @@ def test_kill_9_an_instance_its_peers_move_on_and_nothing_arrives_twice(instance
                 await asyncio.sleep(0.02)
 
         streaming = asyncio.ensure_future(stream())
-        await until(lambda: len(queued) >= 20)
+        await tb.until(lambda: len(queued) >= 20)
         one.kill9()
         killed = time.monotonic()
         # Its registrations are gone with it: offline at once, not queued into the void.
         with pytest.raises(PeerOffline):
             await bob.client.send_and_check(carol.id, b"carol?", wait=2)
         assert time.monotonic() - killed < 1
-        await until(lambda: not alice.client.connected, timeout=5)
-        await until(lambda: alice.client.connected, timeout=10)
+        await tb.until(lambda: not alice.client.connected, timeout=5)
+        await tb.until(lambda: alice.client.connected, timeout=10)
         moved = time.monotonic() - killed
         assert alice.client.url == two.url
         first_after = len(queued)
-        await until(lambda: len(queued) >= first_after + 20, timeout=5)
+        await tb.until(lambda: len(queued) >= first_after + 20, timeout=5)
         streaming.cancel()
         await asyncio.sleep(0.5)
         numbers = [int(env) for env in bob.envs_from(alice)]
@@ -226,7 +218,7 @@ def test_an_instance_cut_off_from_redis_counts_as_gone_within_5_s(instances, run
             except PeerOffline:
                 assert time.monotonic() - resumed < 5
                 await asyncio.sleep(0.2)
-        await until(lambda: bob.got[-1:] == [(carol.id, b"after")])
+        await tb.until(lambda: bob.got[-1:] == [(carol.id, b"after")])
         assert bob.envs_from(carol).count(b"after") == 1
         assert bob.client.reconnects == 0
 
@@ -306,7 +298,7 @@ def test_echo_light_peers_register_round_robin_and_send_envelopes_back(instances
             assert await alice.client.start(timeout=10)
             for i, echo_id in enumerate(echo_ids):
                 await alice.client.send_and_check(echo_id, b"ping %d" % i, wait=2)
-            await until(lambda: len(alice.got) == len(echo_ids))
+            await tb.until(lambda: len(alice.got) == len(echo_ids))
             assert sorted(alice.got) == sorted((echo_id, b"ping %d" % i) for i, echo_id in enumerate(echo_ids))
 
         run(go)
@@ -337,15 +329,15 @@ def test_an_instance_serves_its_own_peers_without_redis_and_recovers(instances, 
             assert await peer.client.start(timeout=10)
         await alice.client.send_and_check(bob.id, b"before", wait=2)
         redis_server.kill9()
-        await until(lambda: "lost Redis at" in log_of(one), timeout=5)
+        await tb.until(lambda: "lost Redis at" in log_of(one), timeout=5)
         await alice.client.send_and_check(carol.id, b"next door, without redis", wait=2)
         with pytest.raises(PeerOffline):  # the other instance cannot be reached
             await alice.client.send_and_check(bob.id, b"across, without redis", wait=2)
         redis_server.start()  # empty: the instances register their peers again
-        await until(lambda: "answers again" in log_of(one) and "answers again" in log_of(two), timeout=10)
+        await tb.until(lambda: "answers again" in log_of(one) and "answers again" in log_of(two), timeout=10)
         await alice.client.send_and_check(bob.id, b"after", wait=2)
         await bob.client.send_and_check(carol.id, b"after too", wait=2)
-        await until(lambda: len(bob.got) == 2 and len(carol.got) == 2)
+        await tb.until(lambda: len(bob.got) == 2 and len(carol.got) == 2)
         assert bob.envs_from(alice) == [b"before", b"after"]
         assert carol.got == [(alice.id, b"next door, without redis"), (bob.id, b"after too")]
         assert alice.client.connected and bob.client.connected  # nobody was dropped
