@@ -61,7 +61,7 @@ def check_name(name):
                             hint="Use 1 to 63 lower-case letters, digits, '_' or '-'.", sqlstate="22023")
 
 
-def _insert_friend(db, name, chain, urls):
+def _insert_friend(db, name, chain, urls, introduced_by=None):
     check_name(name)
     me = db.scalar("select peer_id from peer.identity")
     if chain.peer_id == me:
@@ -74,9 +74,9 @@ def _insert_friend(db, name, chain, urls):
                                 hint="Choose another name, or peer.remove_friend() the old one first.")
         raise AquapeerError(f'this peer is already your friend "{row["name"]}"', sqlstate="23505",
                             detail=f"peer id {chain.peer_id}")
-    db.query("insert into peer.friend (name, peer_id, chain, signal_urls) values ($1, $2, $3, "
-             "array(select pg_catalog.jsonb_array_elements_text($4::jsonb)))",
-             [name, chain.peer_id, chain.to_bytes(), list(urls)])
+    db.query("insert into peer.friend (name, peer_id, chain, signal_urls, introduced_by) values ($1, $2, $3, "
+             "array(select pg_catalog.jsonb_array_elements_text($4::jsonb)), $5)",
+             [name, chain.peer_id, chain.to_bytes(), list(urls), introduced_by])
     db.query("delete from peer.friend_request where peer_id = $1", [chain.peer_id])
     return chain.peer_id
 
@@ -93,9 +93,7 @@ def accept_friend(db, peer_id, name):
         raise AquapeerError(f"no friend request from {peer_id}", sqlstate="42704",
                             hint="See select * from peer.friend_requests, or add it with peer.add_friend().")
     chain = identity.KeyChain.from_bytes(row[0]["chain"], expected_peer_id=peer_id)
-    _insert_friend(db, name, chain, row[0]["signal_urls"] or [])
-    db.query("update peer.friend set introduced_by = $2 where peer_id = $1", [peer_id, row[0]["introduced_by"]])
-    return peer_id
+    return _insert_friend(db, name, chain, row[0]["signal_urls"] or [], row[0]["introduced_by"])
 
 
 def display_name(db):
@@ -121,15 +119,12 @@ def introduce(db, me, friend_a, friend_b, note):
 
 
 def _friend_to_introduce(db, name):
-    rows = db.query("select f.name, f.peer_id, f.chain, f.state, "
+    """An accepted friend's name, peer id, chain and signaling URLs (peer._friend_for_sending
+    refuses an unknown or blocked one)."""
+    return db.query("select f.name, f.peer_id, f.chain, "
                     "coalesce(nullif(f.signal_urls, '{}'), array(select s.url from peer.signal_server s "
-                    "where s.id = f.signal_server_id)) as signal_urls from peer.friend f where f.name = $1", [name])
-    if not rows:
-        raise unknown_friend(name)
-    if rows[0]["state"] != "accepted":
-        raise AquapeerError(f'friend "{name}" is blocked', sqlstate="42501",
-                            hint="Only accepted friends are introduced.")
-    return rows[0]
+                    "where s.id = f.signal_server_id)) as signal_urls from peer._friend_for_sending($1) f",
+                    [name])[0]
 
 
 def receive_introduction(db, friend, message_id):
@@ -150,8 +145,7 @@ def receive_introduction(db, friend, message_id):
         return f'ignored: already {"blocked" if known[0]["state"] == "blocked" else "friend"} "{known[0]["name"]}"'
     if introducer["introducer"]:
         name = _free_name(db, intro.introduced_as or intro.peer_id[:7].lower())
-        _insert_friend(db, name, intro.chain, intro.signal_urls)
-        db.query("update peer.friend set introduced_by = $2 where peer_id = $1", [intro.peer_id, introducer["peer_id"]])
+        _insert_friend(db, name, intro.chain, intro.signal_urls, introducer["peer_id"])
         return f'accepted as friend "{name}"'
     db.query(
         "insert into peer.friend_request as r (peer_id, chain, introduced_by, introduced_as, note, signal_urls) "

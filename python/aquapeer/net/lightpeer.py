@@ -163,7 +163,6 @@ async def run_light_peers(count, signal_url, friend_invite: str, host_addresses=
         log.info("light peers stopped")
 
 
-
 async def register_signal_clients(identities, signal_urls, envelope_handler):
     """A started SignalClient per identity, round robin over signal_urls, with at most
     REGISTERING_AT_ONCE registering at a time; ``envelope_handler(i)`` makes the i-th
@@ -215,4 +214,3 @@ async def run_echo_peers(count, signal_urls, ready_file=None):
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         log.info("echo peers stopped")
-
